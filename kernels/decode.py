@@ -1,0 +1,278 @@
+"""Split-KV decode attention over INT4 pages (one query token per request).
+
+Stage 1 (one program per request, KV head and split) attends the GQA group of
+query heads of one KV head to a contiguous slice of the request's tokens:
+
+* q is rotated in the prologue (q' = H q; H is generated in registers), because
+  (Hq).(Hk) = q.k and rotating q once is cheaper than un-rotating every key;
+* keys are never dequantized to a [N, D] float tile: with k = s * c + o,
+  q'.k = s * (q'.c) + o * sum(q'), so the tensor cores multiply q' by the raw
+  4-bit codes (exact in bf16/fp16) and the scale/offset are applied per token;
+* values likewise: sum_n p_n (s_n c_n + o_n) = (p * s) @ c + (p . o).
+
+Stage 2 (one program per request and query head) merges the splits with their
+log-sum-exp and, when V was stored rotated, applies H^T once to the result.
+Buffers follow SGLang's Triton backend, so CUDA graphs can capture it.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_sawint4 import format as fmt
+from sglang_sawint4.kernels.format_jit import hadamard_tile, rotation_norm, unpack_hi, unpack_lo
+
+BLOCK_N = 64
+# Output columns handled per step of the V un-rotation in stage 2.
+UNROTATE_CHUNK = 32
+
+
+@triton.jit
+def _decode_stage1(
+    q_ptr, stride_qb, stride_qh,
+    kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh,
+    vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh,
+    kv_indptr, kv_indices, num_kv_splits,
+    logits_ptr, st_lb, st_lh, st_ls, lse_ptr, st_eb, st_eh,
+    sm_scale,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, HALF: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_ROT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    kv_start = tl.load(kv_indptr + b)
+    seq_len = tl.load(kv_indptr + b + 1) - kv_start
+    n_splits = tl.load(num_kv_splits + b)
+    per_split = tl.cdiv(seq_len, n_splits)
+    split_start = per_split * split
+    split_end = tl.minimum(split_start + per_split, seq_len)
+
+    if split_end > split_start:
+        offs_h = tl.arange(0, BLOCK_H)
+        mask_h = offs_h < GROUP
+        heads = kv_head * GROUP + offs_h
+        half = tl.arange(0, HALF)
+        q_base = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        if ROTATE_K:
+            offs_d = tl.arange(0, D)
+            q = tl.load(q_base + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+            inv = rotation_norm(BLOCK_ROT)
+            s_lo = hadamard_tile(offs_d, half, BLOCK_ROT).to(q.dtype)
+            s_hi = hadamard_tile(offs_d, half + HALF, BLOCK_ROT).to(q.dtype)
+            q_lo = tl.dot(q, s_lo, input_precision="ieee", out_dtype=tl.float32) * inv
+            q_hi = tl.dot(q, s_hi, input_precision="ieee", out_dtype=tl.float32) * inv
+        else:
+            q_lo = tl.load(q_base + half[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
+            q_hi = tl.load(q_base + HALF + half[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
+        q_sum = tl.sum(q_lo, axis=1) + tl.sum(q_hi, axis=1)
+        dot_dtype = q_ptr.dtype.element_ty
+        q_lo_c = q_lo.to(dot_dtype)
+        q_hi_c = q_hi.to(dot_dtype)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+        acc_off = tl.zeros([BLOCK_H], dtype=tl.float32)
+
+        for start in range(split_start, split_end, BLOCK):
+            offs_n = start + tl.arange(0, BLOCK)
+            mask_n = offs_n < split_end
+            loc = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
+
+            kp = tl.load(kd_ptr + loc[:, None] * kd_st + kv_head * kd_sh + half[None, :],
+                         mask=mask_n[:, None], other=0)
+            k_meta = km_ptr + loc * km_st + kv_head * km_sh
+            k_scale = tl.load(k_meta + 0, mask=mask_n, other=0.0).to(tl.float32)
+            k_off = tl.load(k_meta + 1, mask=mask_n, other=0.0).to(tl.float32)
+            qc = tl.dot(q_lo_c, tl.trans(unpack_lo(kp).to(dot_dtype)), out_dtype=tl.float32)
+            qc += tl.dot(q_hi_c, tl.trans(unpack_hi(kp).to(dot_dtype)), out_dtype=tl.float32)
+            s = (qc * k_scale[None, :] + q_sum[:, None] * k_off[None, :]) * sm_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+
+            vp = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + half[None, :],
+                         mask=mask_n[:, None], other=0)
+            v_meta = vm_ptr + loc * vm_st + kv_head * vm_sh
+            v_scale = tl.load(v_meta + 0, mask=mask_n, other=0.0).to(tl.float32)
+            v_off = tl.load(v_meta + 1, mask=mask_n, other=0.0).to(tl.float32)
+            ps = (p * v_scale[None, :]).to(dot_dtype)
+            acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, unpack_lo(vp).to(dot_dtype), out_dtype=tl.float32)
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(ps, unpack_hi(vp).to(dot_dtype), out_dtype=tl.float32)
+            acc_off = acc_off * alpha + tl.sum(p * v_off[None, :], axis=1)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+
+        out_base = logits_ptr + b * st_lb + heads[:, None] * st_lh + split * st_ls
+        tl.store(out_base + half[None, :], (acc_lo + acc_off[:, None]) / l_i[:, None], mask=mask_h[:, None])
+        tl.store(out_base + HALF + half[None, :], (acc_hi + acc_off[:, None]) / l_i[:, None], mask=mask_h[:, None])
+        tl.store(lse_ptr + b * st_eb + heads * st_eh + split, m_i + tl.log(l_i), mask=mask_h)
+
+
+@triton.jit
+def _decode_stage2(
+    logits_ptr, st_lb, st_lh, st_ls, lse_ptr, st_eb, st_eh,
+    kv_indptr, num_kv_splits, o_ptr, stride_ob, stride_oh, final_lse_ptr,
+    D: tl.constexpr, ROTATE_V: tl.constexpr, BLOCK_ROT: tl.constexpr,
+    CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
+    n_splits = tl.load(num_kv_splits + b)
+    per_split = tl.cdiv(seq_len, n_splits)
+    offs_d = tl.arange(0, D)
+
+    e_max = float("-inf")
+    e_sum = 0.0
+    acc = tl.zeros([D], dtype=tl.float32)
+    for split in range(0, n_splits):
+        if per_split * split < seq_len:
+            part = tl.load(logits_ptr + b * st_lb + head * st_lh + split * st_ls + offs_d)
+            lse = tl.load(lse_ptr + b * st_eb + head * st_eh + split)
+            n_max = tl.maximum(lse, e_max)
+            old = tl.exp(e_max - n_max)
+            w = tl.exp(lse - n_max)
+            acc = acc * old + w * part
+            e_sum = e_sum * old + w
+            e_max = n_max
+    # An empty request (seq_len 0) has no keys: output zeros, not NaN.
+    out = tl.where(e_sum > 0, acc / e_sum, 0.0)
+    o_base = o_ptr + b * stride_ob + head * stride_oh
+    if ROTATE_V:
+        inv = rotation_norm(BLOCK_ROT)
+        for c in tl.static_range(D // CHUNK):
+            cols = c * CHUNK + tl.arange(0, CHUNK)
+            sign = hadamard_tile(offs_d, cols, BLOCK_ROT).to(tl.float32)
+            col = tl.sum(out[:, None] * sign, axis=0) * inv
+            tl.store(o_base + cols, col.to(o_ptr.dtype.element_ty))
+    else:
+        tl.store(o_base + offs_d, out.to(o_ptr.dtype.element_ty))
+    if WRITE_LSE:
+        tl.store(final_lse_ptr + b * num_heads + head, e_max + tl.log(e_sum))
+
+
+def int4_decode_attention(
+    q: torch.Tensor,
+    k_data: torch.Tensor,
+    k_meta: torch.Tensor,
+    v_data: torch.Tensor,
+    v_meta: torch.Tensor,
+    o: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    attn_logits: torch.Tensor,
+    attn_lse: torch.Tensor,
+    num_kv_splits: torch.Tensor,
+    max_kv_splits: int,
+    sm_scale: float,
+    layout: fmt.Int4Format,
+    lse_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decode attention of one query token per request over INT4 KV pages.
+
+    Args:
+        q: [batch, num_q_heads, head_dim] bf16/fp16/fp32 (unrotated).
+        k_data, v_data: [num_slots, num_kv_heads, head_dim // 2] uint8.
+        k_meta, v_meta: [num_slots, num_kv_heads, 2] float16.
+        o: [batch, num_q_heads, head_dim] output, written in the original space.
+        kv_indptr: [batch + 1] int32, request b owns kv_indices[indptr[b]:indptr[b+1]].
+        kv_indices: [>= indptr[-1]] int32/int64 slot ids.
+        attn_logits: [>= batch, num_q_heads, max_kv_splits, head_dim] float32 scratch.
+        attn_lse: [>= batch, num_q_heads, max_kv_splits] float32 scratch.
+        num_kv_splits: [>= batch] int32, splits used per request (1..max_kv_splits).
+        lse_out: optional [batch, num_q_heads] float32, the natural-log LSE of the
+            scaled scores (for merging with another partial attention).
+    Returns o.  No host synchronization: CUDA-graph safe.
+    """
+    if q.dim() != 3 or o.shape != q.shape:
+        raise ValueError(f"q and o must both be [batch, heads, head_dim]; got {tuple(q.shape)}, {tuple(o.shape)}")
+    batch, num_q_heads, d = q.shape
+    if d != layout.head_dim:
+        raise ValueError(f"q head_dim {d} != format head_dim {layout.head_dim}")
+    num_kv_heads = k_data.shape[1]
+    from sglang_sawint4.kernels.store import check_layer_buffers
+
+    check_layer_buffers(k_data, k_meta, num_kv_heads, d, "k")
+    check_layer_buffers(v_data, v_meta, num_kv_heads, d, "v")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if attn_logits.dtype != torch.float32 or attn_logits.shape[1:] != (num_q_heads, max_kv_splits, d):
+        raise ValueError(f"attn_logits must be [>=batch, {num_q_heads}, {max_kv_splits}, {d}] float32")
+    if q.stride(-1) != 1 or o.stride(-1) != 1:
+        raise ValueError("q and o must be contiguous in the last axis")
+    if batch == 0:
+        return o
+    group = num_q_heads // num_kv_heads
+    block_h = max(16, triton.next_power_of_2(group))
+    _decode_stage1[(batch, num_kv_heads, max_kv_splits)](
+        q, q.stride(0), q.stride(1),
+        k_data, k_data.stride(0), k_data.stride(1), k_meta, k_meta.stride(0), k_meta.stride(1),
+        v_data, v_data.stride(0), v_data.stride(1), v_meta, v_meta.stride(0), v_meta.stride(1),
+        kv_indptr, kv_indices, num_kv_splits,
+        attn_logits, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
+        attn_lse, attn_lse.stride(0), attn_lse.stride(1),
+        sm_scale,
+        GROUP=group, BLOCK_H=block_h, BLOCK=BLOCK_N, D=d, HALF=d // 2,
+        ROTATE_K=layout.rotate_k, BLOCK_ROT=layout.block_size or 1,
+        num_warps=4, num_stages=2,
+    )
+    _decode_stage2[(batch, num_q_heads)](
+        attn_logits, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
+        attn_lse, attn_lse.stride(0), attn_lse.stride(1),
+        kv_indptr, num_kv_splits, o, o.stride(0), o.stride(1),
+        lse_out if lse_out is not None else attn_lse,
+        D=d, ROTATE_V=layout.rotate_v, BLOCK_ROT=layout.block_size or 1,
+        CHUNK=min(UNROTATE_CHUNK, d), WRITE_LSE=lse_out is not None,
+        num_warps=4,
+    )
+    return o
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Float64 decode attention over dense K/V rows (any dtype), GQA aware.
+
+    q: [batch, num_q_heads, D]; k, v: [num_slots, num_kv_heads, D].
+    Returns [batch, num_q_heads, D] float64.
+    """
+    batch, hq, d = q.shape
+    hk = k.shape[1]
+    out = torch.zeros((batch, hq, d), dtype=torch.float64)
+    for b in range(batch):
+        idx = kv_indices[kv_indptr[b]: kv_indptr[b + 1]].long().cpu()
+        if idx.numel() == 0:
+            continue
+        kb = k[idx].double().cpu().repeat_interleave(hq // hk, dim=1)  # [n, hq, d]
+        vb = v[idx].double().cpu().repeat_interleave(hq // hk, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].double().cpu(), kb) * sm_scale
+        p = torch.softmax(s, dim=-1)
+        out[b] = torch.einsum("hn,nhd->hd", p, vb)
+    return out
+
+
+def int4_decode_attention_reference(q, k_data, k_meta, v_data, v_meta, kv_indptr, kv_indices,
+                                    sm_scale: float, layout: fmt.Int4Format) -> torch.Tensor:
+    """Float64 reference of :func:`int4_decode_attention`: decode the stored pages, attend."""
+    k = fmt.decode(k_data.cpu(), k_meta.cpu(), layout, is_value=False)
+    v = fmt.decode(v_data.cpu(), v_meta.cpu(), layout, is_value=True)
+    return decode_attention_reference(q, k, v, kv_indptr.cpu(), kv_indices.cpu(), sm_scale)
+
+
+def default_sm_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,121 @@
+"""Dequantize the INT4 pages of a cached prefix into a dense BF16/FP16 scratch.
+
+Used by the extend/prefill path: the new tokens' K/V are attended exactly in
+their original precision, and only the cached prefix (radix-cache hits, earlier
+chunks of a chunked prefill) is read from INT4.  The prefix is gathered through
+``kv_indices`` (one launch for K and V), un-rotated into the original space, and
+handed to SGLang's stock extend kernel with an identity index map.  See
+``docs/design-notes.md`` for why this beats a dedicated INT4 extend kernel here.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_sawint4 import format as fmt
+from sglang_sawint4.kernels.format_jit import hadamard_tile, rotation_norm, unpack_hi, unpack_lo
+
+BLOCK_T = 16
+
+
+@triton.jit
+def _dequant_rows(data_ptr, d_st, d_sh, meta_ptr, m_st, m_sh, out_ptr, o_st, o_sh,
+                  kv_indices, t0, head, n, UNROTATE: tl.constexpr, BLOCK_ROT: tl.constexpr,
+                  BLOCK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+    offs_t = t0 + tl.arange(0, BLOCK)
+    mask_t = offs_t < n
+    loc = tl.load(kv_indices + offs_t, mask=mask_t, other=0).to(tl.int64)
+    half = tl.arange(0, HALF)
+    packed = tl.load(data_ptr + loc[:, None] * d_st + head * d_sh + half[None, :],
+                     mask=mask_t[:, None], other=0)
+    meta = meta_ptr + loc * m_st + head * m_sh
+    scale = tl.load(meta + 0, mask=mask_t, other=0.0).to(tl.float32)
+    offset = tl.load(meta + 1, mask=mask_t, other=0.0).to(tl.float32)
+    out_row = out_ptr + offs_t[:, None].to(tl.int64) * o_st + head * o_sh
+    out_ty = out_ptr.dtype.element_ty
+    if UNROTATE:
+        # x = H x' with x' = s * c + o:  x = s * (H c) + o * (H 1).  The codes and
+        # the +-1 signs are exact in fp16, so the tensor cores do the rotation exactly.
+        offs_d = tl.arange(0, D)
+        s_lo = hadamard_tile(half, offs_d, BLOCK_ROT)
+        s_hi = hadamard_tile(half + HALF, offs_d, BLOCK_ROT)
+        hc = tl.dot(unpack_lo(packed).to(tl.float16), s_lo.to(tl.float16), out_dtype=tl.float32)
+        hc += tl.dot(unpack_hi(packed).to(tl.float16), s_hi.to(tl.float16), out_dtype=tl.float32)
+        h1 = (tl.sum(s_lo, axis=0) + tl.sum(s_hi, axis=0)).to(tl.float32)
+        inv = rotation_norm(BLOCK_ROT)
+        x = (scale[:, None] * hc + offset[:, None] * h1[None, :]) * inv
+        tl.store(out_row + offs_d[None, :], x.to(out_ty), mask=mask_t[:, None])
+    else:
+        lo = unpack_lo(packed).to(tl.float32) * scale[:, None] + offset[:, None]
+        hi = unpack_hi(packed).to(tl.float32) * scale[:, None] + offset[:, None]
+        tl.store(out_row + half[None, :], lo.to(out_ty), mask=mask_t[:, None])
+        tl.store(out_row + HALF + half[None, :], hi.to(out_ty), mask=mask_t[:, None])
+
+
+@triton.jit
+def _dequantize_pages_kernel(
+    kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh,
+    vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh,
+    ko_ptr, ko_st, ko_sh, vo_ptr, vo_st, vo_sh,
+    kv_indices, n,
+    ROTATE_K: tl.constexpr, ROTATE_V: tl.constexpr, BLOCK_ROT: tl.constexpr,
+    BLOCK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+):
+    t0 = tl.program_id(0) * BLOCK
+    head = tl.program_id(1)
+    if tl.program_id(2) == 0:
+        _dequant_rows(kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh, ko_ptr, ko_st, ko_sh,
+                      kv_indices, t0, head, n, ROTATE_K, BLOCK_ROT, BLOCK, D, HALF)
+    else:
+        _dequant_rows(vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh, vo_ptr, vo_st, vo_sh,
+                      kv_indices, t0, head, n, ROTATE_V, BLOCK_ROT, BLOCK, D, HALF)
+
+
+def dequantize_pages(
+    k_data: torch.Tensor,
+    k_meta: torch.Tensor,
+    v_data: torch.Tensor,
+    v_meta: torch.Tensor,
+    kv_indices: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    layout: fmt.Int4Format,
+) -> None:
+    """Gather and dequantize rows ``kv_indices`` of one layer into dense K/V.
+
+    Args:
+        k_data, v_data: [num_slots, num_kv_heads, head_dim // 2] uint8.
+        k_meta, v_meta: [num_slots, num_kv_heads, 2] float16.
+        kv_indices: [n] int32/int64 slot ids.
+        k_out, v_out: [>= n, num_kv_heads, head_dim] bf16/fp16/fp32; row i receives
+            slot kv_indices[i] in the original (un-rotated) space.
+    """
+    from sglang_sawint4.kernels.store import check_layer_buffers
+
+    d = layout.head_dim
+    num_heads = k_data.shape[1]
+    check_layer_buffers(k_data, k_meta, num_heads, d, "k")
+    check_layer_buffers(v_data, v_meta, num_heads, d, "v")
+    n = kv_indices.shape[0]
+    for name, out in (("k_out", k_out), ("v_out", v_out)):
+        if out.dim() != 3 or out.shape[0] < n or out.shape[1:] != (num_heads, d) or out.stride(-1) != 1:
+            raise ValueError(f"{name} must be [>= {n}, {num_heads}, {d}] with unit channel stride, got {tuple(out.shape)}")
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, BLOCK_T), num_heads, 2)
+    _dequantize_pages_kernel[grid](
+        k_data, k_data.stride(0), k_data.stride(1), k_meta, k_meta.stride(0), k_meta.stride(1),
+        v_data, v_data.stride(0), v_data.stride(1), v_meta, v_meta.stride(0), v_meta.stride(1),
+        k_out, k_out.stride(0), k_out.stride(1), v_out, v_out.stride(0), v_out.stride(1),
+        kv_indices, n,
+        ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v, BLOCK_ROT=layout.block_size or 1,
+        BLOCK=BLOCK_T, D=d, HALF=d // 2, num_warps=4,
+    )
+
+
+def dequantize_pages_reference(k_data, k_meta, v_data, v_meta, kv_indices, layout: fmt.Int4Format):
+    """Float64 reference: (k, v) [n, num_kv_heads, head_dim] in the original space."""
+    idx = kv_indices.long().cpu()
+    k = fmt.decode(k_data.cpu()[idx], k_meta.cpu()[idx], layout, is_value=False)
+    v = fmt.decode(v_data.cpu()[idx], v_meta.cpu()[idx], layout, is_value=True)
+    return k, v

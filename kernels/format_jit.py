@@ -1,0 +1,90 @@
+"""Triton device-side helpers for the format defined in ``sglang_sawint4.format``.
+
+Every kernel builds its Hadamard tiles and (un)packs nibbles through these
+functions; ``tests/test_format_jit.py`` checks them against the torch definitions.
+"""
+
+import triton
+import triton.language as tl
+
+from sglang_sawint4 import format as fmt
+
+# Constants the kernels share with the torch reference (plain Python ints/floats,
+# captured by @triton.jit as compile-time globals).
+INT4_MAX = tl.constexpr(fmt.INT4_MAX)
+HALF_RANGE = tl.constexpr(fmt.INT4_MAX / 2)
+SCALE_EPS = tl.constexpr(fmt.SCALE_EPS)
+META_SCALE = tl.constexpr(fmt.META_SCALE)
+META_OFFSET = tl.constexpr(fmt.META_OFFSET)
+
+
+@triton.jit
+def hadamard_tile(rows, cols, BLOCK: tl.constexpr):
+    """Tile of the unnormalized block-diagonal Sylvester Hadamard matrix.
+
+    rows: [R] int channel indices, cols: [C] int channel indices.
+    Returns [R, C] int32 in {-1, 0, +1}: (-1)^popcount((r % B) & (c % B)) inside a
+    diagonal block, 0 outside.  Generated in registers, so no kernel loads a matrix.
+    """
+    x = (rows[:, None] & (BLOCK - 1)) & (cols[None, :] & (BLOCK - 1))
+    # parity of the low 8 bits (BLOCK <= 128 uses 7)
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    sign = 1 - 2 * (x & 1)
+    same_block = (rows[:, None] // BLOCK) == (cols[None, :] // BLOCK)
+    return tl.where(same_block, sign, 0)
+
+
+@triton.jit
+def round_half_up(x):
+    """The rounding the format uses (``format.round_code``): floor(x + 0.5)."""
+    return tl.floor(x + 0.5)
+
+
+@triton.jit
+def quant_params(x_lo, x_hi, SYMMETRIC: tl.constexpr):
+    """Per-row (scale, offset) of two half-rows, rounded to the stored fp16.
+
+    x_lo, x_hi: [T, HALF] float32.  Returns scale [T], offset [T] float32 whose
+    values are exactly representable in fp16 (what readers will see).
+    """
+    if SYMMETRIC:
+        amax = tl.maximum(tl.max(tl.abs(x_lo), axis=1), tl.max(tl.abs(x_hi), axis=1))
+        scale = tl.maximum(amax / HALF_RANGE, SCALE_EPS).to(tl.float16).to(tl.float32)
+        offset = (0.0 - scale * HALF_RANGE).to(tl.float16).to(tl.float32)
+    else:
+        lo = tl.minimum(tl.min(x_lo, axis=1), tl.min(x_hi, axis=1))
+        hi = tl.maximum(tl.max(x_lo, axis=1), tl.max(x_hi, axis=1))
+        scale = tl.maximum((hi - lo) / INT4_MAX, SCALE_EPS).to(tl.float16).to(tl.float32)
+        offset = lo.to(tl.float16).to(tl.float32)
+    return scale, offset
+
+
+@triton.jit
+def quantize_codes(x, scale, offset):
+    """[T, C] float32 -> [T, C] float32 codes in [0, 15]."""
+    q = round_half_up((x - offset[:, None]) / scale[:, None])
+    return tl.minimum(tl.maximum(q, 0.0), INT4_MAX)
+
+
+@triton.jit
+def pack_nibbles(q_lo, q_hi):
+    """Codes of channels [0, D/2) and [D/2, D) -> split-half packed uint8."""
+    return q_lo.to(tl.uint8) | (q_hi.to(tl.uint8) << 4)
+
+
+@triton.jit
+def unpack_lo(packed):
+    return packed & 0x0F
+
+
+@triton.jit
+def unpack_hi(packed):
+    return packed >> 4
+
+
+@triton.jit
+def rotation_norm(BLOCK: tl.constexpr):
+    """1 / sqrt(BLOCK): the normalization of the orthonormal Hadamard block."""
+    return 1.0 / tl.sqrt(tl.full([], BLOCK, tl.float32))
