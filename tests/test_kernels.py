@@ -1,0 +1,227 @@
+"""Triton kernels vs float64 torch references (interpreter mode on CPU)."""
+
+import pytest
+import torch
+
+from helpers import keys_with_outliers, rel_err
+from sglang_sawint4 import format as fmt
+from sglang_sawint4.kernels.decode import (
+    decode_attention_reference,
+    int4_decode_attention,
+    int4_decode_attention_reference,
+)
+from sglang_sawint4.kernels.dequant import dequantize_pages, dequantize_pages_reference
+from sglang_sawint4.kernels.store import rotate_quantize_store, rotate_quantize_store_reference
+
+LAYOUTS = [
+    fmt.Int4Format(64),                                # plain INT4
+    fmt.Int4Format(64, 16),                            # BDR-16, K only
+    fmt.Int4Format(128, 128),                          # the served default
+    fmt.Int4Format(128, 32, rotate_v=True),            # K and V rotated
+    fmt.Int4Format(128, 64, symmetric=True),           # symmetric grid
+    fmt.Int4Format(256, 128, rotate_v=True),
+]
+IDS = [f"d{l.head_dim}-b{l.block_size}-{'kv' if l.rotate_v else 'k'}{'-sym' if l.symmetric else ''}" for l in LAYOUTS]
+
+
+def _pool(num_slots, heads, d, device):
+    return [t.to(device) for t in (*fmt.allocate_layer(num_slots, heads, d), *fmt.allocate_layer(num_slots, heads, d))]
+
+
+def _poison(bufs):
+    for t in bufs:
+        t.fill_(0xAB if t.dtype == torch.uint8 else float("nan"))
+
+
+def _store(layout, num_tokens, heads, num_slots, gen, device, dtype=torch.float16, fused_qkv=False):
+    d = layout.head_dim
+    k = keys_with_outliers(num_tokens, heads, d, gen, dtype=dtype)
+    v = torch.randn(num_tokens, heads, d, generator=gen).to(dtype)
+    if fused_qkv:
+        # k and v as strided views of one fused projection output, as in SGLang models
+        qkv = torch.randn(num_tokens, (2 * heads + 2 * heads) * d, generator=gen).to(dtype)
+        qkv[:, 2 * heads * d: 3 * heads * d] = k.reshape(num_tokens, -1)
+        qkv[:, 3 * heads * d:] = v.reshape(num_tokens, -1)
+        k = qkv[:, 2 * heads * d: 3 * heads * d].view(num_tokens, heads, d)
+        v = qkv[:, 3 * heads * d:].view(num_tokens, heads, d)
+    loc = torch.randperm(num_slots, generator=gen)[:num_tokens]  # non-contiguous slots
+    bufs = _pool(num_slots, heads, d, device)
+    _poison(bufs)
+    rotate_quantize_store(k.to(device), v.to(device), loc.to(device), *bufs, layout)
+    return k, v, loc, bufs
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_store_matches_reference(layout, dtype, rng, device):
+    num_slots, heads = 96, 2
+    k, v, loc, bufs = _store(layout, 37, heads, num_slots, rng, device, dtype=dtype, fused_qkv=True)
+    ref = _pool(num_slots, heads, layout.head_dim, "cpu")
+    _poison(ref)
+    rotate_quantize_store_reference(k, v, loc, *ref, layout)
+    written = torch.zeros(num_slots, dtype=torch.bool)
+    written[loc] = True
+    for got, exp in zip(bufs, ref):
+        got = got.cpu()
+        if got.dtype == torch.uint8:
+            # untouched slots keep the poison; written ones hold the reference codes,
+            # up to a code flip where fp32 and fp64 rotations round across a boundary
+            assert torch.all(got[~written] == 0xAB)
+            diff = (fmt.unpack(got[written]).int() - fmt.unpack(exp[written]).int()).abs()
+            assert diff.max() <= 1 and diff.float().mean() < 1e-3
+        else:
+            assert torch.isnan(got[~written]).all()
+            assert torch.allclose(got[written].float(), exp[written].float(), rtol=2e-3, atol=1e-4)
+
+
+def test_store_round_trip_error_bound(rng, device):
+    layout = fmt.Int4Format(128, 128)
+    k, v, loc, bufs = _store(layout, 40, 2, 64, rng, device, dtype=torch.float32)
+    k_hat = fmt.decode(bufs[0].cpu()[loc], bufs[1].cpu()[loc], layout, is_value=False)
+    rotated = fmt.rotate(k.double(), 128)
+    step = (rotated.amax(-1) - rotated.amin(-1)) / 15
+    assert torch.all((fmt.rotate(k_hat, 128) - rotated).abs() <= step[..., None] * 0.51 + 1e-2)
+
+
+def test_store_empty_batch_is_a_no_op(device):
+    layout = fmt.Int4Format(64)
+    bufs = _pool(8, 2, 64, device)
+    _poison(bufs)
+    empty = torch.empty(0, 2, 64, device=device)
+    rotate_quantize_store(empty, empty, torch.empty(0, dtype=torch.int64, device=device), *bufs, layout)
+    assert torch.all(bufs[0] == 0xAB)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(k=torch.zeros(4, 2, 32)), "k must be"),
+        (dict(k=torch.zeros(4, 2, 64, dtype=torch.int32)), "bf16/fp16/fp32"),
+        (dict(loc=torch.zeros(3, dtype=torch.int64)), "loc must be"),
+        (dict(loc=torch.zeros(4, dtype=torch.float32)), "int32/int64"),
+        (dict(k_data=torch.zeros(8, 2, 64, dtype=torch.uint8)), "k data must be"),
+        (dict(k_meta=torch.zeros(8, 2, 2, dtype=torch.float32)), "k meta must be"),
+    ],
+)
+def test_store_bad_input_is_refused(bad, match, device):
+    layout = fmt.Int4Format(64)
+    kd, km, vd, vm = fmt.allocate_layer(8, 2, 64) + fmt.allocate_layer(8, 2, 64)
+    args = dict(k=torch.zeros(4, 2, 64), v=torch.zeros(4, 2, 64), loc=torch.arange(4),
+                k_data=kd, k_meta=km, v_data=vd, v_meta=vm)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        rotate_quantize_store(**{n: t.to(device) for n, t in args.items()}, layout=layout)
+
+
+def _requests(gen, num_slots, lens, shared_prefix=0):
+    """kv_indptr/kv_indices of a batch; the first `shared_prefix` slots of every
+    request are the same slots (a radix-cache hit shared by several requests)."""
+    perm = torch.randperm(num_slots, generator=gen)
+    prefix, pos, idx = perm[:shared_prefix], shared_prefix, []
+    for n in lens:
+        own = perm[pos: pos + n - min(n, shared_prefix)]
+        pos += own.numel()
+        idx.append(torch.cat([prefix[: min(n, shared_prefix)], own]))
+        assert idx[-1].numel() == n, "not enough slots for these requests"
+    indptr = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    return indptr, torch.cat(idx).to(torch.int32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("group", [1, 4, 7])
+def test_decode_matches_reference(layout, group, rng, device):
+    d, heads, num_slots, max_splits = layout.head_dim, 2, 200, 4
+    _, _, _, bufs = _store(layout, num_slots, heads, num_slots, rng, device)
+    lens = [1, 70, 33, 129]
+    indptr, indices = _requests(rng, num_slots, lens, shared_prefix=20)
+    batch = len(lens)
+    q = torch.randn(batch, heads * group, d, generator=rng).half()
+    o = torch.full_like(q, float("nan")).to(device)
+    logits = torch.empty(batch, heads * group, max_splits, d, device=device)
+    lse_parts = torch.empty(batch, heads * group, max_splits, device=device)
+    splits = torch.tensor([1, 4, 2, 3], dtype=torch.int32, device=device)
+    lse = torch.full((batch, heads * group), float("nan"), device=device)
+    scale = d ** -0.5
+    int4_decode_attention(q.to(device), *bufs, o, indptr.to(device), indices.to(device), logits, lse_parts,
+                          splits, max_splits, scale, layout, lse_out=lse)
+    ref = int4_decode_attention_reference(q, *bufs, indptr, indices, scale, layout)
+    assert not torch.isnan(o).any()
+    assert rel_err(o, ref) < 3e-3
+    # LSE of the scaled scores, for merging partial attentions
+    k = fmt.decode(bufs[0].cpu(), bufs[1].cpu(), layout, is_value=False).repeat_interleave(group, 1)
+    for b in range(batch):
+        rows = k[indices[indptr[b]: indptr[b + 1]].long()]
+        ref_lse = torch.logsumexp(torch.einsum("hd,nhd->hn", q[b].double(), rows) * scale, -1)
+        assert torch.allclose(lse[b].cpu().double(), ref_lse, atol=2e-2)
+
+
+def test_decode_empty_batch_and_bad_shapes(device):
+    layout = fmt.Int4Format(64)
+    bufs = _pool(8, 2, 64, device)
+    q = torch.empty(0, 4, 64, device=device)
+    logits = torch.empty(0, 4, 2, 64, device=device)
+    int4_decode_attention(q, *bufs, q.clone(), torch.zeros(1, dtype=torch.int32, device=device),
+                          torch.empty(0, dtype=torch.int32, device=device), logits,
+                          torch.empty(0, 4, 2, device=device), torch.empty(0, dtype=torch.int32, device=device),
+                          2, 0.1, layout)
+    q = torch.zeros(1, 3, 64, device=device)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        int4_decode_attention(q, *bufs, q.clone(), torch.tensor([0, 1], dtype=torch.int32, device=device),
+                              torch.zeros(1, dtype=torch.int32, device=device), torch.empty(1, 3, 2, 64, device=device),
+                              torch.empty(1, 3, 2, device=device), torch.ones(1, dtype=torch.int32, device=device),
+                              2, 0.1, layout)
+    with pytest.raises(ValueError, match="head_dim"):
+        int4_decode_attention(torch.zeros(1, 4, 128, device=device), *bufs, torch.zeros(1, 4, 128, device=device),
+                              None, None, None, None, None, 2, 0.1, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_dequantize_pages_matches_reference(layout, rng, device):
+    num_slots, heads = 80, 2
+    _, _, _, bufs = _store(layout, num_slots, heads, num_slots, rng, device)
+    indices = torch.randint(0, num_slots, (45,), generator=rng)  # repeats allowed (shared pages)
+    k_out = torch.full((50, heads, layout.head_dim), float("nan"), dtype=torch.float16, device=device)
+    v_out = torch.full_like(k_out, float("nan"))
+    dequantize_pages(*bufs, indices.to(device), k_out, v_out, layout)
+    rk, rv = dequantize_pages_reference(*bufs, indices, layout)
+    assert rel_err(k_out[:45], rk) < 2e-3 and rel_err(v_out[:45], rv) < 2e-3
+    assert torch.isnan(k_out[45:].float()).all()  # rows past n untouched
+
+
+def _outlier_attention_errors(gen, device):
+    d, heads, group, num_slots = 128, 2, 4, 256
+    k = keys_with_outliers(num_slots, heads, d, gen, outlier_channels=(3, 17, 70), magnitude=20.0)
+    v = torch.randn(num_slots, heads, d, generator=gen)
+    q = torch.randn(2, heads * group, d, generator=gen)
+    q[:, :, [3, 17, 70]] *= 0.05  # queries barely look at the outliers: the rest carries the signal
+    indptr = torch.tensor([0, 128, 256], dtype=torch.int32)
+    indices = torch.randperm(num_slots, generator=gen).int()
+    scale = d ** -0.5
+    exact = decode_attention_reference(q, k, v, indptr, indices, scale)
+    errs = {}
+    for name, layout in {"int4": fmt.Int4Format(d), "int4-bdr": fmt.Int4Format(d, 128)}.items():
+        bufs = _pool(num_slots, heads, d, device)
+        rotate_quantize_store(k.half().to(device), v.half().to(device), torch.arange(num_slots, device=device), *bufs, layout)
+        o = torch.empty(2, heads * group, d, dtype=torch.float16, device=device)
+        int4_decode_attention(q.half().to(device), *bufs, o, indptr.to(device), indices.to(device),
+                              torch.empty(2, heads * group, 2, d, device=device),
+                              torch.empty(2, heads * group, 2, device=device),
+                              torch.full((2,), 2, dtype=torch.int32, device=device), 2, scale, layout)
+        errs[name] = rel_err(o, exact)
+    return errs
+
+
+def test_bdr_attention_is_closer_to_exact_than_plain_int4(device):
+    """The method's claim on keys with outlier channels, through the served kernels.
+
+    Measured with this setup over seeds 0-19 (CPU, interpreter): plain INT4 error
+    0.41-0.55, BDR-128 0.26-0.32, ratio BDR/plain 0.52-0.79 (mean 0.61).  Three
+    fixed seeds keep the statistical claim deterministic.
+    """
+    ratios = []
+    for seed in (0, 1, 2):
+        errs = _outlier_attention_errors(torch.Generator().manual_seed(seed), device)
+        assert errs["int4-bdr"] < 0.34, errs
+        assert errs["int4-bdr"] < 0.8 * errs["int4"], errs
+        ratios.append(errs["int4-bdr"] / errs["int4"])
+    assert sum(ratios) / len(ratios) < 0.7, ratios
