@@ -1,0 +1,185 @@
+"""The monkey-patches that put INT4 KV pages into SGLang 0.5.17.
+
+Each patch is thin (it wraps one SGLang function and calls through), idempotent
+(applying twice is a no-op, applying with another config is an error) and
+version-checked (SGLang's internals move between releases; these were read off
+0.5.17 and refuse anything else).  ``apply`` runs in every SGLang process through
+the plugin entry point (``sglang_sawint4.plugin``).
+
+Patch points (see ../shared/docs/sglang.md):
+    KVCacheConfigurator._build_mha_kv_pool   -> build Int4TokenToKVPool
+    KVCacheConfigurator._build_token_to_kv_pool -> refuse pool families we do not support
+    DefaultPoolConfigurator._compute_cell_size -> true INT4 bytes/token for the profiler
+    DefaultPoolConfigurator.calculate_pool_sizes -> log INT4 vs BF16 capacity
+    ATTENTION_BACKENDS["triton"]             -> Int4TritonAttnBackend; other backends refuse
+    models.utils.enable_fused_set_kv_buffer   -> False: fused RoPE+store writes BF16 rows
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Optional
+
+from sglang_sawint4.config import ConfigError, KVQuantConfig
+
+logger = logging.getLogger("sglang_sawint4")
+
+SUPPORTED_SGLANG_VERSION = "0.5.17"
+_applied: Optional[KVQuantConfig] = None
+
+
+class UnsupportedSGLangVersion(RuntimeError):
+    pass
+
+
+def check_sglang_version(version: Optional[str] = None) -> str:
+    if version is None:
+        import sglang
+
+        version = getattr(sglang, "__version__", None)
+    if version != SUPPORTED_SGLANG_VERSION:
+        raise UnsupportedSGLangVersion(
+            f"sglang-sawint4 patches SGLang {SUPPORTED_SGLANG_VERSION} only, found {version}; "
+            f"install sglang=={SUPPORTED_SGLANG_VERSION} or run without --kv-quant")
+    return version
+
+
+def applied_config() -> Optional[KVQuantConfig]:
+    return _applied
+
+
+def apply(config: KVQuantConfig) -> None:
+    """Install all patches for ``config`` in this process (idempotent)."""
+    global _applied
+    if not config.enabled:
+        return
+    if _applied is not None:
+        if _applied != config:
+            raise RuntimeError(f"INT4 KV patches already applied with {_applied}, not {config}")
+        return
+    check_sglang_version()
+    _patch_pool_builder(config)
+    _patch_cell_size(config)
+    _patch_attention_backends()
+    _patch_fused_set_kv_buffer()
+    _applied = config
+    logger.info("sglang-sawint4: INT4 KV patches applied (%s)", config.describe())
+
+
+def _mark(fn, original):
+    fn.__sawint4_original__ = original
+    return fn
+
+
+def _patch_pool_builder(config: KVQuantConfig) -> None:
+    from sglang.srt.mem_cache import kv_cache_configurator as kcc
+
+    from sglang_sawint4.pool import Int4TokenToKVPool
+
+    cls = kcc.KVCacheConfigurator
+    build_mha, build_any = cls._build_mha_kv_pool, cls._build_token_to_kv_pool
+
+    @functools.wraps(build_mha)
+    def _build_mha_kv_pool(self, *, max_total_num_tokens, mha_pool_class, quant_method=None):
+        if mha_pool_class is not kcc.MHATokenToKVPool or quant_method is not None:
+            raise ConfigError(
+                "--kv-quant cannot be combined with another KV layout or KV quantization "
+                f"({getattr(mha_pool_class, '__name__', mha_pool_class)}, {quant_method})")
+        layout = config.layout(self.model_config.head_dim)
+        int4_pool = functools.partial(Int4TokenToKVPool, int4_format=layout)
+        return build_mha(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=int4_pool)
+
+    @functools.wraps(build_any)
+    def _build_token_to_kv_pool(self, **kwargs):
+        pool = build_any(self, **kwargs)
+        if not isinstance(pool, Int4TokenToKVPool):
+            raise ConfigError(
+                f"--kv-quant {config.method} supports plain MHA/GQA KV pools only; this model needs "
+                f"{type(pool).__name__} (MLA, sliding-window, hybrid or sparse attention)")
+        return pool
+
+    cls._build_mha_kv_pool = _mark(_build_mha_kv_pool, build_mha)
+    cls._build_token_to_kv_pool = _mark(_build_token_to_kv_pool, build_any)
+
+
+def _patch_cell_size(config: KVQuantConfig) -> None:
+    from sglang.srt.model_executor import pool_configurator as pc
+    from sglang.srt.runtime_context import get_parallel
+
+    from sglang_sawint4.pool import int4_cell_size_bytes
+
+    cls = pc.DefaultPoolConfigurator
+    compute, calculate = cls._compute_cell_size, cls.calculate_pool_sizes
+
+    @functools.wraps(compute)
+    def _compute_cell_size(self, kvc, num_layers):
+        bf16_cell = compute(self, kvc, num_layers)
+        if kvc.use_mla_backend:
+            raise ConfigError(f"--kv-quant {config.method} does not support MLA models")
+        layout = config.layout(kvc.model_config.head_dim)
+        heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+        cell = int4_cell_size_bytes(heads, num_layers, layout)
+        self._sawint4_bf16_cell_size = bf16_cell
+        logger.info("sglang-sawint4: KV bytes/token %d (INT4, %s) vs %d (%s): %.2fx",
+                    cell, layout, bf16_cell, kvc.kv_cache_dtype, bf16_cell / cell)
+        return cell
+
+    @functools.wraps(calculate)
+    def calculate_pool_sizes(self, available_bytes, page_size):
+        result = calculate(self, available_bytes, page_size)
+        bf16_cell = getattr(self, "_sawint4_bf16_cell_size", None)
+        if bf16_cell:
+            bf16_tokens = available_bytes // bf16_cell // page_size * page_size
+            logger.info(
+                "sglang-sawint4: max_total_num_tokens=%d with INT4 KV; the same memory holds %d "
+                "tokens in BF16 (%.2fx)", result.max_total_num_tokens, bf16_tokens,
+                result.max_total_num_tokens / max(bf16_tokens, 1))
+        return result
+
+    cls._compute_cell_size = _mark(_compute_cell_size, compute)
+    cls.calculate_pool_sizes = _mark(calculate_pool_sizes, calculate)
+
+
+def _patch_attention_backends() -> None:
+    from sglang.srt.layers.attention import attention_registry as reg
+
+    def create_int4_triton_backend(runner):
+        from sglang_sawint4.backend import Int4TritonAttnBackend
+
+        return Int4TritonAttnBackend(runner)
+
+    def refuse(name, create):
+        @functools.wraps(create)
+        def create_refused(runner):
+            raise ConfigError(
+                f"--kv-quant needs --attention-backend triton (also for prefill/decode "
+                f"overrides); got {name!r}")
+
+        return create_refused
+
+    for name, create in list(reg.ATTENTION_BACKENDS.items()):
+        if name == "triton":
+            reg.ATTENTION_BACKENDS[name] = _mark(create_int4_triton_backend, create)
+        else:
+            reg.ATTENTION_BACKENDS[name] = _mark(refuse(name, create), create)
+
+
+def _patch_fused_set_kv_buffer() -> None:
+    # Some models (qwen3_moe, gpt_oss, ...) fuse RoPE with a BF16 write straight into
+    # the pool's buffers, bypassing set_kv_buffer: that would scribble BF16 rows over
+    # packed INT4 pages.  With INT4 KV it is always off.
+    from sglang.srt.models import utils as model_utils
+
+    original = model_utils.enable_fused_set_kv_buffer
+
+    def enable_fused_set_kv_buffer(forward_batch):
+        return False
+
+    _mark(enable_fused_set_kv_buffer, original)
+    model_utils.enable_fused_set_kv_buffer = enable_fused_set_kv_buffer
+    # Model modules imported before us hold their own reference to the function.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("sglang.srt.models.") and getattr(module, "enable_fused_set_kv_buffer", None) is original:
+            module.enable_fused_set_kv_buffer = enable_fused_set_kv_buffer

@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""GPU kernel benchmark: decode attention and the KV store path, in GB/s.
+
+    python scripts/bench_kernels.py --out bench/results/kernels.json
+
+Decode rows: BF16 (FlashInfer's paged decode), plain INT4 and INT4+BDR (ours) on
+an 8B-shaped attention layer (32 q heads, 8 KV heads, head_dim 128) for batch
+1..256 and context 1k..128k (skipping shapes whose BF16 cache would not fit in
+--max-kv-gib).  Store rows: rotate_quantize_store for a batch of new tokens.
+``gbps`` = bytes the kernel must move (each input read once, each output written
+once) / median time; ``copy_gbps`` is a device-to-device copy on the same GPU,
+counting bytes read + written.  Times: triton.testing.do_bench medians, after
+warm-up, on random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sglang_sawint4 import format as fmt  # noqa: E402
+from sglang_sawint4.kernels.decode import int4_decode_attention  # noqa: E402
+from sglang_sawint4.kernels.store import rotate_quantize_store  # noqa: E402
+
+HQ, HK, D = 32, 8, 128
+MAX_SPLITS = 16
+
+
+def progress(it, total, label):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(it, total=total, desc=label, file=sys.stdout, mininterval=5)
+    except ImportError:
+        return it
+
+
+def bench(fn, reps=50):
+    return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median") * 1e3  # us
+
+
+def copy_bandwidth(gib=2):
+    n = gib * (1 << 30)
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), reps=200)
+    return 2 * n / (t * 1e-6) / 1e9
+
+
+def num_kv_splits(batch, context, sms):
+    """Enough (batch x kv_head x split) programs to fill the GPU twice, >= 256 tokens/split."""
+    want = math.ceil(2 * sms / (batch * HK))
+    return max(1, min(MAX_SPLITS, want, math.ceil(context / 256)))
+
+
+def int4_decode_case(layout, batch, context, sms):
+    slots = batch * context
+    kd, km = fmt.allocate_layer(slots, HK, D, "cuda")
+    vd, vm = fmt.allocate_layer(slots, HK, D, "cuda")
+    kd.random_(0, 256)
+    vd.random_(0, 256)
+    km.uniform_(0.01, 0.1)
+    vm.uniform_(0.01, 0.1)
+    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    o = torch.empty_like(q)
+    indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * context
+    indices = torch.randperm(slots, device="cuda").to(torch.int32)  # scattered pages
+    splits = torch.full((batch,), num_kv_splits(batch, context, sms), dtype=torch.int32, device="cuda")
+    logits = torch.empty(batch, HQ, MAX_SPLITS, D, dtype=torch.float32, device="cuda")
+    lse = torch.empty(batch, HQ, MAX_SPLITS, dtype=torch.float32, device="cuda")
+
+    def run():
+        int4_decode_attention(q, kd, km, vd, vm, o, indptr, indices, logits, lse, splits, MAX_SPLITS,
+                              D ** -0.5, layout)
+
+    moved = slots * HK * layout.bytes_per_token_head() + slots * 4 + 2 * q.numel() * 2
+    return run, moved
+
+
+def bf16_decode_case(batch, context):
+    import flashinfer
+
+    slots = batch * context
+    k = torch.randn(slots, HK, D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(slots, HK, D, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * context
+    indices = torch.randperm(slots, device="cuda").to(torch.int32)
+    last = torch.ones(batch, dtype=torch.int32, device="cuda")
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+    wrapper.plan(indptr, indices, last, HQ, HK, D, 1, data_type=torch.bfloat16, q_data_type=torch.bfloat16)
+    kv = (k.view(slots, 1, HK, D), v.view(slots, 1, HK, D))
+
+    def run():
+        wrapper.run(q, kv)
+
+    moved = slots * HK * D * 2 * 2 + slots * 4 + 2 * q.numel() * 2
+    return run, moved
+
+
+def store_case(layout, tokens):
+    slots = max(tokens * 4, 4096)
+    kd, km = fmt.allocate_layer(slots, HK, D, "cuda")
+    vd, vm = fmt.allocate_layer(slots, HK, D, "cuda")
+    k = torch.randn(tokens, HK, D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(tokens, HK, D, dtype=torch.bfloat16, device="cuda")
+    loc = torch.randperm(slots, device="cuda")[:tokens]
+
+    def run():
+        rotate_quantize_store(k, v, loc, kd, km, vd, vm, layout)
+
+    moved = tokens * HK * (D * 2 * 2 + layout.bytes_per_token_head()) + tokens * 8
+    return run, moved
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    rows = [r for r in result["rows"] if r["kernel"] == "decode"]
+    batches = sorted({r["batch"] for r in rows})
+    show = [b for b in (1, 32, 128) if b in batches]
+    styles = {"bf16": "-", "int4": "--", "int4-bdr": "-"}
+    colors = {"bf16": "tab:gray", "int4": "tab:blue", "int4-bdr": "tab:red"}
+    for b in show:
+        for m in ("bf16", "int4", "int4-bdr"):
+            pts = sorted((r["context"], r["gbps"]) for r in rows if r["batch"] == b and r["method"] == m)
+            if pts:
+                axes[0].plot([p[0] for p in pts], [p[1] for p in pts], styles[m], color=colors[m],
+                             marker="o", alpha=0.4 + 0.6 * (b == 32), label=f"{m} batch {b}")
+    axes[0].axhline(result["copy_gbps"], color="k", lw=0.8, ls=":", label="D2D copy")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("context (tokens)")
+    axes[0].set_ylabel("achieved GB/s (bytes moved / time)")
+    axes[0].set_title("decode attention, 32 q / 8 KV heads, d=128")
+    axes[0].legend(fontsize=7, ncol=2)
+    srows = [r for r in result["rows"] if r["kernel"] == "store"]
+    toks = sorted({r["batch"] for r in srows})
+    for i, m in enumerate(("int4", "int4-bdr")):
+        vals = [next((r["time_us"] for r in srows if r["batch"] == t and r["method"] == m), 0) for t in toks]
+        axes[1].bar([j + 0.4 * i for j in range(len(toks))], vals, width=0.4, label=m, color=colors[m])
+    axes[1].set_xticks([j + 0.2 for j in range(len(toks))], [str(t) for t in toks])
+    axes[1].set_xlabel("new tokens per launch (K and V, 8 KV heads)")
+    axes[1].set_ylabel("time (us)")
+    axes[1].set_yscale("log")
+    axes[1].set_title("rotate_quantize_store")
+    axes[1].legend()
+    fig.suptitle(f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results/kernels.json")
+    p.add_argument("--batches", default="1,8,32,64,128,256")
+    p.add_argument("--contexts", default="1024,4096,8192,32768,131072")
+    p.add_argument("--max-kv-gib", type=float, default=12.0, help="skip shapes whose BF16 K+V exceed this")
+    p.add_argument("--bdr-blocks", default="128,64")
+    p.add_argument("--store-tokens", default="1,32,256,4096,16384")
+    args = p.parse_args()
+
+    props = torch.cuda.get_device_properties(0)
+    sms = props.multi_processor_count
+    result = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
+              "python": platform.python_version(), "copy_gbps": copy_bandwidth(),
+              "command": " ".join(["python"] + sys.argv), "rows": []}
+    print(f"{props.name}: D2D copy {result['copy_gbps']:.0f} GB/s", flush=True)
+    layouts = [("int4", None, fmt.Int4Format(D))] + [
+        ("int4-bdr", int(b), fmt.Int4Format(D, int(b))) for b in args.bdr_blocks.split(",")]
+    try:
+        import flashinfer  # noqa: F401
+
+        have_fi = True
+    except ImportError as e:
+        print(f"FlashInfer unavailable ({e}); BF16 rows skipped", flush=True)
+        have_fi = False
+
+    shapes = [(int(b), int(c)) for b in args.batches.split(",") for c in args.contexts.split(",")
+              if int(b) * int(c) * HK * D * 4 <= args.max_kv_gib * (1 << 30)]
+    for batch, context in progress(shapes, len(shapes), "decode"):
+        cases = ([("bf16", None, lambda: bf16_decode_case(batch, context))] if have_fi else []) + [
+            (m, b, (lambda l=l: int4_decode_case(l, batch, context, sms))) for m, b, l in layouts]
+        for method, block, make in cases:
+            run, moved = make()
+            t = bench(run)
+            result["rows"].append({"kernel": "decode", "method": method, "block": block, "batch": batch,
+                                   "context": context, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
+            del run
+            torch.cuda.empty_cache()
+    for tokens in [int(t) for t in args.store_tokens.split(",")]:
+        for method, block, layout in layouts:
+            run, moved = store_case(layout, tokens)
+            t = bench(run, reps=100)
+            result["rows"].append({"kernel": "store", "method": method, "block": block, "batch": tokens,
+                                   "context": 0, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.splitext(args.out)[0] + ".png")
+    print(f"{'kernel':7} {'method':9} {'blk':>4} {'batch':>5} {'ctx':>7} {'us':>9} {'GB/s':>7}")
+    for r in result["rows"]:
+        if r["kernel"] == "store" or r["batch"] in (1, 32, 128):
+            print(f"{r['kernel']:7} {r['method']:9} {str(r['block']):>4} {r['batch']:>5} {r['context']:>7} "
+                  f"{r['time_us']:9.1f} {r['gbps']:7.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One GPU-host session: install the offline bundle and this repo, then run the
+# requested stages.  Everything it writes lands under $OUT (default ./.out).
+#
+#   bash scripts/gpu_run.sh install tests bench smoke int4
+#
+# Stages: install (bundle + package, always first), tests (pytest on the GPU),
+# bench (scripts/bench_kernels.py), smoke (BF16 server smoke), int4 (INT4 e2e),
+# tp2 (INT4 with --tp 2; needs 2 GPUs).  Needs the bundle at $BUNDLE
+# (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
+set -uo pipefail
+OUT=${OUT:-$PWD/.out}
+BUNDLE=${BUNDLE:-.bundle/sglang-0.5.17-py312.tar.xz}
+SITE=${SITE:-/tmp/sglang-site}
+PKG=${PKG:-/tmp/sawint4-site}
+MODELS=${MODELS:-/tmp/models}
+mkdir -p "$OUT" "$MODELS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONPATH=$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}
+status=0
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+for s in "$@"; do
+  case $s in
+  install)
+    stage install
+    if [ ! -f "$SITE/sawint4_bundle_manifest.json" ]; then
+      python3 scripts/bundle.py install --bundle "$BUNDLE" --target "$SITE" 2>&1 | tee "$OUT/bundle_install.log" || status=1
+    else
+      echo "bundle already unpacked at $SITE"
+    fi
+    python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target "$PKG" . \
+      2>&1 | grep -v WARNING | tail -3
+    python3 -c "import sglang_sawint4.kernels, importlib.metadata as m; print('plugin:', [e.value for e in m.entry_points(group='sglang.srt.plugins')])"
+    ;;
+  tests)
+    stage tests
+    python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" || status=1
+    ;;
+  bench)
+    stage bench
+    python3 scripts/bench_kernels.py --out "$OUT/kernels.json" 2>&1 | tail -60 || status=1
+    ;;
+  smoke)
+    stage smoke
+    [ -d "$MODELS/small" ] || python3 scripts/make_model.py --preset small --out "$MODELS/small" | tail -1
+    MIB=$(python3 -c "import os; print(round(os.path.getsize('$BUNDLE') / 2**20, 1))")
+    python3 scripts/serve_check.py smoke --model "$MODELS/small" --out "$OUT/smoke.json" --log-dir "$OUT" \
+      --bundle-mib "$MIB" 2>&1 | tail -40 || status=1
+    ;;
+  int4)
+    stage int4
+    [ -d "$MODELS/small" ] || python3 scripts/make_model.py --preset small --out "$MODELS/small" | tail -1
+    python3 scripts/serve_check.py int4 --model "$MODELS/small" --out "$OUT/int4_e2e.json" --log-dir "$OUT" \
+      2>&1 | tail -60 || status=1
+    ;;
+  tp2)
+    stage tp2
+    [ -d "$MODELS/small" ] || python3 scripts/make_model.py --preset small --out "$MODELS/small" | tail -1
+    python3 scripts/serve_check.py tp2 --model "$MODELS/small" --out "$OUT/int4_tp2.json" --log-dir "$OUT" \
+      2>&1 | tail -30 || status=1
+    ;;
+  *) echo "unknown stage $s"; status=2 ;;
+  esac
+done
+exit $status

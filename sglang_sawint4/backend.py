@@ -1,0 +1,119 @@
+"""SGLang's Triton attention backend reading INT4 KV pages.
+
+Why the Triton backend and not FlashInfer (the design's first choice): its
+metadata is already what our kernels take (``kv_indptr`` / ``kv_indices`` over
+token slots, per-request ``num_kv_splits`` and persistent split-KV scratch that
+CUDA-graph capture reuses), while FlashInfer keeps its indices inside planned
+wrappers whose kernels cannot read INT4.  Subclassing keeps SGLang's own metadata
+and CUDA-graph code unchanged; only the two attention calls are replaced:
+
+* decode: store the new token (fused rotate-quantize-store), then
+  ``int4_decode_attention`` over all of the request's pages;
+* extend/prefill: store the new tokens, dequantize only the cached prefix
+  (radix-cache hits, earlier chunks) into a BF16 scratch, and run SGLang's stock
+  extend kernel on it, so attention among the new tokens stays exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_sawint4.kernels.decode import int4_decode_attention
+from sglang_sawint4.kernels.dequant import dequantize_pages
+from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
+
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc  # noqa: E402
+
+
+class Int4TritonAttnBackend(TritonAttnBackend):
+    def __init__(self, model_runner, skip_prefill: bool = False, kv_indptr_buf=None):
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, Int4TokenToKVPool):
+            raise Int4KVAccessError(
+                f"Int4TritonAttnBackend needs the INT4 KV pool, got {type(pool).__name__}")
+        # The parent reads get_value_buffer(0).shape[-1] to size its split-KV scratch.
+        with pool.shape_probe():
+            super().__init__(model_runner, skip_prefill=skip_prefill, kv_indptr_buf=kv_indptr_buf)
+        self.int4_pool = pool
+        self.int4_format = pool.int4_format
+        for bad, why in (
+            (self.use_mla, "MLA attention"),
+            (self.sliding_window_size is not None and self.sliding_window_size > 0, "sliding-window attention"),
+            (self.dcp_size > 1, "decode context parallelism"),
+            (self.enable_deterministic, "--enable-deterministic-inference"),
+        ):
+            if bad:
+                raise Int4KVAccessError(f"INT4 KV cache does not support {why}")
+        self._prefix_identity = torch.arange(0, dtype=torch.int64, device=self.device)
+
+    @staticmethod
+    def _check_layer(layer, sinks, score_mod):
+        if sinks is not None or score_mod is not None:
+            raise Int4KVAccessError("INT4 KV attention does not support attention sinks or score_mod")
+        if layer.logit_cap and layer.logit_cap > 0:
+            raise Int4KVAccessError("INT4 KV attention does not support logit soft-capping")
+        if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
+            raise Int4KVAccessError("INT4 KV attention supports causal self-attention without sliding window only")
+
+    def _store(self, forward_batch, layer, k, v):
+        loc = KVWriteLoc(forward_batch.out_cache_loc, None,
+                         full_loc=self.forward_metadata.out_cache_loc_full_physical)
+        self.int4_pool.set_kv_buffer(layer, loc, k, v)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
+                       score_mod=None, aux_tensors=None):
+        self._check_layer(layer, sinks, score_mod)
+        q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = torch.empty_like(q)
+        if save_kv_cache:
+            self._store(forward_batch, layer, k, v)
+        md = self.forward_metadata
+        int4_decode_attention(
+            q, *self.int4_pool.get_int4_layer(layer.layer_id), o, md.kv_indptr, md.kv_indices,
+            md.attn_logits, md.attn_lse, md.num_kv_splits, self.max_kv_splits, layer.scaling,
+            self.int4_format,
+        )
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _prefix_rows(self, forward_batch) -> int:
+        lens = forward_batch.extend_prefix_lens_cpu
+        if lens is not None:
+            return int(sum(lens))
+        # No host copy of the prefix lengths (gpu-only scheduling): one sync, eager path only.
+        return int(self.forward_metadata.kv_indptr[forward_batch.batch_size].item())
+
+    def _identity(self, n: int) -> torch.Tensor:
+        if self._prefix_identity.numel() < n:
+            self._prefix_identity = torch.arange(max(n, 2 * self._prefix_identity.numel()),
+                                                 dtype=torch.int64, device=self.device)
+        return self._prefix_identity[:n]
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
+                       score_mod=None, aux_tensors=None):
+        self._check_layer(layer, sinks, score_mod)
+        if k is None or v is None:
+            raise Int4KVAccessError("INT4 KV cache cannot hand stored K/V back to layers that share KV")
+        if forward_batch.forward_mode.is_target_verify():
+            raise Int4KVAccessError("INT4 KV cache does not support speculative decoding")
+        if save_kv_cache:
+            self._store(forward_batch, layer, k, v)
+        md = self.forward_metadata
+        hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        n_prefix = self._prefix_rows(forward_batch)
+        # Dense copy of the cached prefix only, in the original (un-rotated) space.
+        k_prefix = q.new_empty((max(n_prefix, 1), hk, d))
+        v_prefix = q.new_empty((max(n_prefix, 1), hk, d))
+        dequantize_pages(*self.int4_pool.get_int4_layer(layer.layer_id), md.kv_indices[:n_prefix],
+                         k_prefix, v_prefix, self.int4_format)
+        o = q.new_empty((q.shape[0], hq * layer.v_head_dim))
+        self.extend_attention_fwd(
+            q.view(-1, hq, d), k.reshape(-1, hk, d).contiguous(), v.reshape(-1, hk, d).contiguous(),
+            o.view(-1, hq, layer.v_head_dim), k_prefix, v_prefix,
+            md.qo_indptr, md.kv_indptr, self._identity(max(n_prefix, 1)),
+            md.custom_mask, True, md.mask_indptr, md.max_extend_len,
+            1.0, 1.0, layer.scaling,
+            logit_cap=0.0, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
+            xai_temperature_len=layer.xai_temperature_len, page_size=1,
+        )
+        return o

@@ -1,0 +1,120 @@
+"""User-facing configuration of the INT4 KV cache: CLI flags and their environment form.
+
+The launcher parses our flags, validates them and writes them into the
+environment; SGLang's spawned scheduler / TP worker processes inherit the
+environment and rebuild the same config there (custom CLI fields would be
+dropped when SGLang turns argv into ``ServerArgs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Mapping, MutableMapping, Optional
+
+from sglang_sawint4 import format as fmt
+
+ENV_METHOD = "SGLANG_SAWINT4_KV_QUANT"
+ENV_BLOCK = "SGLANG_SAWINT4_BLOCK_SIZE"
+ENV_ROTATE = "SGLANG_SAWINT4_ROTATE"
+ENV_SYMMETRIC = "SGLANG_SAWINT4_SYMMETRIC"
+ALL_ENV = (ENV_METHOD, ENV_BLOCK, ENV_ROTATE, ENV_SYMMETRIC)
+
+
+class ConfigError(ValueError):
+    """A bad flag value or flag combination; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class KVQuantConfig:
+    method: str = "none"  # none | int4 | int4-bdr
+    block_size: Optional[int] = None  # None = min(128, head_dim) for int4-bdr
+    rotate: str = "k"  # k | kv
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.method not in fmt.METHODS:
+            raise ConfigError(f"--kv-quant must be one of {', '.join(fmt.METHODS)}; got {self.method!r}")
+        if self.rotate not in fmt.ROTATE_TARGETS:
+            raise ConfigError(f"--kv-quant-rotate must be one of {', '.join(fmt.ROTATE_TARGETS)}; got {self.rotate!r}")
+        if self.block_size is not None:
+            if self.method != "int4-bdr":
+                raise ConfigError("--kv-quant-block-size only applies to --kv-quant int4-bdr")
+            if self.block_size not in fmt.ALLOWED_BLOCK_SIZES:
+                raise ConfigError(
+                    f"--kv-quant-block-size must be a power of two in {fmt.ALLOWED_BLOCK_SIZES}; got {self.block_size}")
+        if self.rotate == "kv" and self.method != "int4-bdr":
+            raise ConfigError("--kv-quant-rotate kv only applies to --kv-quant int4-bdr")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def layout(self, head_dim: int) -> fmt.Int4Format:
+        """The storage format for a model's head_dim (raises ConfigError if impossible)."""
+        try:
+            return fmt.Int4Format.for_method(self.method, head_dim, self.block_size, self.rotate, self.symmetric)
+        except fmt.FormatError as e:
+            raise ConfigError(str(e)) from None
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "bf16 (SGLang default)"
+        s = self.method
+        if self.method == "int4-bdr":
+            s += f" block={self.block_size or 'min(128, head_dim)'} rotate={self.rotate}"
+        return s + (" symmetric" if self.symmetric else "")
+
+    # -- environment round trip (parent -> spawned SGLang processes) ------------
+    def to_env(self, env: MutableMapping[str, str]) -> None:
+        env[ENV_METHOD] = self.method
+        env[ENV_ROTATE] = self.rotate
+        env[ENV_SYMMETRIC] = "1" if self.symmetric else "0"
+        if self.block_size is None:
+            env.pop(ENV_BLOCK, None)
+        else:
+            env[ENV_BLOCK] = str(self.block_size)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "KVQuantConfig":
+        block = env.get(ENV_BLOCK)
+        try:
+            block_size = int(block) if block else None
+        except ValueError:
+            raise ConfigError(f"{ENV_BLOCK} must be an integer, got {block!r}") from None
+        return cls(
+            method=env.get(ENV_METHOD, "none") or "none",
+            block_size=block_size,
+            rotate=env.get(ENV_ROTATE, "k") or "k",
+            symmetric=env.get(ENV_SYMMETRIC, "0") == "1",
+        )
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "KVQuantConfig":
+        return cls(method=ns.kv_quant, block_size=ns.kv_quant_block_size, rotate=ns.kv_quant_rotate,
+                   symmetric=ns.kv_quant_symmetric)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sglang-sawint4 (rotated INT4 KV cache)")
+    g.add_argument("--kv-quant", default="none", metavar="{none,int4,int4-bdr}",
+                   help="KV cache storage: none = SGLang unchanged (BF16 or --kv-cache-dtype), "
+                        "int4 = token-wise INT4, int4-bdr = INT4 after block-diagonal Hadamard rotation")
+    g.add_argument("--kv-quant-block-size", type=_int_arg("--kv-quant-block-size"), default=None,
+                   help="Hadamard block size for int4-bdr: 16, 32, 64 or 128 dividing head_dim "
+                        "(default min(128, head_dim))")
+    g.add_argument("--kv-quant-rotate", default="k", metavar="{k,kv}",
+                   help="rotate keys only (default, the paper's served config) or keys and values")
+    g.add_argument("--kv-quant-symmetric", action="store_true",
+                   help="symmetric INT4 grid instead of the default asymmetric min/max grid")
+
+
+def _int_arg(flag):
+    def parse(s):
+        try:
+            return int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes an integer, got {s!r}") from None
+
+    return parse

@@ -1,0 +1,151 @@
+"""``python -m sglang_sawint4.launch_server``: SGLang's launcher plus the INT4 KV flags.
+
+Every ``sglang.launch_server`` flag is passed through unchanged.  Our flag group
+(``--kv-quant``, ``--kv-quant-block-size``, ``--kv-quant-rotate``,
+``--kv-quant-symmetric``) is parsed and validated first; bad values and
+unsupported combinations stop here with one ``error:`` line and exit code 2.
+With ``--kv-quant none`` (the default) this is exactly ``sglang.launch_server``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Tuple
+
+from sglang_sawint4.config import ConfigError, KVQuantConfig, add_cli_args
+
+PROG = "python -m sglang_sawint4.launch_server"
+INT4_ATTENTION_BACKEND = "triton"
+PLUGIN_GROUP = "sglang.srt.plugins"
+PLUGIN_NAME = "sawint4"
+
+
+def split_args(argv: List[str]) -> Tuple[KVQuantConfig, List[str]]:
+    """Separate our flags from SGLang's; validate ours (ConfigError on bad values)."""
+    parser = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
+    add_cli_args(parser)
+    parser.error = _raise_config_error  # one line, not argparse's usage dump
+    ns, rest = parser.parse_known_args(argv)
+    return KVQuantConfig.from_args(ns), rest
+
+
+def _raise_config_error(message):
+    raise ConfigError(message)
+
+
+def _flag_value(argv: List[str], flag: str) -> Optional[str]:
+    """Last value given for ``flag`` (``--flag v`` or ``--flag=v``), else None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
+    """Check flag combinations for INT4 KV; default the attention backend to triton."""
+    if not config.enabled:
+        return argv
+    backend = _flag_value(argv, "--attention-backend")
+    if backend is not None and backend != INT4_ATTENTION_BACKEND:
+        raise ConfigError(f"--kv-quant {config.method} runs on --attention-backend triton; got {backend!r}")
+    for flag in ("--prefill-attention-backend", "--decode-attention-backend"):
+        value = _flag_value(argv, flag)
+        if value is not None and value != INT4_ATTENTION_BACKEND:
+            raise ConfigError(f"--kv-quant {config.method} needs {flag} triton (or unset); got {value!r}")
+    dtype = _flag_value(argv, "--kv-cache-dtype")
+    if dtype not in (None, "auto", "bf16", "bfloat16"):
+        raise ConfigError(f"--kv-quant {config.method} replaces --kv-cache-dtype; drop --kv-cache-dtype {dtype}")
+    refused = {
+        "--speculative-algorithm": "speculative decoding",
+        "--enable-hierarchical-cache": "the hierarchical (host) KV cache",
+        "--disaggregation-mode": "prefill/decode disaggregation",
+        "--enable-deterministic-inference": "deterministic inference",
+        "--enable-dp-attention": "DP attention",
+    }
+    for flag, what in refused.items():
+        present = any(a == flag or a.startswith(flag + "=") for a in argv)
+        if present and not (flag == "--disaggregation-mode" and _flag_value(argv, flag) == "null"):
+            raise ConfigError(f"--kv-quant {config.method} does not support {what} ({flag})")
+    for flag in ("--dcp-size", "--attn-cp-size", "--context-parallel-size"):
+        value = _flag_value(argv, flag)
+        if value not in (None, "1"):
+            raise ConfigError(f"--kv-quant {config.method} does not support context parallelism ({flag} {value})")
+    if backend is None:
+        argv = argv + ["--attention-backend", INT4_ATTENTION_BACKEND]
+    model_path = _flag_value(argv, "--model-path") or _flag_value(argv, "--model")
+    if model_path is not None and os.path.isdir(model_path):
+        from sglang_sawint4.model_check import check_model, load_hf_config
+
+        check_model(load_hf_config(model_path), config)
+    return argv
+
+
+def ensure_plugin_reaches_workers(env) -> None:
+    """SGLang's worker processes get the patches only through our plugin entry point."""
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group=PLUGIN_GROUP)}
+    if PLUGIN_NAME not in names:
+        raise ConfigError(
+            "the sglang-sawint4 plugin entry point is not installed, so SGLang's scheduler "
+            "processes would run without the INT4 patches; pip install the package (not only "
+            "put it on PYTHONPATH)")
+    allowed = env.get("SGLANG_PLUGINS")
+    if allowed and PLUGIN_NAME not in {x.strip() for x in allowed.split(",")}:
+        env["SGLANG_PLUGINS"] = allowed + "," + PLUGIN_NAME
+
+
+def print_help() -> None:
+    parser = argparse.ArgumentParser(prog=PROG, add_help=False)
+    add_cli_args(parser)
+    print(parser.format_help())
+    print("All other flags are SGLang's (python -m sglang.launch_server --help).")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return
+    try:
+        config, sglang_argv = split_args(argv)
+        sglang_argv = prepare_int4_argv(config, sglang_argv)
+        if config.enabled:
+            config.to_env(os.environ)  # inherited by every process SGLang spawns
+            from sglang_sawint4.patches.sglang_0_5_17 import check_sglang_version
+
+            check_sglang_version()
+            ensure_plugin_reaches_workers(os.environ)
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:  # UnsupportedSGLangVersion
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    # From here on this is sglang.launch_server's __main__.
+    from sglang.launch_server import run_server
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    load_plugins()  # runs our entry point (and any other installed plugin)
+    if config.enabled:
+        # Also when the package runs from a source tree without its entry point.
+        from sglang_sawint4.patches.sglang_0_5_17 import apply
+
+        apply(config)
+    server_args = prepare_server_args(sglang_argv)
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()

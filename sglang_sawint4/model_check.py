@@ -1,0 +1,45 @@
+"""Up-front check that a model's attention fits the INT4 KV path.
+
+Runs in the launcher before SGLang starts, on the model's ``config.json``, so an
+unsupported model is refused with one clear line instead of a traceback from a
+spawned scheduler process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+from sglang_sawint4.config import ConfigError, KVQuantConfig
+
+
+def load_hf_config(model_path: str) -> Dict[str, Any]:
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"cannot check the model for --kv-quant: {path} not found (a local model directory is needed)")
+    with open(path) as f:
+        cfg = json.load(f)
+    # multimodal / composite configs keep the language model in text_config
+    return cfg.get("text_config") or cfg
+
+
+def check_model(hf: Dict[str, Any], config: KVQuantConfig) -> int:
+    """Raise ConfigError if the model cannot use INT4 KV; return its head_dim."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    if hf.get("kv_lora_rank") or hf.get("q_lora_rank"):
+        raise ConfigError(f"--kv-quant does not support MLA models ({arch})")
+    layer_types = hf.get("layer_types") or []
+    if hf.get("use_sliding_window") or any("sliding" in str(t) for t in layer_types) or (
+            hf.get("sliding_window") and hf.get("use_sliding_window", True) and hf.get("model_type") in ("mistral", "gemma2", "gemma3", "gemma3_text", "cohere2")):
+        raise ConfigError(f"--kv-quant does not support sliding-window attention ({arch})")
+    if any(t not in ("full_attention", "attention") for t in layer_types):
+        raise ConfigError(f"--kv-quant does not support hybrid attention layers {sorted(set(layer_types))} ({arch})")
+    if hf.get("attn_logit_softcapping"):
+        raise ConfigError(f"--kv-quant does not support attention logit soft-capping ({arch})")
+    heads = hf.get("num_attention_heads")
+    head_dim = hf.get("head_dim") or (hf["hidden_size"] // heads if heads and hf.get("hidden_size") else None)
+    if head_dim is None:
+        raise ConfigError(f"cannot determine head_dim of {arch} for --kv-quant")
+    config.layout(int(head_dim))  # raises ConfigError for head_dim / block-size mismatches
+    return int(head_dim)
