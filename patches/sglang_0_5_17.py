@@ -106,7 +106,6 @@ def _patch_pool_builder(config: KVQuantConfig) -> None:
 
 def _patch_cell_size(config: KVQuantConfig) -> None:
     from sglang.srt.model_executor import pool_configurator as pc
-    from sglang.srt.runtime_context import get_parallel
 
     from sglang_sawint4.pool import int4_cell_size_bytes
 
@@ -119,7 +118,8 @@ def _patch_cell_size(config: KVQuantConfig) -> None:
         if kvc.use_mla_backend:
             raise ConfigError(f"--kv-quant {config.method} does not support MLA models")
         layout = config.layout(kvc.model_config.head_dim)
-        heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+        # the same per-rank KV head count SGLang's own formula used
+        heads = kvc.model_config.get_num_kv_heads(pc.get_parallel().attn_tp_size)
         cell = int4_cell_size_bytes(heads, num_layers, layout)
         self._sawint4_bf16_cell_size = bf16_cell
         logger.info("sglang-sawint4: KV bytes/token %d (INT4, %s) vs %d (%s): %.2fx",

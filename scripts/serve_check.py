@@ -382,9 +382,10 @@ def main():
     p.add_argument("--mem-fraction", type=float, default=0.8)
     p.add_argument("--agree-prompts", type=int, default=16)
     p.add_argument("--agree-tokens", type=int, default=48)
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more server flags")
-    args = p.parse_args()
-    args.extra = [a for a in args.extra if a != "--"]
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[: len(argv) - len(extra) - (1 if extra or "--" in argv else 0)])
+    args.extra = extra  # server flags after "--"
     os.makedirs(args.log_dir, exist_ok=True)
     result, ok = {"smoke": smoke, "int4": int4, "tp2": tp2}[args.mode](args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

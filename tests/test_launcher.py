@@ -1,0 +1,102 @@
+"""Launcher flag parsing and refusal of bad configurations (no GPU, no SGLang needed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sglang_sawint4.config import ConfigError, KVQuantConfig
+from sglang_sawint4.launch_server import prepare_int4_argv, split_args
+from sglang_sawint4.model_check import check_model
+
+
+def test_our_flags_are_split_from_sglangs():
+    cfg, rest = split_args(["--model-path", "/m", "--kv-quant", "int4-bdr", "--kv-quant-block-size", "64",
+                            "--tp", "2", "--kv-quant-rotate", "kv"])
+    assert cfg == KVQuantConfig("int4-bdr", 64, "kv")
+    assert rest == ["--model-path", "/m", "--tp", "2"]
+
+
+def test_default_is_plain_sglang():
+    cfg, rest = split_args(["--model-path", "/m", "--attention-backend", "fa3"])
+    assert not cfg.enabled
+    assert prepare_int4_argv(cfg, rest) == rest  # untouched: exactly SGLang
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--kv-quant", "int3"], "--kv-quant must be one of"),
+    (["--kv-quant", "int4-bdr", "--kv-quant-block-size", "48"], "power of two"),
+    (["--kv-quant", "int4-bdr", "--kv-quant-block-size", "abc"], "integer"),
+    (["--kv-quant", "int4", "--kv-quant-block-size", "64"], "only applies to --kv-quant int4-bdr"),
+    (["--kv-quant", "int4", "--kv-quant-rotate", "kv"], "only applies"),
+    (["--kv-quant", "int4-bdr", "--kv-quant-rotate", "v"], "--kv-quant-rotate must be"),
+])
+def test_bad_flag_values(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        split_args(argv)
+
+
+@pytest.mark.parametrize("sglang_argv,match", [
+    (["--attention-backend", "flashinfer"], "attention-backend triton"),
+    (["--attention-backend=fa3"], "attention-backend triton"),
+    (["--decode-attention-backend", "flashinfer"], "decode-attention-backend triton"),
+    (["--kv-cache-dtype", "fp8_e4m3"], "replaces --kv-cache-dtype"),
+    (["--speculative-algorithm", "EAGLE"], "speculative decoding"),
+    (["--enable-hierarchical-cache"], "hierarchical"),
+    (["--disaggregation-mode", "prefill"], "disaggregation"),
+    (["--dcp-size", "2"], "context parallelism"),
+])
+def test_incompatible_flags_are_refused(sglang_argv, match):
+    with pytest.raises(ConfigError, match=match):
+        prepare_int4_argv(KVQuantConfig("int4-bdr"), ["--model-path", "/nonexistent"] + sglang_argv)
+
+
+def test_int4_defaults_attention_backend_to_triton():
+    argv = prepare_int4_argv(KVQuantConfig("int4"), ["--model-path", "/nonexistent", "--disaggregation-mode", "null"])
+    assert argv[-2:] == ["--attention-backend", "triton"]
+
+
+def test_env_round_trip():
+    cfg = KVQuantConfig("int4-bdr", 32, "kv", symmetric=True)
+    env = {}
+    cfg.to_env(env)
+    assert KVQuantConfig.from_env(env) == cfg
+    assert not KVQuantConfig.from_env({}).enabled
+
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
+
+
+@pytest.mark.parametrize("patch,match", [
+    ({"kv_lora_rank": 512, "q_lora_rank": 1536}, "MLA"),
+    ({"use_sliding_window": True, "sliding_window": 4096}, "sliding-window"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "sliding-window"),
+    ({"layer_types": ["linear_attention", "full_attention"]}, "hybrid attention"),
+    ({"head_dim": 80}, "head_dim=80"),
+    ({"attn_logit_softcapping": 50.0}, "soft-capping"),
+])
+def test_unsupported_models_are_refused(patch, match):
+    with pytest.raises(ConfigError, match=match):
+        check_model({**LLAMA, **patch}, KVQuantConfig("int4-bdr"))
+
+
+def test_block_size_must_divide_head_dim():
+    with pytest.raises(ConfigError, match="does not divide head_dim=64"):
+        check_model({**LLAMA, "head_dim": 64}, KVQuantConfig("int4-bdr", 128))
+    assert check_model({**LLAMA, "head_dim": None, "hidden_size": 2048, "num_attention_heads": 32},
+                       KVQuantConfig("int4-bdr")) == 64
+
+
+def test_cli_prints_one_error_line_and_exits_2(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**LLAMA, "kv_lora_rank": 512}))
+    out = subprocess.run([sys.executable, "-m", "sglang_sawint4.launch_server", "--model-path", str(model),
+                          "--kv-quant", "int4-bdr"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "MLA" in lines[0], out.stderr

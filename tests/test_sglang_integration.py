@@ -1,0 +1,164 @@
+"""Our pool and patches against the real SGLang 0.5.17 classes, on CPU.
+
+Needs sglang==0.5.17 installed without its GPU dependencies (see README); skipped
+with a reason otherwise.
+"""
+
+import pytest
+import torch
+
+sglang = pytest.importorskip("sglang", reason="sglang==0.5.17 not installed (pip install --no-deps sglang==0.5.17)")
+pytestmark = pytest.mark.sglang
+
+from sglang_sawint4 import format as fmt  # noqa: E402
+from sglang_sawint4.config import ConfigError, KVQuantConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sgl():
+    from sglang.srt.mem_cache import memory_pool
+
+    return memory_pool
+
+
+def test_version_check():
+    from sglang_sawint4.patches.sglang_0_5_17 import UnsupportedSGLangVersion, check_sglang_version
+
+    assert check_sglang_version() == "0.5.17"
+    with pytest.raises(UnsupportedSGLangVersion, match="0.5.17 only, found 0.5.23"):
+        check_sglang_version("0.5.23")
+
+
+def _pool(layout, size=64, heads=2, layers=3):
+    from sglang_sawint4.pool import Int4TokenToKVPool
+
+    return Int4TokenToKVPool(size, page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=layout.head_dim,
+                             layer_num=layers, device="cpu", enable_memory_saver=False, int4_format=layout)
+
+
+def test_pool_layout_and_true_bytes(sgl):
+    layout = fmt.Int4Format(128, 128)
+    pool = _pool(layout, size=100, heads=8, layers=4)
+    assert isinstance(pool, sgl.MHATokenToKVPool)
+    kd, km, vd, vm = pool.get_int4_layer(2)
+    assert kd.shape == (101, 8, 64) and kd.dtype == torch.uint8
+    assert km.shape == (101, 8, 2) and km.dtype == torch.float16
+    k_bytes, v_bytes = pool.get_kv_size_bytes()
+    assert k_bytes + v_bytes == 101 * 8 * 4 * 136
+    bf16 = sgl.MHATokenToKVPool(100, page_size=1, dtype=torch.bfloat16, head_num=8, head_dim=128, layer_num=4,
+                                device="cpu", enable_memory_saver=False)
+    ratio = sum(bf16.get_kv_size_bytes()) / (k_bytes + v_bytes)
+    assert abs(ratio - 512 / 136) < 1e-9  # 3.76x
+
+
+def test_pool_store_goes_through_the_kernel(sgl):
+    from types import SimpleNamespace
+
+    layout = fmt.Int4Format(64, 64)
+    pool = _pool(layout)
+    k = torch.randn(5, 2, 64, dtype=torch.float16)
+    v = torch.randn(5, 2, 64, dtype=torch.float16)
+    loc = torch.tensor([7, 3, 50, 9, 1])
+    pool.set_kv_buffer(SimpleNamespace(layer_id=1), sgl.KVWriteLoc(loc), k, v)
+    kd, km, vd, vm = pool.get_int4_layer(1)
+    k_hat = fmt.decode(kd[loc], km[loc], layout, is_value=False)
+    assert ((k_hat - k.double()).norm() / k.double().norm()) < 0.15
+    assert torch.count_nonzero(pool.get_int4_layer(0)[0]) == 0  # other layers untouched
+    # slot moves (used by SGLang's KV copy) move data and scale/offset together
+    pool.move_kv_cache(torch.tensor([20, 21]), torch.tensor([7, 3]))
+    assert torch.equal(kd[20], kd[7]) and torch.equal(km[21], km[3]) and torch.equal(vm[20], vm[7])
+
+
+def test_pool_refuses_bf16_reads(sgl):
+    from sglang_sawint4.pool import Int4KVAccessError
+
+    pool = _pool(fmt.Int4Format(64))
+    for call in (lambda: pool.get_key_buffer(0), lambda: pool.get_value_buffer(0), lambda: pool.get_kv_buffer(0),
+                 lambda: pool.get_cpu_copy([0]), lambda: pool.get_contiguous_buf_infos()):
+        with pytest.raises(Int4KVAccessError):
+            call()
+    with pool.shape_probe():
+        probe = pool.get_value_buffer(0)
+    assert probe.device.type == "meta" and probe.shape[-1] == 64
+    with pytest.raises(Int4KVAccessError, match="pre-scaled"):
+        pool.set_kv_buffer(None, torch.zeros(1, dtype=torch.long), torch.zeros(1, 2, 64), torch.zeros(1, 2, 64),
+                           k_scale=1.0)
+
+
+def test_pool_refuses_unequal_head_dims():
+    from sglang_sawint4.pool import Int4TokenToKVPool
+
+    with pytest.raises(ValueError, match="K and V head dims"):
+        Int4TokenToKVPool(16, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=128, v_head_dim=64,
+                          layer_num=1, device="cpu", enable_memory_saver=False, int4_format=fmt.Int4Format(128))
+
+
+@pytest.fixture
+def applied(monkeypatch):
+    """Apply the patches for one test, then restore every patched SGLang attribute."""
+    from sglang.srt.layers.attention import attention_registry as reg
+    from sglang.srt.mem_cache import kv_cache_configurator as kcc
+    from sglang.srt.model_executor import pool_configurator as pc
+    from sglang.srt.models import utils as model_utils
+
+    import sglang_sawint4.patches.sglang_0_5_17 as patches
+
+    saved = {(kcc.KVCacheConfigurator, n): getattr(kcc.KVCacheConfigurator, n)
+             for n in ("_build_mha_kv_pool", "_build_token_to_kv_pool")}
+    saved.update({(pc.DefaultPoolConfigurator, n): getattr(pc.DefaultPoolConfigurator, n)
+                  for n in ("_compute_cell_size", "calculate_pool_sizes")})
+    backends = dict(reg.ATTENTION_BACKENDS)
+    fused = model_utils.enable_fused_set_kv_buffer
+    monkeypatch.setattr(patches, "_applied", None)
+    cfg = KVQuantConfig("int4-bdr")
+    patches.apply(cfg)
+    yield patches, cfg
+    for (owner, name), value in saved.items():
+        setattr(owner, name, value)
+    reg.ATTENTION_BACKENDS.clear()
+    reg.ATTENTION_BACKENDS.update(backends)
+    model_utils.enable_fused_set_kv_buffer = fused
+
+
+def test_patches_target_real_sglang_objects(applied):
+    from sglang.srt.layers.attention import attention_registry as reg
+    from sglang.srt.mem_cache import kv_cache_configurator as kcc
+    from sglang.srt.model_executor import pool_configurator as pc
+    from sglang.srt.models import utils as model_utils
+
+    patches, cfg = applied
+    for fn in (kcc.KVCacheConfigurator._build_mha_kv_pool, kcc.KVCacheConfigurator._build_token_to_kv_pool,
+               pc.DefaultPoolConfigurator._compute_cell_size, pc.DefaultPoolConfigurator.calculate_pool_sizes,
+               reg.ATTENTION_BACKENDS["triton"], reg.ATTENTION_BACKENDS["flashinfer"],
+               model_utils.enable_fused_set_kv_buffer):
+        assert hasattr(fn, "__sawint4_original__"), fn
+    assert model_utils.enable_fused_set_kv_buffer(None) is False
+    with pytest.raises(ConfigError, match="attention-backend triton"):
+        reg.ATTENTION_BACKENDS["flashinfer"](None)
+    # idempotent; a different config is an error
+    patches.apply(cfg)
+    with pytest.raises(RuntimeError, match="already applied"):
+        patches.apply(KVQuantConfig("int4"))
+
+
+def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor import pool_configurator as pc
+
+    model_config = SimpleNamespace(head_dim=128, v_head_dim=128, get_num_kv_heads=lambda tp: 8,
+                                   hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]))
+    kvc = SimpleNamespace(use_mla_backend=False, model_config=model_config, kv_cache_dtype=torch.bfloat16,
+                          kv_cache_dtype_str=None)
+    monkeypatch.setattr(pc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
+    monkeypatch.setattr("sglang.srt.layers.cp.utils.get_glm_dsa_layer_split_effective_num_layers",
+                        lambda kvc, n: n)
+    conf = pc.DefaultPoolConfigurator.__new__(pc.DefaultPoolConfigurator)
+    conf.kv_cache_dtype_str = None
+    cell = pc.DefaultPoolConfigurator._compute_cell_size(conf, kvc, 32)
+    assert cell == 8 * 32 * 136
+    assert conf._sawint4_bf16_cell_size == 8 * 32 * 512
+    sizes = pc.DefaultPoolConfigurator.calculate_pool_sizes
+    conf._cell_size = cell
+    conf._zero_kv_max_tokens = 0
+    assert sizes(conf, 136 * 8 * 32 * 1000, 1).max_total_num_tokens == 1000
