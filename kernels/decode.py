@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.format_jit import hadamard_tile, rotation_norm, unpack_hi, unpack_lo
+from sglang_sawint4.kernels.format_jit import hadamard_tile, rotate_halves, rotation_norm, unpack_hi, unpack_lo
 
 BLOCK_N = 64
 # Output columns handled per step of the V un-rotation in stage 2.
@@ -58,17 +58,10 @@ def _decode_stage1(
         heads = kv_head * GROUP + offs_h
         half = tl.arange(0, HALF)
         q_base = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        q_lo = tl.load(q_base + half[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
+        q_hi = tl.load(q_base + HALF + half[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
         if ROTATE_K:
-            offs_d = tl.arange(0, D)
-            q = tl.load(q_base + offs_d[None, :], mask=mask_h[:, None], other=0.0)
-            inv = rotation_norm(BLOCK_ROT)
-            s_lo = hadamard_tile(offs_d, half, BLOCK_ROT).to(q.dtype)
-            s_hi = hadamard_tile(offs_d, half + HALF, BLOCK_ROT).to(q.dtype)
-            q_lo = tl.dot(q, s_lo, input_precision="ieee", out_dtype=tl.float32) * inv
-            q_hi = tl.dot(q, s_hi, input_precision="ieee", out_dtype=tl.float32) * inv
-        else:
-            q_lo = tl.load(q_base + half[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
-            q_hi = tl.load(q_base + HALF + half[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
+            q_lo, q_hi = rotate_halves(q_lo, q_hi, HALF, BLOCK_ROT)
         q_sum = tl.sum(q_lo, axis=1) + tl.sum(q_hi, axis=1)
         dot_dtype = q_ptr.dtype.element_ty
         q_lo_c = q_lo.to(dot_dtype)

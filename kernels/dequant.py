@@ -34,17 +34,31 @@ def _dequant_rows(data_ptr, d_st, d_sh, meta_ptr, m_st, m_sh, out_ptr, o_st, o_s
     out_row = out_ptr + offs_t[:, None].to(tl.int64) * o_st + head * o_sh
     out_ty = out_ptr.dtype.element_ty
     if UNROTATE:
-        # x = H x' with x' = s * c + o:  x = s * (H c) + o * (H 1).  The codes and
-        # the +-1 signs are exact in fp16, so the tensor cores do the rotation exactly.
-        offs_d = tl.arange(0, D)
-        s_lo = hadamard_tile(half, offs_d, BLOCK_ROT)
-        s_hi = hadamard_tile(half + HALF, offs_d, BLOCK_ROT)
-        hc = tl.dot(unpack_lo(packed).to(tl.float16), s_lo.to(tl.float16), out_dtype=tl.float32)
-        hc += tl.dot(unpack_hi(packed).to(tl.float16), s_hi.to(tl.float16), out_dtype=tl.float32)
-        h1 = (tl.sum(s_lo, axis=0) + tl.sum(s_hi, axis=0)).to(tl.float32)
+        # x = H x' with x' = s * c + o.  Blocks within a half rotate each half by one
+        # HALF x HALF tile; a full-width block goes through Sylvester's butterfly
+        # (x_lo, x_hi) -> (x_lo + x_hi, x_lo - x_hi) first.  Either way the operands are
+        # small integers (codes, their sums/differences, +-1 signs): exact in fp16, so
+        # the tensor cores rotate exactly; scale and offset are applied afterwards.
+        c_lo = unpack_lo(packed).to(tl.float16)
+        c_hi = unpack_hi(packed).to(tl.float16)
+        if BLOCK_ROT <= HALF:
+            sign = hadamard_tile(half, half, BLOCK_ROT)
+            a, b = c_lo, c_hi
+            off_a = offset[:, None]
+            off_b = offset[:, None]
+        else:
+            sign = hadamard_tile(half, half, HALF)
+            a, b = c_lo + c_hi, c_lo - c_hi
+            off_a = 2.0 * offset[:, None]
+            off_b = 0.0 * offset[:, None]
+        h1 = tl.sum(sign, axis=0).to(tl.float32)[None, :]  # H applied to a row of ones
         inv = rotation_norm(BLOCK_ROT)
-        x = (scale[:, None] * hc + offset[:, None] * h1[None, :]) * inv
-        tl.store(out_row + offs_d[None, :], x.to(out_ty), mask=mask_t[:, None])
+        ha = tl.dot(a, sign.to(tl.float16), out_dtype=tl.float32)
+        hb = tl.dot(b, sign.to(tl.float16), out_dtype=tl.float32)
+        x_lo = (scale[:, None] * ha + off_a * h1) * inv
+        x_hi = (scale[:, None] * hb + off_b * h1) * inv
+        tl.store(out_row + half[None, :], x_lo.to(out_ty), mask=mask_t[:, None])
+        tl.store(out_row + HALF + half[None, :], x_hi.to(out_ty), mask=mask_t[:, None])
     else:
         lo = unpack_lo(packed).to(tl.float32) * scale[:, None] + offset[:, None]
         hi = unpack_hi(packed).to(tl.float32) * scale[:, None] + offset[:, None]

@@ -88,3 +88,26 @@ def unpack_hi(packed):
 def rotation_norm(BLOCK: tl.constexpr):
     """1 / sqrt(BLOCK): the normalization of the orthonormal Hadamard block."""
     return 1.0 / tl.sqrt(tl.full([], BLOCK, tl.float32))
+
+
+@triton.jit
+def rotate_halves(x_lo, x_hi, HALF: tl.constexpr, BLOCK_ROT: tl.constexpr):
+    """Block-diagonal Hadamard of rows given as their two halves; float32 in and out.
+
+    x_lo, x_hi: [T, HALF] float32 (channels [0, HALF) and [HALF, 2 HALF)).
+    Blocks no larger than HALF never straddle the halves: each half is rotated by
+    the same HALF x HALF tile.  A full-width block uses Sylvester's recursion
+    H_2n = [[H_n, H_n], [H_n, -H_n]]: one butterfly, then two half-size products.
+    Half-size tiles keep shared memory small enough for head_dim 256 in fp32.
+    """
+    half = tl.arange(0, HALF)
+    if BLOCK_ROT <= HALF:
+        s = hadamard_tile(half, half, BLOCK_ROT).to(tl.float32)
+        a, b = x_lo, x_hi
+    else:
+        s = hadamard_tile(half, half, HALF).to(tl.float32)
+        a, b = x_lo + x_hi, x_lo - x_hi
+    inv = rotation_norm(BLOCK_ROT)
+    r_lo = tl.dot(a, s, input_precision="ieee", out_dtype=tl.float32) * inv
+    r_hi = tl.dot(b, s, input_precision="ieee", out_dtype=tl.float32) * inv
+    return r_lo, r_hi

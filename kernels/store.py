@@ -8,11 +8,10 @@ import triton.language as tl
 
 from sglang_sawint4 import format as fmt
 from sglang_sawint4.kernels.format_jit import (
-    hadamard_tile,
     pack_nibbles,
     quant_params,
     quantize_codes,
-    rotation_norm,
+    rotate_halves,
 )
 
 # Tokens per program: >= 16 so the rotation can run on the tensor cores (tl.dot).
@@ -20,23 +19,15 @@ BLOCK_T = 16
 
 
 @triton.jit
-def _rotate_halves(x_ptr, offs_t, mask_t, stride_t, head_off, ROTATE: tl.constexpr,
-                   BLOCK_ROT: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
-    """Load [T, D] rows and return the rotated halves [T, HALF] x 2 in float32."""
+def _load_rotated_halves(x_ptr, offs_t, mask_t, stride_t, head_off, ROTATE: tl.constexpr,
+                         BLOCK_ROT: tl.constexpr, HALF: tl.constexpr):
+    """Load [T, D] rows as two float32 halves [T, HALF], rotated if ROTATE."""
     half = tl.arange(0, HALF)
     base = x_ptr + offs_t[:, None].to(tl.int64) * stride_t + head_off
+    x_lo = tl.load(base + half[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
+    x_hi = tl.load(base + HALF + half[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
     if ROTATE:
-        offs_d = tl.arange(0, D)
-        x = tl.load(base + offs_d[None, :], mask=mask_t[:, None], other=0.0)
-        s_lo = hadamard_tile(offs_d, half, BLOCK_ROT).to(x.dtype)
-        s_hi = hadamard_tile(offs_d, half + HALF, BLOCK_ROT).to(x.dtype)
-        inv = rotation_norm(BLOCK_ROT)
-        # +-1 signs are exact in any float dtype; the products accumulate in fp32.
-        x_lo = tl.dot(x, s_lo, input_precision="ieee", out_dtype=tl.float32) * inv
-        x_hi = tl.dot(x, s_hi, input_precision="ieee", out_dtype=tl.float32) * inv
-    else:
-        x_lo = tl.load(base + half[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
-        x_hi = tl.load(base + HALF + half[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
+        x_lo, x_hi = rotate_halves(x_lo, x_hi, HALF, BLOCK_ROT)
     return x_lo, x_hi
 
 
@@ -48,8 +39,8 @@ def _quantize_store_rows(x_ptr, stride_xt, stride_xh, data_ptr, stride_dt, strid
                          D: tl.constexpr, HALF: tl.constexpr):
     offs_t = t0 + tl.arange(0, BLOCK)
     mask_t = offs_t < num_tokens
-    x_lo, x_hi = _rotate_halves(x_ptr, offs_t, mask_t, stride_xt, head * stride_xh,
-                                ROTATE, BLOCK_ROT, D, HALF)
+    x_lo, x_hi = _load_rotated_halves(x_ptr, offs_t, mask_t, stride_xt, head * stride_xh,
+                                      ROTATE, BLOCK_ROT, HALF)
     scale, offset = quant_params(x_lo, x_hi, SYMMETRIC)
     packed = pack_nibbles(quantize_codes(x_lo, scale, offset), quantize_codes(x_hi, scale, offset))
     loc = tl.load(loc_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
