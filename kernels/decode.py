@@ -23,7 +23,15 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.format_jit import hadamard_tile, rotate_halves, rotation_norm, unpack_hi, unpack_lo
+from sglang_sawint4.kernels.format_jit import (
+    codes_as,
+    hadamard_tile,
+    load_meta,
+    rotate_halves,
+    rotation_norm,
+    unpack_hi,
+    unpack_lo,
+)
 
 BLOCK_N = 64
 # Output columns handled per step of the V un-rotation in stage 2.
@@ -80,11 +88,9 @@ def _decode_stage1(
 
             kp = tl.load(kd_ptr + loc[:, None] * kd_st + kv_head * kd_sh + half[None, :],
                          mask=mask_n[:, None], other=0)
-            k_meta = km_ptr + loc * km_st + kv_head * km_sh
-            k_scale = tl.load(k_meta + 0, mask=mask_n, other=0.0).to(tl.float32)
-            k_off = tl.load(k_meta + 1, mask=mask_n, other=0.0).to(tl.float32)
-            qc = tl.dot(q_lo_c, tl.trans(unpack_lo(kp).to(dot_dtype)), out_dtype=tl.float32)
-            qc += tl.dot(q_hi_c, tl.trans(unpack_hi(kp).to(dot_dtype)), out_dtype=tl.float32)
+            k_scale, k_off = load_meta(km_ptr + loc * km_st + kv_head * km_sh, mask_n)
+            qc = tl.dot(q_lo_c, tl.trans(codes_as(unpack_lo(kp), dot_dtype)), out_dtype=tl.float32)
+            qc += tl.dot(q_hi_c, tl.trans(codes_as(unpack_hi(kp), dot_dtype)), out_dtype=tl.float32)
             s = (qc * k_scale[None, :] + q_sum[:, None] * k_off[None, :]) * sm_scale
             s = tl.where(mask_n[None, :], s, float("-inf"))
 
@@ -94,12 +100,10 @@ def _decode_stage1(
 
             vp = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + half[None, :],
                          mask=mask_n[:, None], other=0)
-            v_meta = vm_ptr + loc * vm_st + kv_head * vm_sh
-            v_scale = tl.load(v_meta + 0, mask=mask_n, other=0.0).to(tl.float32)
-            v_off = tl.load(v_meta + 1, mask=mask_n, other=0.0).to(tl.float32)
+            v_scale, v_off = load_meta(vm_ptr + loc * vm_st + kv_head * vm_sh, mask_n)
             ps = (p * v_scale[None, :]).to(dot_dtype)
-            acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, unpack_lo(vp).to(dot_dtype), out_dtype=tl.float32)
-            acc_hi = acc_hi * alpha[:, None] + tl.dot(ps, unpack_hi(vp).to(dot_dtype), out_dtype=tl.float32)
+            acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, codes_as(unpack_lo(vp), dot_dtype), out_dtype=tl.float32)
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(ps, codes_as(unpack_hi(vp), dot_dtype), out_dtype=tl.float32)
             acc_off = acc_off * alpha + tl.sum(p * v_off[None, :], axis=1)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
@@ -170,6 +174,9 @@ def int4_decode_attention(
     sm_scale: float,
     layout: fmt.Int4Format,
     lse_out: Optional[torch.Tensor] = None,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Decode attention of one query token per request over INT4 KV pages.
 
@@ -185,6 +192,7 @@ def int4_decode_attention(
         num_kv_splits: [>= batch] int32, splits used per request (1..max_kv_splits).
         lse_out: optional [batch, num_q_heads] float32, the natural-log LSE of the
             scaled scores (for merging with another partial attention).
+        block_n, num_warps, num_stages: stage-1 tiling (tokens per iteration, ...).
     Returns o.  No host synchronization: CUDA-graph safe.
     """
     if q.dim() != 3 or o.shape != q.shape:
@@ -207,17 +215,19 @@ def int4_decode_attention(
         return o
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))
+    # (scale, offset) fp16 pairs are read as one 32-bit word per token (load_meta)
+    km32, vm32 = meta_words(k_meta), meta_words(v_meta)
     _decode_stage1[(batch, num_kv_heads, max_kv_splits)](
         q, q.stride(0), q.stride(1),
-        k_data, k_data.stride(0), k_data.stride(1), k_meta, k_meta.stride(0), k_meta.stride(1),
-        v_data, v_data.stride(0), v_data.stride(1), v_meta, v_meta.stride(0), v_meta.stride(1),
+        k_data, k_data.stride(0), k_data.stride(1), km32, km32.stride(0), km32.stride(1),
+        v_data, v_data.stride(0), v_data.stride(1), vm32, vm32.stride(0), vm32.stride(1),
         kv_indptr, kv_indices, num_kv_splits,
         attn_logits, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
         attn_lse, attn_lse.stride(0), attn_lse.stride(1),
         sm_scale,
-        GROUP=group, BLOCK_H=block_h, BLOCK=BLOCK_N, D=d, HALF=d // 2,
+        GROUP=group, BLOCK_H=block_h, BLOCK=block_n, D=d, HALF=d // 2,
         ROTATE_K=layout.rotate_k, BLOCK_ROT=layout.block_size or 1,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_stage2[(batch, num_q_heads)](
         attn_logits, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
@@ -229,6 +239,13 @@ def int4_decode_attention(
         num_warps=4,
     )
     return o
+
+
+def meta_words(meta: torch.Tensor) -> torch.Tensor:
+    """[slots, heads, 2] float16 -> [slots, heads] int32 view (scale | offset << 16)."""
+    if meta.stride(-1) != 1 or meta.stride(-2) != 2:
+        raise ValueError("meta must be contiguous in its last two axes")
+    return meta.view(torch.int32).squeeze(-1)
 
 
 def decode_attention_reference(

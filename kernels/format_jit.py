@@ -108,6 +108,37 @@ def rotate_halves(x_lo, x_hi, HALF: tl.constexpr, BLOCK_ROT: tl.constexpr):
         s = hadamard_tile(half, half, HALF).to(tl.float32)
         a, b = x_lo + x_hi, x_lo - x_hi
     inv = rotation_norm(BLOCK_ROT)
-    r_lo = tl.dot(a, s, input_precision="ieee", out_dtype=tl.float32) * inv
-    r_hi = tl.dot(b, s, input_precision="ieee", out_dtype=tl.float32) * inv
+    # tf32x3: three tf32 tensor-core passes, float32-accurate (plain "ieee" fp32 dots
+    # run on the CUDA cores and made the store kernel 3x slower than plain INT4).
+    r_lo = tl.dot(a, s, input_precision="tf32x3", out_dtype=tl.float32) * inv
+    r_hi = tl.dot(b, s, input_precision="tf32x3", out_dtype=tl.float32) * inv
     return r_lo, r_hi
+
+
+@triton.jit
+def codes_as(codes, DTYPE: tl.constexpr):
+    """uint8 codes in [0, 15] -> the same integers in DTYPE, without int-to-float converts.
+
+    OR-ing a code into the mantissa of 128.0 (bf16) or 1024.0 (fp16), whose mantissa
+    step is 1 there, makes 128 + c exactly; one subtraction leaves c.  Integer-to-float
+    conversion runs at a quarter of the ALU rate and was the decode kernel's bottleneck.
+    """
+    if DTYPE == tl.bfloat16:
+        return (codes.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+    elif DTYPE == tl.float16:
+        return (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return codes.to(DTYPE)
+
+
+@triton.jit
+def load_meta(meta_words, mask):
+    """(scale, offset) float32 from one 32-bit load per row of a meta tensor viewed as int32.
+
+    meta_words: pointers into ``meta.view(torch.int32)``; scale is the low half-word
+    (index META_SCALE = 0 on a little-endian GPU), offset the high one.
+    """
+    w = tl.load(meta_words, mask=mask, other=0)
+    scale = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    offset = ((w >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return scale, offset

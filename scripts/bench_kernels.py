@@ -56,13 +56,18 @@ def copy_bandwidth(gib=2):
     return 2 * n / (t * 1e-6) / 1e9
 
 
-def num_kv_splits(batch, context, sms):
-    """Enough (batch x kv_head x split) programs to fill the GPU twice, >= 256 tokens/split."""
-    want = math.ceil(2 * sms / (batch * HK))
-    return max(1, min(MAX_SPLITS, want, math.ceil(context / 256)))
+def num_kv_splits(batch, context, sms, waves=4):
+    """Enough (batch x kv_head x split) programs for `waves` per SM, >= 512 tokens/split."""
+    want = math.ceil(waves * sms / (batch * HK))
+    return max(1, min(MAX_SPLITS, want, math.ceil(context / 512)))
 
 
-def int4_decode_case(layout, batch, context, sms):
+TUNE = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=4, num_stages=3),
+        dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
+        dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=32, num_warps=2, num_stages=3)]
+
+
+def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4):
     slots = batch * context
     kd, km = fmt.allocate_layer(slots, HK, D, "cuda")
     vd, vm = fmt.allocate_layer(slots, HK, D, "cuda")
@@ -74,13 +79,13 @@ def int4_decode_case(layout, batch, context, sms):
     o = torch.empty_like(q)
     indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * context
     indices = torch.randperm(slots, device="cuda").to(torch.int32)  # scattered pages
-    splits = torch.full((batch,), num_kv_splits(batch, context, sms), dtype=torch.int32, device="cuda")
+    splits = torch.full((batch,), num_kv_splits(batch, context, sms, waves), dtype=torch.int32, device="cuda")
     logits = torch.empty(batch, HQ, MAX_SPLITS, D, dtype=torch.float32, device="cuda")
     lse = torch.empty(batch, HQ, MAX_SPLITS, dtype=torch.float32, device="cuda")
 
     def run():
         int4_decode_attention(q, kd, km, vd, vm, o, indptr, indices, logits, lse, splits, MAX_SPLITS,
-                              D ** -0.5, layout)
+                              D ** -0.5, layout, **(cfg or {}))
 
     moved = slots * HK * layout.bytes_per_token_head() + slots * 4 + 2 * q.numel() * 2
     return run, moved
@@ -189,11 +194,24 @@ def main():
         print(f"FlashInfer unavailable ({e}); BF16 rows skipped", flush=True)
         have_fi = False
 
+    # Pick the stage-1 tiling and split count on one memory-bound shape, then sweep with it.
+    tune = []
+    for cfg in TUNE:
+        for waves in (2, 4, 8):
+            run, moved = int4_decode_case(fmt.Int4Format(D, 128), 32, 8192, sms, cfg, waves)
+            t = bench(run)
+            tune.append({**cfg, "waves": waves, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
+            print(f"tune {cfg} waves={waves}: {t:.1f} us {tune[-1]['gbps']:.0f} GB/s", flush=True)
+    best = min(tune, key=lambda r: r["time_us"])
+    best_cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages")}
+    result["decode_config"] = {**best_cfg, "waves": best["waves"]}
+    result["tune"] = tune
     shapes = [(int(b), int(c)) for b in args.batches.split(",") for c in args.contexts.split(",")
               if int(b) * int(c) * HK * D * 4 <= args.max_kv_gib * (1 << 30)]
     for batch, context in progress(shapes, len(shapes), "decode"):
         cases = ([("bf16", None, lambda: bf16_decode_case(batch, context))] if have_fi else []) + [
-            (m, b, (lambda l=l: int4_decode_case(l, batch, context, sms))) for m, b, l in layouts]
+            (m, b, (lambda l=l: int4_decode_case(l, batch, context, sms, best_cfg, best["waves"])))
+            for m, b, l in layouts]
         for method, block, make in cases:
             run, moved = make()
             t = bench(run)

@@ -29,11 +29,11 @@ def test_version_check():
         check_sglang_version("0.5.23")
 
 
-def _pool(layout, size=64, heads=2, layers=3):
+def _pool(layout, size=64, heads=2, layers=3, device="cpu"):
     from sglang_sawint4.pool import Int4TokenToKVPool
 
     return Int4TokenToKVPool(size, page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=layout.head_dim,
-                             layer_num=layers, device="cpu", enable_memory_saver=False, int4_format=layout)
+                             layer_num=layers, device=device, enable_memory_saver=False, int4_format=layout)
 
 
 def test_pool_layout_and_true_bytes(sgl):
@@ -51,21 +51,22 @@ def test_pool_layout_and_true_bytes(sgl):
     assert abs(ratio - 512 / 136) < 1e-9  # 3.76x
 
 
-def test_pool_store_goes_through_the_kernel(sgl):
+def test_pool_store_goes_through_the_kernel(sgl, device):
     from types import SimpleNamespace
 
     layout = fmt.Int4Format(64, 64)
-    pool = _pool(layout)
-    k = torch.randn(5, 2, 64, dtype=torch.float16)
-    v = torch.randn(5, 2, 64, dtype=torch.float16)
-    loc = torch.tensor([7, 3, 50, 9, 1])
+    pool = _pool(layout, device=device)
+    k = torch.randn(5, 2, 64, dtype=torch.float16, device=device)
+    v = torch.randn(5, 2, 64, dtype=torch.float16, device=device)
+    loc = torch.tensor([7, 3, 50, 9, 1], device=device)
     pool.set_kv_buffer(SimpleNamespace(layer_id=1), sgl.KVWriteLoc(loc), k, v)
-    kd, km, vd, vm = pool.get_int4_layer(1)
-    k_hat = fmt.decode(kd[loc], km[loc], layout, is_value=False)
-    assert ((k_hat - k.double()).norm() / k.double().norm()) < 0.15
+    kd, km, vd, vm = [t.cpu() for t in pool.get_int4_layer(1)]
+    k_hat = fmt.decode(kd[loc.cpu()], km[loc.cpu()], layout, is_value=False)
+    assert ((k_hat - k.cpu().double()).norm() / k.cpu().double().norm()) < 0.15
     assert torch.count_nonzero(pool.get_int4_layer(0)[0]) == 0  # other layers untouched
     # slot moves (used by SGLang's KV copy) move data and scale/offset together
-    pool.move_kv_cache(torch.tensor([20, 21]), torch.tensor([7, 3]))
+    pool.move_kv_cache(torch.tensor([20, 21], device=device), torch.tensor([7, 3], device=device))
+    kd, km, vd, vm = pool.get_int4_layer(1)
     assert torch.equal(kd[20], kd[7]) and torch.equal(km[21], km[3]) and torch.equal(vm[20], vm[7])
 
 
