@@ -64,7 +64,8 @@ def num_kv_splits(batch, context, sms, waves=4):
 
 TUNE = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=4, num_stages=3),
         dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
-        dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=32, num_warps=2, num_stages=3)]
+        dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=4),
+        dict(block_n=256, num_warps=4, num_stages=3), dict(block_n=256, num_warps=8, num_stages=3)]
 
 
 def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4):
@@ -197,7 +198,7 @@ def main():
     # Pick the stage-1 tiling and split count on one memory-bound shape, then sweep with it.
     tune = []
     for cfg in TUNE:
-        for waves in (2, 4, 8):
+        for waves in (1, 2, 4):
             run, moved = int4_decode_case(fmt.Int4Format(D, 128), 32, 8192, sms, cfg, waves)
             t = bench(run)
             tune.append({**cfg, "waves": waves, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})

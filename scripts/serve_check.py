@@ -341,7 +341,7 @@ def int4(args):
                 d["load"] = load_test(args.port, model_name, args.requests, args.concurrency)
                 result["requests"] += d["load"]["requests"]
                 result["complete"] += d["load"]["complete"]
-                captured = log_has(log, r"Capture (cuda|decode cuda) graph end|Capture cuda graph end")
+                captured = log_has(log, r"Capture target decode CUDA graph end")
                 result["checks"]["cuda_graph"] = captured and d["load"]["complete"] == d["load"]["requests"]
                 d["log_capacity_lines"] = [l.strip() for l in open(log, errors="replace")
                                            if "sglang-sawint4" in l and ("tokens" in l or "bytes" in l)]

@@ -158,7 +158,8 @@ def test_decode_matches_reference(layout, group, q_dtype, rng, device):
     for b in range(batch):
         rows = k[indices[indptr[b]: indptr[b + 1]].long()]
         ref_lse = torch.logsumexp(torch.einsum("hd,nhd->hn", q[b].double(), rows) * scale, -1)
-        assert torch.allclose(lse[b].cpu().double(), ref_lse, atol=2e-2)
+        # bf16 q carries 2^-8 relative rounding into every score
+        assert torch.allclose(lse[b].cpu().double(), ref_lse, atol=2e-2 if q_dtype == torch.float16 else 6e-2)
 
 
 def test_decode_empty_batch_and_bad_shapes(device):
