@@ -33,7 +33,9 @@ from sglang_sawint4.kernels.format_jit import (
     unpack_lo,
 )
 
-BLOCK_N = 64
+# Stage-1 tiling: the best of scripts/bench_kernels.py's sweep on an H100 (bench/results/kernels.json).
+BLOCK_N = 128
+NUM_STAGES = 3
 # Output columns handled per step of the V un-rotation in stage 2.
 UNROTATE_CHUNK = 32
 
@@ -176,7 +178,7 @@ def int4_decode_attention(
     lse_out: Optional[torch.Tensor] = None,
     block_n: int = BLOCK_N,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """Decode attention of one query token per request over INT4 KV pages.
 

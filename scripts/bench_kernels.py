@@ -139,14 +139,18 @@ def plot(result, path):
     rows = [r for r in result["rows"] if r["kernel"] == "decode"]
     batches = sorted({r["batch"] for r in rows})
     show = [b for b in (1, 32, 128) if b in batches]
-    styles = {"bf16": "-", "int4": "--", "int4-bdr": "-"}
-    colors = {"bf16": "tab:gray", "int4": "tab:blue", "int4-bdr": "tab:red"}
+    series = sorted({(r["method"], r["block"]) for r in rows}, key=lambda mb: (mb[0], -(mb[1] or 0)))
+    colors = {("bf16", None): "tab:gray", ("int4", None): "tab:blue"}
+    palette = iter(["tab:red", "tab:orange", "tab:purple"])
     for b in show:
-        for m in ("bf16", "int4", "int4-bdr"):
-            pts = sorted((r["context"], r["gbps"]) for r in rows if r["batch"] == b and r["method"] == m)
+        for m, blk in series:
+            color = colors.setdefault((m, blk), next(palette, "tab:green"))
+            pts = sorted((r["context"], r["gbps"]) for r in rows
+                         if r["batch"] == b and r["method"] == m and r["block"] == blk)
+            name = m if blk is None else f"{m}-{blk}"
             if pts:
-                axes[0].plot([p[0] for p in pts], [p[1] for p in pts], styles[m], color=colors[m],
-                             marker="o", alpha=0.4 + 0.6 * (b == 32), label=f"{m} batch {b}")
+                axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "-" if b == 32 else ":", color=color,
+                             marker="o", alpha=1.0 if b == 32 else 0.45, label=f"{name} batch {b}")
     axes[0].axhline(result["copy_gbps"], color="k", lw=0.8, ls=":", label="D2D copy")
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("context (tokens)")
@@ -155,10 +159,14 @@ def plot(result, path):
     axes[0].legend(fontsize=7, ncol=2)
     srows = [r for r in result["rows"] if r["kernel"] == "store"]
     toks = sorted({r["batch"] for r in srows})
-    for i, m in enumerate(("int4", "int4-bdr")):
-        vals = [next((r["time_us"] for r in srows if r["batch"] == t and r["method"] == m), 0) for t in toks]
-        axes[1].bar([j + 0.4 * i for j in range(len(toks))], vals, width=0.4, label=m, color=colors[m])
-    axes[1].set_xticks([j + 0.2 for j in range(len(toks))], [str(t) for t in toks])
+    sseries = sorted({(r["method"], r["block"]) for r in srows}, key=lambda mb: (mb[0], -(mb[1] or 0)))
+    width = 0.8 / max(len(sseries), 1)
+    for i, (m, blk) in enumerate(sseries):
+        vals = [next((r["time_us"] for r in srows if r["batch"] == t and r["method"] == m and r["block"] == blk), 0)
+                for t in toks]
+        axes[1].bar([j + width * i for j in range(len(toks))], vals, width=width,
+                    label=m if blk is None else f"{m}-{blk}", color=colors.get((m, blk), "tab:green"))
+    axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(toks))], [str(t) for t in toks])
     axes[1].set_xlabel("new tokens per launch (K and V, 8 KV heads)")
     axes[1].set_ylabel("time (us)")
     axes[1].set_yscale("log")
@@ -169,6 +177,12 @@ def plot(result, path):
     fig.savefig(path, dpi=120)
 
 
+def replot(json_path):
+    """Redraw the PNG of an existing results file (no GPU needed)."""
+    with open(json_path) as f:
+        plot(json.load(f), os.path.splitext(json_path)[0] + ".png")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results/kernels.json")
@@ -177,7 +191,10 @@ def main():
     p.add_argument("--max-kv-gib", type=float, default=12.0, help="skip shapes whose BF16 K+V exceed this")
     p.add_argument("--bdr-blocks", default="128,64")
     p.add_argument("--store-tokens", default="1,32,256,4096,16384")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot of a results file")
     args = p.parse_args()
+    if args.replot:
+        return replot(args.replot)
 
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
