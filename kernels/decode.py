@@ -51,8 +51,11 @@ def _decode_stage1(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, HALF: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_ROT: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # KV head is the fastest grid axis: the programs of one token block's heads run
+    # together and read the same 544-byte token rows (8 heads x 68 B) at about the
+    # same time, instead of eight 64-byte gathers spread over the whole launch.
+    kv_head = tl.program_id(0)
+    b = tl.program_id(1)
     split = tl.program_id(2)
 
     kv_start = tl.load(kv_indptr + b)
@@ -68,10 +71,12 @@ def _decode_stage1(
         heads = kv_head * GROUP + offs_h
         half = tl.arange(0, HALF)
         q_base = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-        q_lo = tl.load(q_base + half[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
-        q_hi = tl.load(q_base + HALF + half[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
+        q_lo = tl.load(q_base + half[None, :], mask=mask_h[:, None], other=0.0)
+        q_hi = tl.load(q_base + HALF + half[None, :], mask=mask_h[:, None], other=0.0)
         if ROTATE_K:
             q_lo, q_hi = rotate_halves(q_lo, q_hi, HALF, BLOCK_ROT)
+        else:
+            q_lo, q_hi = q_lo.to(tl.float32), q_hi.to(tl.float32)
         q_sum = tl.sum(q_lo, axis=1) + tl.sum(q_hi, axis=1)
         dot_dtype = q_ptr.dtype.element_ty
         q_lo_c = q_lo.to(dot_dtype)
@@ -219,7 +224,7 @@ def int4_decode_attention(
     block_h = max(16, triton.next_power_of_2(group))
     # (scale, offset) fp16 pairs are read as one 32-bit word per token (load_meta)
     km32, vm32 = meta_words(k_meta), meta_words(v_meta)
-    _decode_stage1[(batch, num_kv_heads, max_kv_splits)](
+    _decode_stage1[(num_kv_heads, batch, max_kv_splits)](
         q, q.stride(0), q.stride(1),
         k_data, k_data.stride(0), k_data.stride(1), km32, km32.stride(0), km32.stride(1),
         v_data, v_data.stride(0), v_data.stride(1), vm32, vm32.stride(0), vm32.stride(1),

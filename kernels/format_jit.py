@@ -92,27 +92,32 @@ def rotation_norm(BLOCK: tl.constexpr):
 
 @triton.jit
 def rotate_halves(x_lo, x_hi, HALF: tl.constexpr, BLOCK_ROT: tl.constexpr):
-    """Block-diagonal Hadamard of rows given as their two halves; float32 in and out.
+    """Block-diagonal Hadamard of rows given as their two halves; returns float32 halves.
 
-    x_lo, x_hi: [T, HALF] float32 (channels [0, HALF) and [HALF, 2 HALF)).
-    Blocks no larger than HALF never straddle the halves: each half is rotated by
-    the same HALF x HALF tile.  A full-width block uses Sylvester's recursion
-    H_2n = [[H_n, H_n], [H_n, -H_n]]: one butterfly, then two half-size products.
+    x_lo, x_hi: [T, HALF] (channels [0, HALF) and [HALF, 2 HALF)), bf16/fp16/fp32.
+    Blocks no larger than HALF never straddle the halves: each half is rotated by the
+    same HALF x HALF tile.  A full-width block uses Sylvester's recursion
+    H_2n = [[H_n, H_n], [H_n, -H_n]]: two half-size products, then one butterfly on the
+    float32 results.  bf16/fp16 operands times +-1 signs accumulate exactly in fp32 on
+    the tensor cores in one pass; fp32 operands use tf32x3 (three tf32 passes,
+    fp32-accurate; plain "ieee" fp32 dots run on the CUDA cores and were 3x slower).
     Half-size tiles keep shared memory small enough for head_dim 256 in fp32.
     """
     half = tl.arange(0, HALF)
-    if BLOCK_ROT <= HALF:
-        s = hadamard_tile(half, half, BLOCK_ROT).to(tl.float32)
-        a, b = x_lo, x_hi
+    tile = BLOCK_ROT if BLOCK_ROT <= HALF else HALF
+    if x_lo.dtype == tl.float32:
+        s = hadamard_tile(half, half, tile).to(tl.float32)
+        p = tl.dot(x_lo, s, input_precision="tf32x3", out_dtype=tl.float32)
+        q = tl.dot(x_hi, s, input_precision="tf32x3", out_dtype=tl.float32)
     else:
-        s = hadamard_tile(half, half, HALF).to(tl.float32)
-        a, b = x_lo + x_hi, x_lo - x_hi
+        s = hadamard_tile(half, half, tile).to(x_lo.dtype)
+        p = tl.dot(x_lo, s, out_dtype=tl.float32)
+        q = tl.dot(x_hi, s, out_dtype=tl.float32)
     inv = rotation_norm(BLOCK_ROT)
-    # tf32x3: three tf32 tensor-core passes, float32-accurate (plain "ieee" fp32 dots
-    # run on the CUDA cores and made the store kernel 3x slower than plain INT4).
-    r_lo = tl.dot(a, s, input_precision="tf32x3", out_dtype=tl.float32) * inv
-    r_hi = tl.dot(b, s, input_precision="tf32x3", out_dtype=tl.float32) * inv
-    return r_lo, r_hi
+    if BLOCK_ROT <= HALF:
+        return p * inv, q * inv
+    else:
+        return (p + q) * inv, (p - q) * inv
 
 
 @triton.jit

@@ -24,11 +24,11 @@ def _load_rotated_halves(x_ptr, offs_t, mask_t, stride_t, head_off, ROTATE: tl.c
     """Load [T, D] rows as two float32 halves [T, HALF], rotated if ROTATE."""
     half = tl.arange(0, HALF)
     base = x_ptr + offs_t[:, None].to(tl.int64) * stride_t + head_off
-    x_lo = tl.load(base + half[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
-    x_hi = tl.load(base + HALF + half[None, :], mask=mask_t[:, None], other=0.0).to(tl.float32)
+    x_lo = tl.load(base + half[None, :], mask=mask_t[:, None], other=0.0)
+    x_hi = tl.load(base + HALF + half[None, :], mask=mask_t[:, None], other=0.0)
     if ROTATE:
-        x_lo, x_hi = rotate_halves(x_lo, x_hi, HALF, BLOCK_ROT)
-    return x_lo, x_hi
+        return rotate_halves(x_lo, x_hi, HALF, BLOCK_ROT)  # from the input dtype: exact
+    return x_lo.to(tl.float32), x_hi.to(tl.float32)
 
 
 @triton.jit
