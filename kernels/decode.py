@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
+from sglang_sawint4.kernels.launch import check_layer_buffers, row_head_args
 from sglang_sawint4.kernels.format_jit import (
     codes_as,
     hadamard_tile,
@@ -49,7 +50,7 @@ def _decode_stage1(
     logits_ptr, st_lb, st_lh, st_ls, lse_ptr, st_eb, st_eh,
     sm_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
-    D: tl.constexpr, HALF: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_ROT: tl.constexpr,
+    HALF: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_ROT: tl.constexpr,
 ):
     # KV head is the fastest grid axis: the programs of one token block's heads run
     # together and read the same 544-byte token rows (8 heads x 68 B) at about the
@@ -208,8 +209,6 @@ def int4_decode_attention(
     if d != layout.head_dim:
         raise ValueError(f"q head_dim {d} != format head_dim {layout.head_dim}")
     num_kv_heads = k_data.shape[1]
-    from sglang_sawint4.kernels.store import check_layer_buffers
-
     check_layer_buffers(k_data, k_meta, num_kv_heads, d, "k")
     check_layer_buffers(v_data, v_meta, num_kv_heads, d, "v")
     if num_q_heads % num_kv_heads:
@@ -225,14 +224,11 @@ def int4_decode_attention(
     # (scale, offset) fp16 pairs are read as one 32-bit word per token (load_meta)
     km32, vm32 = meta_words(k_meta), meta_words(v_meta)
     _decode_stage1[(num_kv_heads, batch, max_kv_splits)](
-        q, q.stride(0), q.stride(1),
-        k_data, k_data.stride(0), k_data.stride(1), km32, km32.stride(0), km32.stride(1),
-        v_data, v_data.stride(0), v_data.stride(1), vm32, vm32.stride(0), vm32.stride(1),
-        kv_indptr, kv_indices, num_kv_splits,
+        *row_head_args(q, k_data, km32, v_data, vm32), kv_indptr, kv_indices, num_kv_splits,
         attn_logits, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
         attn_lse, attn_lse.stride(0), attn_lse.stride(1),
         sm_scale,
-        GROUP=group, BLOCK_H=block_h, BLOCK=block_n, D=d, HALF=d // 2,
+        GROUP=group, BLOCK_H=block_h, BLOCK=block_n, HALF=d // 2,
         ROTATE_K=layout.rotate_k, BLOCK_ROT=layout.block_size or 1,
         num_warps=num_warps, num_stages=num_stages,
     )

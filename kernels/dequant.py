@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
+from sglang_sawint4.kernels.launch import check_layer_buffers, row_head_args
 from sglang_sawint4.kernels.format_jit import hadamard_tile, rotation_norm, unpack_hi, unpack_lo
 
 BLOCK_T = 16
@@ -21,7 +22,7 @@ BLOCK_T = 16
 @triton.jit
 def _dequant_rows(data_ptr, d_st, d_sh, meta_ptr, m_st, m_sh, out_ptr, o_st, o_sh,
                   kv_indices, t0, head, n, UNROTATE: tl.constexpr, BLOCK_ROT: tl.constexpr,
-                  BLOCK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+                  BLOCK: tl.constexpr, HALF: tl.constexpr):
     offs_t = t0 + tl.arange(0, BLOCK)
     mask_t = offs_t < n
     loc = tl.load(kv_indices + offs_t, mask=mask_t, other=0).to(tl.int64)
@@ -73,16 +74,16 @@ def _dequantize_pages_kernel(
     ko_ptr, ko_st, ko_sh, vo_ptr, vo_st, vo_sh,
     kv_indices, n,
     ROTATE_K: tl.constexpr, ROTATE_V: tl.constexpr, BLOCK_ROT: tl.constexpr,
-    BLOCK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+    BLOCK: tl.constexpr, HALF: tl.constexpr,
 ):
     t0 = tl.program_id(0) * BLOCK
     head = tl.program_id(1)
     if tl.program_id(2) == 0:
         _dequant_rows(kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh, ko_ptr, ko_st, ko_sh,
-                      kv_indices, t0, head, n, ROTATE_K, BLOCK_ROT, BLOCK, D, HALF)
+                      kv_indices, t0, head, n, ROTATE_K, BLOCK_ROT, BLOCK, HALF)
     else:
         _dequant_rows(vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh, vo_ptr, vo_st, vo_sh,
-                      kv_indices, t0, head, n, ROTATE_V, BLOCK_ROT, BLOCK, D, HALF)
+                      kv_indices, t0, head, n, ROTATE_V, BLOCK_ROT, BLOCK, HALF)
 
 
 def dequantize_pages(
@@ -104,8 +105,6 @@ def dequantize_pages(
         k_out, v_out: [>= n, num_kv_heads, head_dim] bf16/fp16/fp32; row i receives
             slot kv_indices[i] in the original (un-rotated) space.
     """
-    from sglang_sawint4.kernels.store import check_layer_buffers
-
     d = layout.head_dim
     num_heads = k_data.shape[1]
     check_layer_buffers(k_data, k_meta, num_heads, d, "k")
@@ -118,12 +117,9 @@ def dequantize_pages(
         return
     grid = (triton.cdiv(n, BLOCK_T), num_heads, 2)
     _dequantize_pages_kernel[grid](
-        k_data, k_data.stride(0), k_data.stride(1), k_meta, k_meta.stride(0), k_meta.stride(1),
-        v_data, v_data.stride(0), v_data.stride(1), v_meta, v_meta.stride(0), v_meta.stride(1),
-        k_out, k_out.stride(0), k_out.stride(1), v_out, v_out.stride(0), v_out.stride(1),
-        kv_indices, n,
+        *row_head_args(k_data, k_meta, v_data, v_meta, k_out, v_out), kv_indices, n,
         ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v, BLOCK_ROT=layout.block_size or 1,
-        BLOCK=BLOCK_T, D=d, HALF=d // 2, num_warps=4,
+        BLOCK=BLOCK_T, HALF=d // 2, num_warps=4,
     )
 
 

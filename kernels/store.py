@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
+from sglang_sawint4.kernels.launch import check_layer_buffers, row_head_args
 from sglang_sawint4.kernels.format_jit import (
     pack_nibbles,
     quant_params,
@@ -35,8 +36,7 @@ def _load_rotated_halves(x_ptr, offs_t, mask_t, stride_t, head_off, ROTATE: tl.c
 def _quantize_store_rows(x_ptr, stride_xt, stride_xh, data_ptr, stride_dt, stride_dh,
                          meta_ptr, stride_mt, stride_mh, loc_ptr, t0, head, num_tokens,
                          ROTATE: tl.constexpr, BLOCK_ROT: tl.constexpr,
-                         SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr,
-                         D: tl.constexpr, HALF: tl.constexpr):
+                         SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
     offs_t = t0 + tl.arange(0, BLOCK)
     mask_t = offs_t < num_tokens
     x_lo, x_hi = _load_rotated_halves(x_ptr, offs_t, mask_t, stride_xt, head * stride_xh,
@@ -59,18 +59,18 @@ def _rotate_quantize_store_kernel(
     vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh,
     loc_ptr, num_tokens,
     ROTATE_K: tl.constexpr, ROTATE_V: tl.constexpr, BLOCK_ROT: tl.constexpr,
-    SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+    SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr,
 ):
     t0 = tl.program_id(0) * BLOCK
     head = tl.program_id(1)
     if tl.program_id(2) == 0:
         _quantize_store_rows(k_ptr, stride_kt, stride_kh, kd_ptr, kd_st, kd_sh, km_ptr, km_st,
                              km_sh, loc_ptr, t0, head, num_tokens, ROTATE_K, BLOCK_ROT,
-                             SYMMETRIC, BLOCK, D, HALF)
+                             SYMMETRIC, BLOCK, HALF)
     else:
         _quantize_store_rows(v_ptr, stride_vt, stride_vh, vd_ptr, vd_st, vd_sh, vm_ptr, vm_st,
                              vm_sh, loc_ptr, t0, head, num_tokens, ROTATE_V, BLOCK_ROT,
-                             SYMMETRIC, BLOCK, D, HALF)
+                             SYMMETRIC, BLOCK, HALF)
 
 
 def _check_rows(name: str, x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -83,19 +83,6 @@ def _check_rows(name: str, x: torch.Tensor, num_heads: int, head_dim: int) -> to
     if x.stride(-1) != 1:
         x = x.contiguous()
     return x
-
-
-def check_layer_buffers(data: torch.Tensor, meta: torch.Tensor, num_heads: int, head_dim: int, name: str):
-    if data.dtype != fmt.DATA_DTYPE or data.dim() != 3 or data.shape[1:] != (num_heads, head_dim // 2):
-        raise ValueError(
-            f"{name} data must be [slots, {num_heads}, {head_dim // 2}] uint8, "
-            f"got {tuple(data.shape)} {data.dtype}")
-    if meta.dtype != fmt.META_DTYPE or meta.shape != (data.shape[0], num_heads, fmt.META_FIELDS):
-        raise ValueError(
-            f"{name} meta must be [slots, {num_heads}, {fmt.META_FIELDS}] float16, "
-            f"got {tuple(meta.shape)} {meta.dtype}")
-    if data.stride(-1) != 1 or meta.stride(-1) != 1:
-        raise ValueError(f"{name} buffers must be contiguous in the last axis")
 
 
 def rotate_quantize_store(
@@ -137,13 +124,10 @@ def rotate_quantize_store(
         return
     grid = (triton.cdiv(num_tokens, BLOCK_T), num_heads, 2)
     _rotate_quantize_store_kernel[grid](
-        k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
-        k_data, k_data.stride(0), k_data.stride(1), k_meta, k_meta.stride(0), k_meta.stride(1),
-        v_data, v_data.stride(0), v_data.stride(1), v_meta, v_meta.stride(0), v_meta.stride(1),
-        loc, num_tokens,
+        *row_head_args(k, v, k_data, k_meta, v_data, v_meta), loc, num_tokens,
         ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v,
         BLOCK_ROT=layout.block_size or 1, SYMMETRIC=layout.symmetric,
-        BLOCK=BLOCK_T, D=d, HALF=d // 2,
+        BLOCK=BLOCK_T, HALF=d // 2,
         num_warps=4,
     )
 

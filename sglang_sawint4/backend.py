@@ -17,13 +17,12 @@ and CUDA-graph code unchanged; only the two attention calls are replaced:
 from __future__ import annotations
 
 import torch
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
-
-from sglang.srt.layers.attention.triton_backend import TritonAttnBackend  # noqa: E402
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc  # noqa: E402
 
 
 class Int4TritonAttnBackend(TritonAttnBackend):

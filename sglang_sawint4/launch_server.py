@@ -112,19 +112,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     if "-h" in argv or "--help" in argv:
         print_help()
         return
+    from sglang_sawint4.patches.sglang_0_5_17 import UnsupportedSGLangVersion, check_sglang_version
+
     try:
         config, sglang_argv = split_args(argv)
         sglang_argv = prepare_int4_argv(config, sglang_argv)
         if config.enabled:
-            config.to_env(os.environ)  # inherited by every process SGLang spawns
-            from sglang_sawint4.patches.sglang_0_5_17 import check_sglang_version
-
             check_sglang_version()
             ensure_plugin_reaches_workers(os.environ)
-    except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as e:  # UnsupportedSGLangVersion
+            config.to_env(os.environ)  # inherited by every process SGLang spawns
+    except (ConfigError, UnsupportedSGLangVersion) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -13,6 +13,9 @@ from typing import Any, Dict
 
 from sglang_sawint4.config import ConfigError, KVQuantConfig
 
+# model types whose `sliding_window` is active unless a flag says otherwise
+SLIDING_BY_DEFAULT = ("mistral", "mixtral", "gemma2", "gemma3", "gemma3_text", "cohere2")
+
 
 def load_hf_config(model_path: str) -> Dict[str, Any]:
     path = os.path.join(model_path, "config.json")
@@ -30,8 +33,10 @@ def check_model(hf: Dict[str, Any], config: KVQuantConfig) -> int:
     if hf.get("kv_lora_rank") or hf.get("q_lora_rank"):
         raise ConfigError(f"--kv-quant does not support MLA models ({arch})")
     layer_types = hf.get("layer_types") or []
-    if hf.get("use_sliding_window") or any("sliding" in str(t) for t in layer_types) or (
-            hf.get("sliding_window") and hf.get("use_sliding_window", True) and hf.get("model_type") in ("mistral", "gemma2", "gemma3", "gemma3_text", "cohere2")):
+    # Qwen2-style configs carry a sliding_window value but switch it off with
+    # use_sliding_window=False; Mistral/Gemma-style ones use it whenever it is set.
+    window_on = hf.get("use_sliding_window", hf.get("model_type") in SLIDING_BY_DEFAULT)
+    if any("sliding" in str(t) for t in layer_types) or (window_on and hf.get("sliding_window")):
         raise ConfigError(f"--kv-quant does not support sliding-window attention ({arch})")
     if any(t not in ("full_attention", "attention") for t in layer_types):
         raise ConfigError(f"--kv-quant does not support hybrid attention layers {sorted(set(layer_types))} ({arch})")

@@ -100,3 +100,11 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and "MLA" in lines[0], out.stderr
+
+
+def test_qwen2_config_with_disabled_window_is_accepted():
+    qwen = {**LLAMA, "model_type": "qwen2", "sliding_window": 32768, "use_sliding_window": False}
+    assert check_model(qwen, KVQuantConfig("int4-bdr")) == 128
+    mistral = {**LLAMA, "model_type": "mistral", "sliding_window": 4096}
+    with pytest.raises(ConfigError, match="sliding-window"):
+        check_model(mistral, KVQuantConfig("int4-bdr"))
