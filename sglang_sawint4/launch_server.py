@@ -14,7 +14,7 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from sglang_sawint4.config import ConfigError, KVQuantConfig, add_cli_args
+from sglang_sawint4.config import ALL_ENV, ConfigError, KVQuantConfig, add_cli_args
 
 PROG = "python -m sglang_sawint4.launch_server"
 INT4_ATTENTION_BACKEND = "triton"
@@ -121,6 +121,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             check_sglang_version()
             ensure_plugin_reaches_workers(os.environ)
             config.to_env(os.environ)  # inherited by every process SGLang spawns
+        else:
+            for name in ALL_ENV:  # a stale setting must not turn the plugin on in the workers
+                os.environ.pop(name, None)
     except (ConfigError, UnsupportedSGLangVersion) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
