@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Perplexity, top-1 agreement and KL to the unquantized KV cache, for each KV method.
+
+    python scripts/eval_accuracy.py --model /tmp/smollm2-135m --model-name SmolLM2-135M-Instruct \
+        --text kjv=/tmp/kjv.txt --text brown=/tmp/brown.txt --context 2048 --windows 2 \
+        --out bench/results/accuracy.json
+
+Teacher-forced: every token's K/V goes through the method (as a decoding cache
+would give it back), attention then runs in float32 SDPA.  Non-overlapping windows
+of --context tokens from each text; the reference ("bf16") keeps K/V unquantized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sglang_sawint4.eval.kv_methods import KVMethod, install, standard_methods  # noqa: E402
+
+
+def windows(tokenizer, path, context, count):
+    with open(path, errors="replace") as f:
+        ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
+    n = min(count, len(ids) // context)
+    if n == 0:
+        raise SystemExit(f"{path}: fewer than {context} tokens")
+    return [torch.tensor(ids[i * context:(i + 1) * context]) for i in range(n)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--text", action="append", required=True, help="name=path of a plain-text corpus")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    # float32 compute: the weights are the BF16 values, CPU matmuls are fast in fp32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    head_dim = model.config.head_dim
+    current = {"m": KVMethod("bf16")}
+    layer_stats = {}
+
+    def observer(layer, key, key_hat):
+        if current["m"].name == "bf16":
+            amax = key.abs().amax(dim=(0, 2)).float()  # [kv_heads, head_dim]
+            s = layer_stats.setdefault(layer, {"channel_absmax": torch.zeros_like(amax)})
+            s["channel_absmax"] = torch.maximum(s["channel_absmax"], amax)
+        else:
+            err = ((key_hat - key).norm() / key.norm()).item()
+            layer_stats.setdefault(layer, {}).setdefault(f"k_err/{label(current['m'])}", []).append(err)
+
+    install(model, lambda: current["m"], observer)
+    methods = standard_methods(head_dim)
+    data = {name: windows(tok, path, args.context, args.windows)
+            for name, path in (t.split("=", 1) for t in args.text)}
+    rows = []
+    total = len(methods) * sum(len(w) for w in data.values())
+    bar = tqdm(total=total, desc="forwards", file=sys.stdout, mininterval=10)
+    t0 = time.time()
+    for corpus, wins in data.items():
+        for w in wins:
+            ref_logp = None
+            for m in methods:
+                current["m"] = m
+                with torch.no_grad():
+                    logits = model(w[None]).logits[0, :-1].float()
+                logp = torch.log_softmax(logits, -1)
+                nll = -logp.gather(-1, w[1:, None]).squeeze(-1)
+                if m.name == "bf16":
+                    ref_logp = logp
+                rec = {"nll_sum": nll.sum().item(), "n": nll.numel(),
+                       "top1": (logp.argmax(-1) == ref_logp.argmax(-1)).float().sum().item(),
+                       "kl": (ref_logp.exp() * (ref_logp - logp)).sum(-1).sum().item()}
+                rows.append({"corpus": corpus, "method": m, **rec})
+                bar.update(1)
+    bar.close()
+
+    out_rows = []
+    for m in methods:
+        for corpus in list(data) + [None]:
+            sel = [r for r in rows if r["method"] == m and (corpus is None or r["corpus"] == corpus)]
+            n = sum(r["n"] for r in sel)
+            base = {"model": args.model_name, "method": m.name, "block": m.block, "rotate": m.rotate,
+                    "context": args.context, "n": n, "corpus": corpus or "all"}
+            out_rows.append({**base, "metric": "ppl", "value": math.exp(sum(r["nll_sum"] for r in sel) / n)})
+            out_rows.append({**base, "metric": "top1_agree", "value": sum(r["top1"] for r in sel) / n})
+            out_rows.append({**base, "metric": "kl", "value": sum(r["kl"] for r in sel) / n})
+    result = {"rows": out_rows, "command": " ".join(["python"] + sys.argv), "device": "cpu",
+              "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+              "seconds": round(time.time() - t0, 1),
+              "layers": {str(k): {"channel_absmax_max": float(v["channel_absmax"].max()),
+                                  "channel_absmax_median": float(v["channel_absmax"].median()),
+                                  **{n: sum(e) / len(e) for n, e in v.items() if n.startswith("k_err/")}}
+                         for k, v in sorted(layer_stats.items())}}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.splitext(args.out)[0] + ".png", args.model_name)
+    for r in out_rows:
+        if r["corpus"] == "all":
+            print(f"{label_row(r):16} {r['metric']:10} {r['value']:.4f}")
+
+
+def label(m: KVMethod) -> str:
+    return m.name if m.block is None else f"{m.name}-{m.block}-{m.rotate}"
+
+
+def label_row(r) -> str:
+    return label(KVMethod(r["method"], r["block"], r["rotate"]))
+
+
+def plot(result, path, model_name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    rows = [r for r in result["rows"] if r["corpus"] == "all" and r["metric"] == "ppl"]
+    names = [label_row(r) for r in rows]
+    axes[0].bar(range(len(rows)), [r["value"] for r in rows], color="tab:red")
+    axes[0].set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+    axes[0].set_ylabel(f"perplexity ({rows[0]['context']}-token windows)")
+    axes[0].set_yscale("log")
+    axes[0].set_title(f"{model_name}: perplexity by KV method")
+    layers = result["layers"]
+    xs = sorted(int(k) for k in layers)
+    ratio = [layers[str(x)]["channel_absmax_max"] / max(layers[str(x)]["channel_absmax_median"], 1e-9) for x in xs]
+    axes[1].plot(xs, ratio, "k-o", ms=3, label="key outlier ratio (max / median channel |k|)")
+    ax2 = axes[1].twinx()
+    for key, color in (("k_err/int4", "tab:blue"), ("k_err/int4-bdr-64-k", "tab:red")):
+        if all(key in layers[str(x)] for x in xs):
+            ax2.plot(xs, [layers[str(x)][key] for x in xs], color=color, label=key.split("/", 1)[1] + " key rel. error")
+    axes[1].set_xlabel("layer")
+    axes[1].set_ylabel("outlier ratio")
+    ax2.set_ylabel("relative key reconstruction error")
+    axes[1].legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="upper right", fontsize=8)
+    axes[1].set_title("which layers have outlier key channels, and what BDR does")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Offline accuracy evaluation of KV-cache quantization methods on real weights."""
