@@ -102,17 +102,24 @@ def main():
             out_rows.append({**base, "metric": "ppl", "value": math.exp(sum(r["nll_sum"] for r in sel) / n)})
             out_rows.append({**base, "metric": "top1_agree", "value": sum(r["top1"] for r in sel) / n})
             out_rows.append({**base, "metric": "kl", "value": sum(r["kl"] for r in sel) / n})
-    result = {"rows": out_rows, "command": " ".join(["python"] + sys.argv), "device": "cpu",
-              "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-              "seconds": round(time.time() - t0, 1),
-              "layers": {str(k): {"channel_absmax_max": float(v["channel_absmax"].max()),
-                                  "channel_absmax_median": float(v["channel_absmax"].median()),
-                                  **{n: sum(e) / len(e) for n, e in v.items() if n.startswith("k_err/")}}
-                         for k, v in sorted(layer_stats.items())}}
+    run = {"command": " ".join(["python"] + sys.argv), "device": "cpu",
+           "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+           "seconds": round(time.time() - t0, 1),
+           "layers": {str(k): {"channel_absmax_max": float(v["channel_absmax"].max()),
+                               "channel_absmax_median": float(v["channel_absmax"].median()),
+                               **{n: sum(e) / len(e) for n, e in v.items() if n.startswith("k_err/")}}
+                      for k, v in sorted(layer_stats.items())}}
+    # one file for every model: this run replaces its own model's rows only
+    result = {"rows": [], "runs": {}}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
+    result["rows"] = [r for r in result["rows"] if r["model"] != args.model_name] + out_rows
+    result["runs"][args.model_name] = run
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    plot(result, os.path.splitext(args.out)[0] + ".png", args.model_name)
+    plot(result, os.path.splitext(args.out)[0] + ".png")
     for r in out_rows:
         if r["corpus"] == "all":
             print(f"{label_row(r):16} {r['metric']:10} {r['value']:.4f}")
@@ -126,36 +133,39 @@ def label_row(r) -> str:
     return label(KVMethod(r["method"], r["block"], r["rotate"]))
 
 
-def plot(result, path, model_name):
+def plot(result, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    rows = [r for r in result["rows"] if r["corpus"] == "all" and r["metric"] == "ppl"]
-    names = [label_row(r) for r in rows]
-    axes[0].bar(range(len(rows)), [r["value"] for r in rows], color="tab:red")
-    axes[0].set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-    axes[0].set_ylabel(f"perplexity ({rows[0]['context']}-token windows)")
-    axes[0].set_yscale("log")
-    axes[0].set_title(f"{model_name}: perplexity by KV method")
-    layers = result["layers"]
-    xs = sorted(int(k) for k in layers)
-    ratio = [layers[str(x)]["channel_absmax_max"] / max(layers[str(x)]["channel_absmax_median"], 1e-9) for x in xs]
-    axes[1].plot(xs, ratio, "k-o", ms=3, label="key outlier ratio (max / median channel |k|)")
-    ax2 = axes[1].twinx()
-    for key, color in (("k_err/int4", "tab:blue"), ("k_err/int4-bdr-64-k", "tab:red")):
-        if all(key in layers[str(x)] for x in xs):
-            ax2.plot(xs, [layers[str(x)][key] for x in xs], color=color, label=key.split("/", 1)[1] + " key rel. error")
-    axes[1].set_xlabel("layer")
-    axes[1].set_ylabel("outlier ratio")
-    ax2.set_ylabel("relative key reconstruction error")
-    axes[1].legend(loc="upper left", fontsize=8)
-    ax2.legend(loc="upper right", fontsize=8)
-    axes[1].set_title("which layers have outlier key channels, and what BDR does")
+    models = list(result["runs"])
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.2 * len(models)), squeeze=False)
+    for row, model_name in enumerate(models):
+        ax, ax_l = axes[row]
+        rows = [r for r in result["rows"] if r["model"] == model_name and r["corpus"] == "all" and r["metric"] == "ppl"]
+        ax.bar(range(len(rows)), [r["value"] for r in rows], color="tab:red")
+        ax.set_xticks(range(len(rows)), [label_row(r) for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"perplexity ({rows[0]['context']}-token windows)")
+        ax.set_ylim(0.9 * min(r["value"] for r in rows), 1.05 * max(r["value"] for r in rows))
+        ax.set_title(f"{model_name}: perplexity by KV method")
+        layers = result["runs"][model_name]["layers"]
+        xs = sorted(int(k) for k in layers)
+        ratio = [layers[str(x)]["channel_absmax_max"] / max(layers[str(x)]["channel_absmax_median"], 1e-9) for x in xs]
+        ax_l.plot(xs, ratio, "k-o", ms=3, label="key outlier ratio (max / median channel |k|)")
+        ax2 = ax_l.twinx()
+        for key, color in (("k_err/int4", "tab:blue"), ("k_err/int4-bdr-64-k", "tab:red")):
+            if all(key in layers[str(x)] for x in xs):
+                ax2.plot(xs, [layers[str(x)][key] for x in xs], color=color,
+                         label=key.split("/", 1)[1] + " key rel. error")
+        ax_l.set_xlabel("layer")
+        ax_l.set_ylabel("outlier ratio")
+        ax2.set_ylabel("relative key reconstruction error")
+        ax_l.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="upper right", fontsize=8)
+        ax_l.set_title(f"{model_name}: outlier key channels per layer, and what BDR does")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

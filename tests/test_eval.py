@@ -30,14 +30,14 @@ def test_standard_methods_cover_every_dividing_block():
     names = [(m.name, m.block, m.rotate) for m in standard_methods(64)]
     assert ("int4-bdr", 16, "k") in names and ("int4-bdr", 64, "k") in names and ("int4-bdr", 64, "kv") in names
     assert ("int4-bdr", 128, "k") not in names
-    assert names[:3] == [("bf16", None, None), ("fp8_e4m3", None, None), ("int4", None, None)]
+    assert names[:4] == [("bf16", None, None), ("fp8_e4m3", None, None), ("int4", None, None), ("kivi", None, None)]
 
 
 def test_methods_quantize_per_token_per_head(rng):
     k = torch.randn(1, 3, 50, 64, generator=rng)
     v = torch.randn(1, 3, 50, 64, generator=rng)
     assert KVMethod("bf16").apply(k, v)[0] is k
-    for m in (KVMethod("int4"), KVMethod("int4-bdr", 32, "kv"), KVMethod("fp8_e4m3")):
+    for m in (KVMethod("int4"), KVMethod("int4-bdr", 32, "kv"), KVMethod("fp8_e4m3"), KVMethod("kivi")):
         kh, vh = m.apply(k, v)
         assert kh.shape == k.shape and kh.dtype == k.dtype
         err = ((kh - k).norm() / k.norm()).item()
@@ -63,3 +63,15 @@ def test_install_routes_hf_attention_through_the_method():
     assert torch.allclose(same, ref, atol=1e-5)
     assert not torch.allclose(quant, ref, atol=1e-4)
     assert seen[:2] == [0, 1]
+
+
+def test_per_channel_keys_handle_outlier_channels(rng):
+    """A channel offset that is constant over tokens costs per-token INT4 dearly, per-channel nothing."""
+    from helpers import keys_with_outliers
+
+    from sglang_sawint4.eval.kv_methods import per_channel_int4
+
+    k = keys_with_outliers(200, 2, 64, rng).transpose(0, 1)[None]  # [1, heads, tokens, dim]
+    per_channel = ((per_channel_int4(k, 128) - k).norm() / k.norm()).item()
+    per_token = ((KVMethod("int4").apply(k, k)[0] - k).norm() / k.norm()).item()
+    assert per_channel < 0.5 * per_token

@@ -26,6 +26,10 @@ BLOCK_MAP = {
 GLOBAL_MAP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # pre-tokenizers of the GGUF files we support (tokenizer.ggml.pre)
 PRETOKENIZERS = ("smollm", "gpt-2", "qwen2")
+# Qwen2's split regex (its tokenizer.json), applied before the byte-level mapping
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def _field(reader, key, default=None):
@@ -53,8 +57,8 @@ def convert(gguf_path: str, out: str) -> dict:
 
     reader = gguf.GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_path}: architecture {arch!r} is not supported by this converter (llama only)")
+    if arch not in ARCHS:
+        raise ValueError(f"{gguf_path}: architecture {arch!r} is not supported; supported: {sorted(ARCHS)}")
     p = f"{arch}."
     n_head = int(_field(reader, p + "attention.head_count"))
     n_kv = int(_field(reader, p + "attention.head_count_kv"))
@@ -64,25 +68,30 @@ def convert(gguf_path: str, out: str) -> dict:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim == 1 and len(t.shape) > 1 else w
         name = hf_name(t.name)
-        if name.endswith("q_proj.weight"):
+        # llama.cpp permutes Llama's q/k rows for its RoPE layout (not Qwen2's)
+        if arch == "llama" and name.endswith("q_proj.weight"):
             w = unpermute_qk(w, n_head)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             w = unpermute_qk(w, n_kv)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.bfloat16)
     tied = "lm_head.weight" not in tensors
     vocab = tensors["model.embed_tokens.weight"].shape[0]
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "architectures": [ARCHS[arch]], "model_type": arch, "hidden_size": hidden,
         "intermediate_size": int(_field(reader, p + "feed_forward_length")),
         "num_hidden_layers": int(_field(reader, p + "block_count")), "num_attention_heads": n_head,
         "num_key_value_heads": n_kv, "head_dim": hidden // n_head, "vocab_size": vocab,
         "max_position_embeddings": int(_field(reader, p + "context_length")),
         "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon")),
         "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)), "hidden_act": "silu",
-        "tie_word_embeddings": tied, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": tied,
         "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
         "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id")), "torch_dtype": "bfloat16",
     }
+    if arch == "llama":
+        config.update({"attention_bias": False, "mlp_bias": False})
+    else:
+        config.update({"use_sliding_window": False, "sliding_window": None})
     os.makedirs(out, exist_ok=True)
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -93,7 +102,7 @@ def convert(gguf_path: str, out: str) -> dict:
 
 def build_tokenizer(reader, out: str) -> None:
     """Byte-level BPE from the GGUF vocabulary and merges (what the stock conversion gets wrong)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise ValueError("only byte-level BPE (tokenizer.ggml.model = gpt2) vocabularies are supported")
@@ -105,10 +114,16 @@ def build_tokenizer(reader, out: str) -> None:
     types = list(_field(reader, "tokenizer.ggml.token_type"))
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    # SmolLM2 splits digits one by one before the GPT-2 regex
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if pre == "smollm" else byte_level)
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        # SmolLM2 splits digits one by one before the GPT-2 regex
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if pre == "smollm" else byte_level)
     tok.decoder = decoders.ByteLevel()
     CONTROL = 3  # llama.cpp token type
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)

@@ -29,13 +29,31 @@ class KVMethod:
             # SGLang's native FP8 KV cache without calibration scales: a plain cast
             return (key.to(torch.float8_e4m3fn).to(key.dtype), value.to(torch.float8_e4m3fn).to(value.dtype))
         d = key.shape[-1]
+        if self.name == "kivi":
+            # offline only: keys per channel over groups of tokens, values per token
+            # (KIVI without its full-precision residual window); not a paged layout
+            return per_channel_int4(key, KIVI_GROUP), fmt.fake_quantize(value, fmt.Int4Format(d), is_value=True)
         layout = (fmt.Int4Format(d) if self.name == "int4"
                   else fmt.Int4Format.for_method("int4-bdr", d, self.block, self.rotate))
         return fmt.fake_quantize(key, layout, is_value=False), fmt.fake_quantize(value, layout, is_value=True)
 
 
+KIVI_GROUP = 128
+
+
+def per_channel_int4(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Asymmetric INT4 of [..., tokens, dim] with one (scale, offset) per channel per group of tokens."""
+    t = x.shape[-2]
+    pad = (-t) % group
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad), mode="replicate") if pad else x
+    g = xp.reshape(*xp.shape[:-2], xp.shape[-2] // group, group, xp.shape[-1]).transpose(-1, -2)
+    codes, scale, offset = fmt.quantize(g)  # along the token axis of each group
+    deq = fmt.dequantize(codes, scale, offset, x.dtype).transpose(-1, -2).reshape(xp.shape)
+    return deq[..., :t, :]
+
+
 def standard_methods(head_dim: int) -> list:
-    methods = [KVMethod("bf16"), KVMethod("fp8_e4m3"), KVMethod("int4")]
+    methods = [KVMethod("bf16"), KVMethod("fp8_e4m3"), KVMethod("int4"), KVMethod("kivi")]
     blocks = [b for b in fmt.ALLOWED_BLOCK_SIZES if head_dim % b == 0]
     methods += [KVMethod("int4-bdr", b, "k") for b in blocks]
     methods += [KVMethod("int4-bdr", max(blocks), "kv")]
