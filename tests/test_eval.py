@@ -75,3 +75,67 @@ def test_per_channel_keys_handle_outlier_channels(rng):
     per_channel = ((per_channel_int4(k, 128) - k).norm() / k.norm()).item()
     per_token = ((KVMethod("int4").apply(k, k)[0] - k).norm() / k.norm()).item()
     assert per_channel < 0.5 * per_token
+
+
+def _write_tiny_gguf(path, n_head=2, n_kv=1, head_dim=64, hidden=128):
+    gguf = pytest.importorskip("gguf")
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet + ["he", "hel", "hell", "hello"]
+    merges = ["h e", "he l", "hel l", "hell o"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(96)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((n_head * head_dim, hidden)).astype(np.float32)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+              "blk.0.attn_k.weight": (n_kv * head_dim, hidden), "blk.0.attn_v.weight": (n_kv * head_dim, hidden),
+              "blk.0.attn_output.weight": (hidden, n_head * head_dim), "blk.0.ffn_gate.weight": (96, hidden),
+              "blk.0.ffn_up.weight": (96, hidden), "blk.0.ffn_down.weight": (hidden, 96)}
+    w.add_tensor("blk.0.attn_q.weight", llama_cpp_permute(q, n_head))
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return q
+
+
+def test_convert_tiny_gguf(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from sglang_sawint4.eval.gguf_model import convert
+
+    q = _write_tiny_gguf(tmp_path / "m.gguf")
+    cfg = convert(str(tmp_path / "m.gguf"), str(tmp_path / "out"))
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 1, 64)
+    assert cfg["tie_word_embeddings"] is True
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    # llama.cpp's q row permutation is undone (up to the bf16 rounding of storage)
+    assert torch.allclose(weights["model.layers.0.self_attn.q_proj.weight"].float(), torch.from_numpy(q), atol=2e-2)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    vocab = tok.get_vocab()
+    ids = tok("hello 12", add_special_tokens=False)["input_ids"]
+    # the merges make "hello" one token; digits are split one by one (SmolLM2's pre-tokenizer)
+    assert ids == [vocab["hello"], vocab["Ġ"], vocab["1"], vocab["2"]]
+    assert tok.decode(ids) == "hello 12"
+    assert tok("<|im_start|>x", add_special_tokens=False)["input_ids"][0] == 1
