@@ -134,12 +134,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
-    load_plugins()  # runs our entry point (and any other installed plugin)
-    if config.enabled:
-        # Also when the package runs from a source tree without its entry point.
-        from sglang_sawint4.patches.sglang_0_5_17 import apply
-
-        apply(config)
+    load_plugins()  # runs our entry point here (and again in every SGLang worker process)
     server_args = prepare_server_args(sglang_argv)
     try:
         run_server(server_args)
