@@ -45,6 +45,11 @@ def main():
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--bf16-layers", default=None,
+                   help="comma-separated layers kept unquantized: adds int4 and int4-bdr variants with "
+                        "that per-layer policy")
+    p.add_argument("--only-policy", action="store_true",
+                   help="with --bf16-layers: evaluate only bf16 and the per-layer-policy variants")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
@@ -68,6 +73,11 @@ def main():
 
     install(model, lambda: current["m"], observer)
     methods = standard_methods(head_dim)
+    if args.bf16_layers:
+        keep = tuple(int(x) for x in args.bf16_layers.split(","))
+        policy = [KVMethod(m.name, m.block, m.rotate, keep) for m in methods
+                  if m.name == "int4" or (m.name == "int4-bdr" and m.rotate == "k")]
+        methods = [methods[0]] + policy if args.only_policy else methods + policy
     data = {name: windows(tok, path, args.context, args.windows)
             for name, path in (t.split("=", 1) for t in args.text)}
     rows = []
@@ -97,7 +107,7 @@ def main():
         for corpus in list(data) + [None]:
             sel = [r for r in rows if r["method"] == m and (corpus is None or r["corpus"] == corpus)]
             n = sum(r["n"] for r in sel)
-            base = {"model": args.model_name, "method": m.name, "block": m.block, "rotate": m.rotate,
+            base = {"model": args.model_name, "method": m.name + m.policy, "block": m.block, "rotate": m.rotate,
                     "context": args.context, "n": n, "corpus": corpus or "all"}
             out_rows.append({**base, "metric": "ppl", "value": math.exp(sum(r["nll_sum"] for r in sel) / n)})
             out_rows.append({**base, "metric": "top1_agree", "value": sum(r["top1"] for r in sel) / n})
@@ -109,13 +119,18 @@ def main():
                                "channel_absmax_median": float(v["channel_absmax"].median()),
                                **{n: sum(e) / len(e) for n, e in v.items() if n.startswith("k_err/")}}
                       for k, v in sorted(layer_stats.items())}}
-    # one file for every model: this run replaces its own model's rows only
+    # one file for every model: this run replaces its own rows (same model and methods) only
     result = {"rows": [], "runs": {}}
     if os.path.exists(args.out):
         with open(args.out) as f:
             result = json.load(f)
-    result["rows"] = [r for r in result["rows"] if r["model"] != args.model_name] + out_rows
-    result["runs"][args.model_name] = run
+    mine = {(r["model"], r["method"], r["block"], r["rotate"]) for r in out_rows}
+    result["rows"] = [r for r in result["rows"] if (r["model"], r["method"], r["block"], r["rotate"]) not in mine]
+    result["rows"] += out_rows
+    if args.only_policy:
+        result["runs"].setdefault(args.model_name, {})["bf16_layers_run"] = {k: run[k] for k in run if k != "layers"}
+    else:
+        result["runs"][args.model_name] = run
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -126,11 +141,14 @@ def main():
 
 
 def label(m: KVMethod) -> str:
-    return m.name if m.block is None else f"{m.name}-{m.block}-{m.rotate}"
+    return m.label
 
 
 def label_row(r) -> str:
-    return label(KVMethod(r["method"], r["block"], r["rotate"]))
+    name = r["method"]
+    suffix = name[name.index("["):] if "[" in name else ""
+    base = name[: len(name) - len(suffix)]
+    return (base if r["block"] is None else f"{base}-{r['block']}-{r['rotate']}") + suffix
 
 
 def plot(result, path):
@@ -144,10 +162,13 @@ def plot(result, path):
     for row, model_name in enumerate(models):
         ax, ax_l = axes[row]
         rows = [r for r in result["rows"] if r["model"] == model_name and r["corpus"] == "all" and r["metric"] == "ppl"]
+        order = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr"]
+        rows.sort(key=lambda r: ("[" in r["method"], order.index(r["method"].split("[")[0]), -(r["block"] or 0),
+                                 r["rotate"] or ""))
         ax.bar(range(len(rows)), [r["value"] for r in rows], color="tab:red")
         ax.set_xticks(range(len(rows)), [label_row(r) for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"perplexity ({rows[0]['context']}-token windows)")
-        ax.set_ylim(0.9 * min(r["value"] for r in rows), 1.05 * max(r["value"] for r in rows))
+        ax.set_yscale("log")
         ax.set_title(f"{model_name}: perplexity by KV method")
         layers = result["runs"][model_name]["layers"]
         xs = sorted(int(k) for k in layers)

@@ -139,3 +139,11 @@ def test_convert_tiny_gguf(tmp_path):
     assert ids == [vocab["hello"], vocab["Ġ"], vocab["1"], vocab["2"]]
     assert tok.decode(ids) == "hello 12"
     assert tok("<|im_start|>x", add_special_tokens=False)["input_ids"][0] == 1
+
+
+def test_per_layer_policy_keeps_listed_layers_exact(rng):
+    k = torch.randn(1, 2, 30, 64, generator=rng)
+    m = KVMethod("int4-bdr", 64, "k", bf16_layers=(0, 3))
+    assert m.apply(k, k, layer=3)[0] is k
+    assert not torch.equal(m.apply(k, k, layer=1)[0], k)
+    assert m.label == "int4-bdr-64-k[bf16:0,3]" and m.policy == "[bf16:0,3]"

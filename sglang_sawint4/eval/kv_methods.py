@@ -9,7 +9,7 @@ evaluation therefore sees every token's K/V through the cache, as in decoding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -21,9 +21,19 @@ class KVMethod:
     name: str
     block: Optional[int] = None  # Hadamard block for BDR methods
     rotate: Optional[str] = None  # "k" | "kv" for BDR methods
+    bf16_layers: Tuple[int, ...] = ()  # per-layer policy: these layers keep an unquantized cache
 
-    def apply(self, key: torch.Tensor, value: torch.Tensor):
-        if self.name == "bf16":
+    @property
+    def policy(self) -> str:
+        """'[bf16:0,5]' when some layers keep an unquantized cache, else ''."""
+        return f"[bf16:{','.join(map(str, self.bf16_layers))}]" if self.bf16_layers else ""
+
+    @property
+    def label(self) -> str:
+        return (self.name if self.block is None else f"{self.name}-{self.block}-{self.rotate}") + self.policy
+
+    def apply(self, key: torch.Tensor, value: torch.Tensor, layer: int = -1):
+        if self.name == "bf16" or layer in self.bf16_layers:
             return key, value
         if self.name == "fp8_e4m3":
             # SGLang's native FP8 KV cache without calibration scales: a plain cast
@@ -70,9 +80,10 @@ def install(model, method_ref: Callable[[], KVMethod], observer=None) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
-        k_hat, v_hat = method_ref().apply(key, value)
+        layer = getattr(module, "layer_idx", -1)
+        k_hat, v_hat = method_ref().apply(key, value, layer)
         if observer is not None:
-            observer(getattr(module, "layer_idx", -1), key, k_hat)
+            observer(layer, key, k_hat)
         return sdpa_attention_forward(module, query, k_hat, v_hat, attention_mask, **kwargs)
 
     AttentionInterface.register("sawint4_kv_quant", kv_quant_attention)
