@@ -150,8 +150,9 @@ def _decode_stage2(
             acc = acc * old + w * part
             e_sum = e_sum * old + w
             e_max = n_max
-    # An empty request (seq_len 0) has no keys: output zeros, not NaN.
-    out = tl.where(e_sum > 0, acc / e_sum, 0.0)
+    # An empty request (seq_len 0) has no keys: output zeros.  Keyed on the length, not
+    # on e_sum, so a NaN from corrupted pages still reaches the output instead of a zero.
+    out = tl.where(seq_len > 0, acc / e_sum, 0.0)
     o_base = o_ptr + b * stride_ob + head * stride_oh
     if ROTATE_V:
         inv = rotation_norm(BLOCK_ROT)

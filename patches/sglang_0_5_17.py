@@ -13,6 +13,7 @@ Patch points (see ../shared/docs/sglang.md):
     DefaultPoolConfigurator.calculate_pool_sizes -> log INT4 vs BF16 capacity
     ATTENTION_BACKENDS["triton"]             -> Int4TritonAttnBackend; other backends refuse
     models.utils.enable_fused_set_kv_buffer   -> False: fused RoPE+store writes BF16 rows
+    Token/PagedTokenToKVPoolAllocator.free    -> (--kv-quant-debug-poison only) poison freed slots
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def apply(config: KVQuantConfig) -> None:
     _patch_cell_size(config)
     _patch_attention_backends()
     _patch_fused_set_kv_buffer()
+    if config.debug_poison_freed:
+        _patch_allocator_free()
     _applied = config
     logger.info("sglang-sawint4: INT4 KV patches applied (%s)", config.describe())
 
@@ -183,3 +186,24 @@ def _patch_fused_set_kv_buffer() -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("sglang.srt.models.") and getattr(module, "enable_fused_set_kv_buffer", None) is original:
             module.enable_fused_set_kv_buffer = enable_fused_set_kv_buffer
+
+
+def _patch_allocator_free() -> None:
+    """Debug mode: every slot SGLang frees gets NaN scales in the INT4 pool."""
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    from sglang_sawint4.pool import Int4TokenToKVPool
+
+    for cls in (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator):
+        free = cls.free
+
+        @functools.wraps(free)
+        def poisoning_free(self, free_index, _free=free):
+            pool = self.get_kvcache()
+            # inside a free group SGLang only collects; the group's end frees (and we poison) once
+            if self.is_not_in_free_group and isinstance(pool, Int4TokenToKVPool):
+                pool.poison_slots(free_index)
+            return _free(self, free_index)
+
+        cls.free = _mark(poisoning_free, free)

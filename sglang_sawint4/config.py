@@ -19,7 +19,8 @@ ENV_METHOD = "SGLANG_SAWINT4_KV_QUANT"
 ENV_BLOCK = "SGLANG_SAWINT4_BLOCK_SIZE"
 ENV_ROTATE = "SGLANG_SAWINT4_ROTATE"
 ENV_SYMMETRIC = "SGLANG_SAWINT4_SYMMETRIC"
-ALL_ENV = (ENV_METHOD, ENV_BLOCK, ENV_ROTATE, ENV_SYMMETRIC)
+ENV_POISON = "SGLANG_SAWINT4_DEBUG_POISON_FREED"
+ALL_ENV = (ENV_METHOD, ENV_BLOCK, ENV_ROTATE, ENV_SYMMETRIC, ENV_POISON)
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,7 @@ class KVQuantConfig:
     block_size: Optional[int] = None  # None = min(128, head_dim) for int4-bdr
     rotate: str = "k"  # k | kv
     symmetric: bool = False
+    debug_poison_freed: bool = False  # NaN scales in freed slots: a stale read shows as NaN output
 
     def __post_init__(self):
         if self.method not in fmt.METHODS:
@@ -71,6 +73,7 @@ class KVQuantConfig:
         env[ENV_METHOD] = self.method
         env[ENV_ROTATE] = self.rotate
         env[ENV_SYMMETRIC] = "1" if self.symmetric else "0"
+        env[ENV_POISON] = "1" if self.debug_poison_freed else "0"
         if self.block_size is None:
             env.pop(ENV_BLOCK, None)
         else:
@@ -88,12 +91,13 @@ class KVQuantConfig:
             block_size=block_size,
             rotate=env.get(ENV_ROTATE, "k") or "k",
             symmetric=env.get(ENV_SYMMETRIC, "0") == "1",
+            debug_poison_freed=env.get(ENV_POISON, "0") == "1",
         )
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "KVQuantConfig":
         return cls(method=ns.kv_quant, block_size=ns.kv_quant_block_size, rotate=ns.kv_quant_rotate,
-                   symmetric=ns.kv_quant_symmetric)
+                   symmetric=ns.kv_quant_symmetric, debug_poison_freed=ns.kv_quant_debug_poison)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +112,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="rotate keys only (default, the paper's served config) or keys and values")
     g.add_argument("--kv-quant-symmetric", action="store_true",
                    help="symmetric INT4 grid instead of the default asymmetric min/max grid")
+    g.add_argument("--kv-quant-debug-poison", action="store_true",
+                   help="debug: write NaN scales into KV slots when SGLang frees them, so any later "
+                        "read of a stale slot turns the output into NaN (slower frees)")
 
 
 def _int_arg(flag):

@@ -112,6 +112,18 @@ class Int4TokenToKVPool(MHATokenToKVPool):
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         rotate_quantize_store(cache_k, cache_v, loc, *self.get_int4_layer(layer_id), self.int4_format)
 
+    def poison_slots(self, loc: torch.Tensor) -> None:
+        """Debug: NaN (scale, offset) in every layer for these slots.
+
+        A slot is rewritten (store kernel) before a request that owns it again reads
+        it; a read of a freed, not yet rewritten slot makes the attention output NaN.
+        """
+        if loc.numel() == 0:
+            return
+        loc = loc.to(self.k_meta[0].device)
+        for meta in (*self.k_meta, *self.v_meta):
+            meta.index_fill_(0, loc, float("nan"))
+
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         if tgt_loc.numel() == 0:
             return

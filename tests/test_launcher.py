@@ -59,7 +59,9 @@ def test_int4_defaults_attention_backend_to_triton():
 
 
 def test_env_round_trip():
-    cfg = KVQuantConfig("int4-bdr", 32, "kv", symmetric=True)
+    cfg = KVQuantConfig("int4-bdr", 32, "kv", symmetric=True, debug_poison_freed=True)
+    assert split_args(["--kv-quant", "int4-bdr", "--kv-quant-block-size", "32", "--kv-quant-rotate", "kv",
+                       "--kv-quant-symmetric", "--kv-quant-debug-poison"])[0] == cfg
     env = {}
     cfg.to_env(env)
     assert KVQuantConfig.from_env(env) == cfg

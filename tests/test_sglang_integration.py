@@ -163,3 +163,43 @@ def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch):
     conf._cell_size = cell
     conf._zero_kv_max_tokens = 0
     assert sizes(conf, 136 * 8 * 32 * 1000, 1).max_total_num_tokens == 1000
+
+
+def test_debug_poison_marks_freed_slots_and_reads_of_them_turn_nan(sgl, device, monkeypatch):
+    """KV integrity: with --kv-quant-debug-poison, a read of a freed slot cannot pass silently."""
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    import sglang_sawint4.patches.sglang_0_5_17 as patches
+    from sglang_sawint4.kernels.decode import int4_decode_attention
+
+    for cls in (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator):
+        monkeypatch.setattr(cls, "free", cls.free)  # restored after the test
+    patches._patch_allocator_free()
+    layout = fmt.Int4Format(64)
+    pool = _pool(layout, size=32, device=device)
+    alloc = TokenToKVPoolAllocator(32, torch.bfloat16, device, pool, need_sort=False)
+    loc = alloc.alloc(6)
+    k = torch.randn(6, 2, 64, dtype=torch.float16, device=device)
+    pool.set_kv_buffer(SimpleNamespace(layer_id=0), sgl.KVWriteLoc(loc), k, k)
+    alloc.free(loc[3:])  # a finished request's tail goes back to the allocator
+    km = pool.get_int4_layer(0)[1]
+    assert torch.isnan(km[loc[3:]]).all() and not torch.isnan(km[loc[:3]]).any()
+
+    def attend(rows):
+        q = torch.randn(1, 4, 64, dtype=torch.float16, device=device)
+        o = torch.empty_like(q)
+        int4_decode_attention(q, *pool.get_int4_layer(0), o, torch.tensor([0, len(rows)], dtype=torch.int32, device=device),
+                              rows.to(torch.int32), torch.empty(1, 4, 2, 64, device=device),
+                              torch.empty(1, 4, 2, device=device), torch.ones(1, dtype=torch.int32, device=device),
+                              2, 0.125, layout)
+        return o
+
+    assert not torch.isnan(attend(loc[:3])).any()  # live rows only: clean
+    assert torch.isnan(attend(loc)).all()  # a stale row in the read set: the output says so
+    # a freed slot handed out again and rewritten is clean again
+    again = alloc.alloc(3)
+    pool.set_kv_buffer(SimpleNamespace(layer_id=0), sgl.KVWriteLoc(again), k[:3], k[:3])
+    assert not torch.isnan(km[again]).any()
