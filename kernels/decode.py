@@ -53,8 +53,8 @@ def _decode_stage1(
     HALF: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_ROT: tl.constexpr,
 ):
     # KV head is the fastest grid axis: the programs of one token block's heads run
-    # together and read the same 544-byte token rows (8 heads x 68 B) at about the
-    # same time, instead of eight 64-byte gathers spread over the whole launch.
+    # together and read the same token rows (kv_heads x 68 B at d=128) at about the
+    # same time, instead of one 64-byte gather per head spread over the whole launch.
     kv_head = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
