@@ -15,7 +15,6 @@ log-sum-exp and, when V was stored rotated, applies H^T once to the result.
 Buffers follow SGLang's Triton backend, so CUDA graphs can capture it.
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -286,7 +285,3 @@ def int4_decode_attention_reference(q, k_data, k_meta, v_data, v_meta, kv_indptr
     k = fmt.decode(k_data.cpu(), k_meta.cpu(), layout, is_value=False)
     v = fmt.decode(v_data.cpu(), v_meta.cpu(), layout, is_value=True)
     return decode_attention_reference(q, k, v, kv_indptr.cpu(), kv_indices.cpu(), sm_scale)
-
-
-def default_sm_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

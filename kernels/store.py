@@ -1,6 +1,5 @@
 """KV store path: rotate, quantize, pack and scatter K and V in one launch."""
 
-from typing import Optional
 
 import torch
 import triton

@@ -47,10 +47,6 @@ def check_sglang_version(version: Optional[str] = None) -> str:
     return version
 
 
-def applied_config() -> Optional[KVQuantConfig]:
-    return _applied
-
-
 def apply(config: KVQuantConfig) -> None:
     """Install all patches for ``config`` in this process (idempotent)."""
     global _applied

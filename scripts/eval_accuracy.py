@@ -69,7 +69,7 @@ def main():
             s["channel_absmax"] = torch.maximum(s["channel_absmax"], amax)
         else:
             err = ((key_hat - key).norm() / key.norm()).item()
-            layer_stats.setdefault(layer, {}).setdefault(f"k_err/{label(current['m'])}", []).append(err)
+            layer_stats.setdefault(layer, {}).setdefault(f"k_err/{current['m'].label}", []).append(err)
 
     install(model, lambda: current["m"], observer)
     methods = standard_methods(head_dim)
@@ -138,10 +138,6 @@ def main():
     for r in out_rows:
         if r["corpus"] == "all":
             print(f"{label_row(r):16} {r['metric']:10} {r['value']:.4f}")
-
-
-def label(m: KVMethod) -> str:
-    return m.label
 
 
 def label_row(r) -> str:

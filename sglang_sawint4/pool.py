@@ -90,7 +90,7 @@ class Int4TokenToKVPool(MHATokenToKVPool):
             "INT4 KV cache is allocated. format: %s, #tokens: %d, K size: %.2f GB, V size: %.2f GB, "
             "%d B/token/layer (BF16 would be %d)",
             self.int4_format, num_tokens, k / (1 << 30), v / (1 << 30),
-            self.head_num * self.int4_format.bytes_per_token_head(),
+            int4_cell_size_bytes(self.head_num, 1, self.int4_format),
             self.head_num * 2 * self.head_dim * 2,
         )
 
