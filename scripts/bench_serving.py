@@ -150,7 +150,7 @@ def main():
     args, extra = p.parse_known_args()
     from tqdm import tqdm
 
-    from serve_check import Server, gpu_name, request
+    from serve_check import Server, gpu_name, served_model_id
 
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
     configs = args.configs.split(",")
@@ -164,7 +164,7 @@ def main():
                          os.path.join(args.log_dir, f"serving_{name}_r{rnd}.log")).start()
             try:
                 info = srv.info()
-                model_id = request(args.port, "GET", "/v1/models")[1]["data"][0]["id"]
+                model_id = served_model_id(args.port)
                 total = sum(max(8, args.requests_per_level * c) for c in levels) * len(shapes)
                 bar = tqdm(total=total, desc=f"round {rnd} {name}", file=sys.stdout, mininterval=5)
                 for input_len, output_len in shapes:

@@ -48,6 +48,11 @@ def request(port, method, path, body=None, timeout=300):
         conn.close()
 
 
+def served_model_id(port):
+    """The model name the OpenAI endpoints expect."""
+    return request(port, "GET", "/v1/models")[1]["data"][0]["id"]
+
+
 def stream(port, path, body, max_events=None, timeout=300):
     """POST with stream=True; returns the parsed SSE events (stops early after max_events)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
@@ -281,7 +286,7 @@ def smoke(args):
     srv = Server(args.model, port, ["--kv-quant", "none", "--attention-backend", "triton", *args.extra],
                  os.path.join(args.log_dir, "smoke_server.log")).start()
     try:
-        name = request(port, "GET", "/v1/models")[1]["data"][0]["id"]
+        name = served_model_id(port)
         endpoints = check_endpoints(port, name)
         load = load_test(port, name, args.requests, args.concurrency)
     finally:
@@ -328,7 +333,7 @@ def int4(args):
             outputs[name] = greedy_outputs(args.port, prompts_ids, args.agree_tokens)
             d = {"startup_s": round(srv.startup_s, 1)}
             if name == "int4-bdr":
-                model_name = request(args.port, "GET", "/v1/models")[1]["data"][0]["id"]
+                model_name = served_model_id(args.port)
                 ep = check_endpoints(args.port, model_name)
                 d["endpoints"] = ep
                 result["checks"]["streaming"] = ep["/v1/completions (stream)"] and ep["/v1/chat/completions (stream)"]
@@ -360,7 +365,7 @@ def tp2(args):
     flags = ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--tp", "2", *args.extra]
     srv = Server(args.model, args.port, flags, os.path.join(args.log_dir, "int4_e2e_tp2.log")).start()
     try:
-        name = request(args.port, "GET", "/v1/models")[1]["data"][0]["id"]
+        name = served_model_id(args.port)
         load = load_test(args.port, name, args.requests, args.concurrency)
         info = srv.info()
     finally:
