@@ -150,7 +150,7 @@ def main():
     args, extra = p.parse_known_args()
     from tqdm import tqdm
 
-    from serve_check import Server, gpu_name, served_model_id
+    from serve_check import Server, gpu_name, served_model_id, versions
 
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
     configs = args.configs.split(",")
@@ -188,7 +188,7 @@ def main():
         if len(vals) > 1 and min(vals) > 0:
             spreads.append((max(vals) - min(vals)) / min(vals) * 100)
         rows.append({**best, "output_tok_s_runs": vals})
-    result = {"gpu": gpu_name(), "model": os.path.basename(args.model.rstrip("/")),
+    result = {"gpu": gpu_name(), "versions": versions(), "model": os.path.basename(args.model.rstrip("/")),
               "repeat_spread_pct": max(spreads) if spreads else None,
               "command": " ".join(["python"] + sys.argv), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

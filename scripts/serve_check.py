@@ -281,6 +281,19 @@ def gpu_name():
         return "unknown"
 
 
+def versions():
+    """Versions of what served the run (recorded next to the GPU name in every result)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("torch", "triton", "sglang", "sglang-kernel", "flashinfer-python", "transformers", "sglang-sawint4"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def smoke(args):
     port = args.port
     srv = Server(args.model, port, ["--kv-quant", "none", "--attention-backend", "triton", *args.extra],
@@ -291,7 +304,7 @@ def smoke(args):
         load = load_test(port, name, args.requests, args.concurrency)
     finally:
         clean = srv.stop()
-    result = {"gpu": gpu_name(), "kv_quant": "none", "bundle_mib": args.bundle_mib,
+    result = {"gpu": gpu_name(), "versions": versions(), "kv_quant": "none", "bundle_mib": args.bundle_mib,
               "requests": load["requests"] + len(endpoints), "complete": load["complete"] + sum(endpoints.values()),
               "errors": load["errors"] + sum(not v for v in endpoints.values()),
               "endpoints": sorted(k for k, v in endpoints.items() if v), "startup_s": round(srv.startup_s, 1),
@@ -309,7 +322,7 @@ def int4(args):
     fast = ["--disable-prefill-cuda-graph"]
     configs = [("bf16", ["--kv-quant", "none", *fast]), ("int4", ["--kv-quant", "int4", *fast]),
                ("int4-bdr", ["--kv-quant", "int4-bdr"])]
-    result = {"gpu": gpu_name(), "model": args.model_name or os.path.basename(args.model.rstrip("/")),
+    result = {"gpu": gpu_name(), "versions": versions(), "model": args.model_name or os.path.basename(args.model.rstrip("/")),
               "max_total_num_tokens": {}, "checks": {k: None for k in
                                                     ("cuda_graph", "radix_reuse", "chunked_prefill", "streaming",
                                                      "abort", "tp2")},
