@@ -8,7 +8,11 @@ query heads of one KV head to a contiguous slice of the request's tokens:
 * keys are never dequantized to a [N, D] float tile: with k = s * c + o,
   q'.k = s * (q'.c) + o * sum(q'), so the tensor cores multiply q' by the raw
   4-bit codes (exact in bf16/fp16) and the scale/offset are applied per token;
-* values likewise: sum_n p_n (s_n c_n + o_n) = (p * s) @ c + (p . o).
+* values likewise: sum_n p_n (s_n c_n + o_n) = (p * s) @ c + (p . o);
+* the codes reach the tensor cores as bias + c (bias 128 in bf16, 1024 in fp16: one
+  bit operation per code, see ``biased_codes``); the bias is removed once per token
+  through the offset terms, computed from the same rounded operands the tensor cores
+  see, so it cancels exactly instead of costing a subtraction per element.
 
 Stage 2 (one program per request and query head) merges the splits with their
 log-sum-exp and, when V was stored rotated, applies H^T once to the result.
@@ -22,15 +26,14 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.launch import check_layer_buffers, row_head_args
+from sglang_sawint4.kernels.launch import check_layer_buffers, row_head_args, use_ptx
 from sglang_sawint4.kernels.format_jit import (
-    codes_as,
+    biased_codes,
+    code_bias,
     hadamard_tile,
     load_meta,
     rotate_halves,
     rotation_norm,
-    unpack_hi,
-    unpack_lo,
 )
 
 # Stage-1 tiling: the best of scripts/bench_kernels.py's sweep on an H100 (bench/results/kernels.json).
@@ -49,7 +52,7 @@ def _decode_stage1(
     logits_ptr, st_lb, st_lh, st_ls, lse_ptr, st_eb, st_eh,
     sm_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
-    HALF: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_ROT: tl.constexpr,
+    HALF: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_ROT: tl.constexpr, USE_PTX: tl.constexpr,
 ):
     # KV head is the fastest grid axis: the programs of one token block's heads run
     # together and read the same token rows (kv_heads x 68 B at d=128) at about the
@@ -77,10 +80,12 @@ def _decode_stage1(
             q_lo, q_hi = rotate_halves(q_lo, q_hi, HALF, BLOCK_ROT)
         else:
             q_lo, q_hi = q_lo.to(tl.float32), q_hi.to(tl.float32)
-        q_sum = tl.sum(q_lo, axis=1) + tl.sum(q_hi, axis=1)
         dot_dtype = q_ptr.dtype.element_ty
+        bias = code_bias(dot_dtype)
         q_lo_c = q_lo.to(dot_dtype)
         q_hi_c = q_hi.to(dot_dtype)
+        # sum of the rounded q the tensor cores multiply: the key bias cancels exactly
+        q_sum = tl.sum(q_lo_c.to(tl.float32), axis=1) + tl.sum(q_hi_c.to(tl.float32), axis=1)
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -96,9 +101,11 @@ def _decode_stage1(
             kp = tl.load(kd_ptr + loc[:, None] * kd_st + kv_head * kd_sh + half[None, :],
                          mask=mask_n[:, None], other=0)
             k_scale, k_off = load_meta(km_ptr + loc * km_st + kv_head * km_sh, mask_n)
-            qc = tl.dot(q_lo_c, tl.trans(codes_as(unpack_lo(kp), dot_dtype)), out_dtype=tl.float32)
-            qc += tl.dot(q_hi_c, tl.trans(codes_as(unpack_hi(kp), dot_dtype)), out_dtype=tl.float32)
-            s = (qc * k_scale[None, :] + q_sum[:, None] * k_off[None, :]) * sm_scale
+            k_lo, k_hi = biased_codes(kp, dot_dtype, USE_PTX)
+            qc = tl.dot(q_lo_c, tl.trans(k_lo), out_dtype=tl.float32)
+            qc += tl.dot(q_hi_c, tl.trans(k_hi), out_dtype=tl.float32)
+            # q.(s (c + bias) + o - bias s) = s q.(c + bias) + (o - bias s) sum(q)
+            s = (qc * k_scale[None, :] + q_sum[:, None] * (k_off - bias * k_scale)[None, :]) * sm_scale
             s = tl.where(mask_n[None, :], s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -108,10 +115,13 @@ def _decode_stage1(
             vp = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + half[None, :],
                          mask=mask_n[:, None], other=0)
             v_scale, v_off = load_meta(vm_ptr + loc * vm_st + kv_head * vm_sh, mask_n)
+            v_lo, v_hi = biased_codes(vp, dot_dtype, USE_PTX)
             ps = (p * v_scale[None, :]).to(dot_dtype)
-            acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, codes_as(unpack_lo(vp), dot_dtype), out_dtype=tl.float32)
-            acc_hi = acc_hi * alpha[:, None] + tl.dot(ps, codes_as(unpack_hi(vp), dot_dtype), out_dtype=tl.float32)
-            acc_off = acc_off * alpha + tl.sum(p * v_off[None, :], axis=1)
+            acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, v_lo, out_dtype=tl.float32)
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(ps, v_hi, out_dtype=tl.float32)
+            # sum_n ps_n (c_n + bias) - bias sum_n ps_n, with the rounded ps of the dot
+            acc_off = acc_off * alpha + tl.sum(p * v_off[None, :], axis=1) \
+                - bias * tl.sum(ps.to(tl.float32), axis=1)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
 
@@ -230,6 +240,7 @@ def int4_decode_attention(
         sm_scale,
         GROUP=group, BLOCK_H=block_h, BLOCK=block_n, HALF=d // 2,
         ROTATE_K=layout.rotate_k, BLOCK_ROT=layout.block_size or 1,
+        USE_PTX=use_ptx(_decode_stage1, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )
     _decode_stage2[(batch, num_q_heads)](

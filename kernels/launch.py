@@ -22,3 +22,13 @@ def check_layer_buffers(data: torch.Tensor, meta: torch.Tensor, num_heads: int, 
 def row_head_args(*tensors: torch.Tensor) -> tuple:
     """(tensor, row stride, head stride) for each [rows, heads, ...] tensor, flattened."""
     return tuple(x for t in tensors for x in (t, t.stride(0), t.stride(1)))
+
+
+def use_ptx(kernel, device: torch.device) -> bool:
+    """Whether ``kernel`` may take its inline-PTX paths on ``device``.
+
+    Only compiled kernels on NVIDIA GPUs: Triton's interpreter (CPU tests) and other
+    targets run the portable path, which computes the same values.
+    """
+    interpreted = type(kernel).__name__ == "InterpretedFunction"
+    return device.type == "cuda" and torch.version.hip is None and not interpreted

@@ -7,6 +7,10 @@ Decode rows: BF16 (FlashInfer's paged decode), plain INT4 and INT4+BDR (ours) on
 an 8B-shaped attention layer (32 q heads, 8 KV heads, head_dim 128) for batch
 1..256 and context 1k..128k (skipping shapes whose BF16 cache would not fit in
 --max-kv-gib).  Store rows: rotate_quantize_store for a batch of new tokens.
+Slots: ``rows`` give each request one contiguous run of slots (what SGLang's allocator
+hands a request prefilled into a fresh pool); ``rows_scattered_slots`` repeat the
+batch >= 32 shapes with a random permutation of all slots (a long-running pool's
+worst case: every token row of a request in a different place).
 ``gbps`` = bytes the kernel must move (each input read once, each output written
 once) / median time; ``copy_gbps`` is a device-to-device copy on the same GPU,
 counting bytes read + written.  Times: triton.testing.do_bench medians, after
@@ -68,7 +72,14 @@ TUNE = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=
         dict(block_n=256, num_warps=4, num_stages=3), dict(block_n=256, num_warps=8, num_stages=3)]
 
 
-def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4):
+def slot_indices(slots, scattered):
+    """kv_indices over `slots` slots: one contiguous run per request, or a random permutation."""
+    if scattered:
+        return torch.randperm(slots, device="cuda").to(torch.int32)
+    return torch.arange(slots, device="cuda", dtype=torch.int32)
+
+
+def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4, scattered=False):
     slots = batch * context
     kd, km = fmt.allocate_layer(slots, HK, D, "cuda")
     vd, vm = fmt.allocate_layer(slots, HK, D, "cuda")
@@ -79,7 +90,7 @@ def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4):
     q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
     o = torch.empty_like(q)
     indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * context
-    indices = torch.randperm(slots, device="cuda").to(torch.int32)  # scattered pages
+    indices = slot_indices(slots, scattered)
     splits = torch.full((batch,), num_kv_splits(batch, context, sms, waves), dtype=torch.int32, device="cuda")
     logits = torch.empty(batch, HQ, MAX_SPLITS, D, dtype=torch.float32, device="cuda")
     lse = torch.empty(batch, HQ, MAX_SPLITS, dtype=torch.float32, device="cuda")
@@ -92,7 +103,7 @@ def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4):
     return run, moved
 
 
-def bf16_decode_case(batch, context):
+def bf16_decode_case(batch, context, scattered=False):
     import flashinfer
 
     slots = batch * context
@@ -100,7 +111,7 @@ def bf16_decode_case(batch, context):
     v = torch.randn(slots, HK, D, dtype=torch.bfloat16, device="cuda")
     q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
     indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * context
-    indices = torch.randperm(slots, device="cuda").to(torch.int32)
+    indices = slot_indices(slots, scattered)
     last = torch.ones(batch, dtype=torch.int32, device="cuda")
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
@@ -151,6 +162,13 @@ def plot(result, path):
             if pts:
                 axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "-" if b == 32 else ":", color=color,
                              marker="o", alpha=1.0 if b == 32 else 0.45, label=f"{name} batch {b}")
+    for m, blk in series:  # the scattered-slot worst case, batch 32 only
+        pts = sorted((r["context"], r["gbps"]) for r in result.get("rows_scattered_slots", [])
+                     if r["batch"] == 32 and r["method"] == m and r["block"] == blk)
+        if pts:
+            name = m if blk is None else f"{m}-{blk}"
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "--", color=colors[(m, blk)], marker="x",
+                         label=f"{name} batch 32, scattered slots")
     axes[0].axhline(result["copy_gbps"], color="k", lw=0.8, ls=":", label="D2D copy")
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("context (tokens)")
@@ -226,15 +244,18 @@ def main():
     result["tune"] = tune
     shapes = [(int(b), int(c)) for b in args.batches.split(",") for c in args.contexts.split(",")
               if int(b) * int(c) * HK * D * 4 <= args.max_kv_gib * (1 << 30)]
-    for batch, context in progress(shapes, len(shapes), "decode"):
-        cases = ([("bf16", None, lambda: bf16_decode_case(batch, context))] if have_fi else []) + [
-            (m, b, (lambda l=l: int4_decode_case(l, batch, context, sms, best_cfg, best["waves"])))
+    result["rows_scattered_slots"] = []
+    runs = [(b, c, False) for b, c in shapes] + [(b, c, True) for b, c in shapes if b >= 32 and c >= 8192]
+    for batch, context, scattered in progress(runs, len(runs), "decode"):
+        cases = ([("bf16", None, lambda: bf16_decode_case(batch, context, scattered))] if have_fi else []) + [
+            (m, b, (lambda l=l: int4_decode_case(l, batch, context, sms, best_cfg, best["waves"], scattered)))
             for m, b, l in layouts]
         for method, block, make in cases:
             run, moved = make()
             t = bench(run)
-            result["rows"].append({"kernel": "decode", "method": method, "block": block, "batch": batch,
-                                   "context": context, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
+            result["rows_scattered_slots" if scattered else "rows"].append(
+                {"kernel": "decode", "method": method, "block": block, "batch": batch, "context": context,
+                 "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
             del run
             torch.cuda.empty_cache()
     for tokens in [int(t) for t in args.store_tokens.split(",")]:
@@ -248,11 +269,12 @@ def main():
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.splitext(args.out)[0] + ".png")
-    print(f"{'kernel':7} {'method':9} {'blk':>4} {'batch':>5} {'ctx':>7} {'us':>9} {'GB/s':>7}")
-    for r in result["rows"]:
-        if r["kernel"] == "store" or r["batch"] in (1, 32, 128):
-            print(f"{r['kernel']:7} {r['method']:9} {str(r['block']):>4} {r['batch']:>5} {r['context']:>7} "
-                  f"{r['time_us']:9.1f} {r['gbps']:7.0f}")
+    print(f"{'kernel':7} {'method':9} {'blk':>4} {'batch':>5} {'ctx':>7} {'us':>9} {'GB/s':>7}  slots")
+    for key in ("rows", "rows_scattered_slots"):
+        for r in result[key]:
+            if r["kernel"] == "store" or r["batch"] in (1, 32, 128):
+                print(f"{r['kernel']:7} {r['method']:9} {str(r['block']):>4} {r['batch']:>5} {r['context']:>7} "
+                      f"{r['time_us']:9.1f} {r['gbps']:7.0f}  {'scattered' if key != 'rows' else 'contiguous'}")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ PROMPTS = [
 def completion_ok(resp, n):
     try:
         c = resp["choices"][0]
-        return resp["usage"]["completion_tokens"] == n and c["finish_reason"] == "length" and isinstance(c["text"], str)
+        text = c["text"] if "text" in c else c["message"]["content"]
+        return resp["usage"]["completion_tokens"] == n and c["finish_reason"] == "length" and isinstance(text, str)
     except (KeyError, IndexError, TypeError):
         return False
 
@@ -191,33 +192,39 @@ def check_endpoints(port, model_name):
     return out
 
 
-def load_test(port, model_name, requests_n=64, concurrency=16, max_tokens=32, seed=0):
-    """requests_n completions at the given concurrency; every one must be complete."""
+def load_test(port, model_name, requests_n=256, concurrency=64, max_tokens=32, seed=0):
+    """requests_n requests (completions and chat alternating) at the given concurrency;
+    every one must come back complete."""
     rng = random.Random(seed)
     prompts = [rng.choice(PROMPTS) + str(i) for i in range(requests_n)]
     errors, complete = [], 0
     lock = threading.Lock()
 
-    def one(p):
+    def one(i_p):
         nonlocal complete
+        i, p = i_p
         try:
-            st, r = request(port, "POST", "/v1/completions", {"model": model_name, "prompt": p,
-                                                              "max_tokens": max_tokens, "temperature": 0.7,
-                                                              "ignore_eos": True, "seed": 1})
+            if i % 2:
+                path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": p}]}
+            else:
+                path, body = "/v1/completions", {"prompt": p}
+            st, r = request(port, "POST", path, {"model": model_name, **body, "max_tokens": max_tokens,
+                                                 "temperature": 0.7, "ignore_eos": True, "seed": 1})
             ok = st == 200 and completion_ok(r, max_tokens)
             with lock:
                 complete += ok
                 if not ok:
-                    errors.append(f"{st}: {str(r)[:200]}")
+                    errors.append(f"{path} {st}: {str(r)[:200]}")
         except Exception as e:  # noqa: BLE001 - every failure is counted and reported
             with lock:
                 errors.append(f"{type(e).__name__}: {e}")
 
     t = time.time()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, prompts))
+        list(pool.map(one, enumerate(prompts)))
     return {"requests": requests_n, "concurrency": concurrency, "complete": complete, "errors": len(errors),
-            "error_samples": errors[:5], "seconds": time.time() - t}
+            "endpoints": ["/v1/completions", "/v1/chat/completions"], "error_samples": errors[:5],
+            "seconds": time.time() - t}
 
 
 def generate_ids(port, input_ids, max_new_tokens, **extra):
@@ -228,14 +235,38 @@ def generate_ids(port, input_ids, max_new_tokens, **extra):
     return r
 
 
-def greedy_outputs(port, prompts_ids, n):
-    return [generate_ids(port, ids, n)["output_ids"] for ids in prompts_ids]
+def greedy_outputs(port, prompts_ids, n, top_logprobs=5):
+    """Greedy output ids and, per step, {token id: logprob} of the top candidates."""
+    outs = []
+    for ids in prompts_ids:
+        meta = generate_ids(port, ids, n, return_logprob=True, top_logprobs_num=top_logprobs)["meta_info"]
+        outs.append({"ids": [t[1] for t in meta["output_token_logprobs"]],
+                     "top": [{t[1]: t[0] for t in step or []} for step in meta["output_top_logprobs"]]})
+    return outs
+
+
+def logprob_error(test, ref):
+    """Per-step |logprob(test) - logprob(ref)| over the top candidates both servers list,
+    on the steps before the first differing token (same prefix, so same distribution)."""
+    errs = []
+    for a, b in zip(test, ref):
+        for ta, tb, ia, ib in zip(a["top"], b["top"], a["ids"], b["ids"]):
+            common = set(ta) & set(tb)
+            if common:
+                errs.append(max(abs(ta[t] - tb[t]) for t in common))
+            if ia != ib:
+                break
+    if not errs:
+        return None
+    errs.sort()
+    return {"steps": len(errs), "mean_abs": sum(errs) / len(errs), "p99_abs": errs[int(0.99 * (len(errs) - 1))],
+            "max_abs": errs[-1]}
 
 
 def agreement(a, b):
     """Position-wise greedy token agreement of two lists of sequences."""
     same = total = 0
-    for x, y in zip(a, b):
+    for x, y in zip((o["ids"] for o in a), (o["ids"] for o in b)):
         same += sum(int(p == q) for p, q in zip(x, y))
         total += max(len(x), len(y))
     return same / max(total, 1)
@@ -366,12 +397,54 @@ def int4(args):
             result["details"][name] = d
         finally:
             srv.stop()
+    result["logprob_error_vs_bf16"] = {}
     for name in ("int4", "int4-bdr"):
         if name in outputs and "bf16" in outputs:
             result["greedy_agreement_vs_bf16"][name] = agreement(outputs[name], outputs["bf16"])
+            result["logprob_error_vs_bf16"][name] = logprob_error(outputs[name], outputs["bf16"])
+    result["attention_vs_reference"] = attention_check(args, prompts_ids, vocab, rng)
     ok = (result["complete"] == result["requests"] > 0
-          and all(v is True for k, v in result["checks"].items() if k != "tp2"))
+          and all(v is True for k, v in result["checks"].items() if k != "tp2")
+          and result["attention_vs_reference"].get("ok") is True)
     return result, ok
+
+
+def attention_check(args, prompts_ids, vocab, rng):
+    """An int4-bdr server in eager mode with --kv-quant-debug-check-attention: every
+    layer's first decode / extend / extend-over-a-cached-prefix outputs are compared in
+    the server with the float64 torch reference of the same INT4 pages."""
+    path = os.path.join(args.log_dir, "attention_check.jsonl")
+    if os.path.exists(path):
+        os.remove(path)
+    flags = ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--disable-cuda-graph",
+             "--kv-quant-debug-check-attention", path, "--chunked-prefill-size", str(args.chunk),
+             "--mem-fraction-static", str(args.mem_fraction), *args.extra]
+    srv = Server(args.model, args.port, flags, os.path.join(args.log_dir, "int4_e2e_attention_check.log"))
+    try:
+        srv.start()
+    except RuntimeError as e:
+        return {"ok": None, "start_error": str(e)[-2000:], "command": " ".join(srv.cmd)}
+    try:
+        for ids in prompts_ids[:4]:  # extends without a prefix, then decode steps
+            generate_ids(args.port, ids, 8)
+        check_radix_reuse(args.port, vocab, rng)  # extend over a cached prefix
+        check_chunked_prefill(args.port, vocab, rng, args.chunk)  # later chunks over earlier ones
+    finally:
+        srv.stop()
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    by_mode = {}
+    for r in rows:
+        m = by_mode.setdefault(r["mode"], {"checks": 0, "failed": 0, "max_rel_err": 0.0, "layers": set()})
+        m["checks"] += 1
+        m["failed"] += not r["ok"]
+        m["max_rel_err"] = max(m["max_rel_err"], r["rel_err"])
+        m["layers"].add(r["layer"])
+    for m in by_mode.values():
+        m["layers"] = len(m["layers"])
+    want = {"decode", "extend", "extend_prefix"}
+    return {"ok": bool(rows) and want <= set(by_mode) and all(not m["failed"] for m in by_mode.values()),
+            "checks": len(rows), "by_mode": by_mode, "tolerance_rel": rows[0].get("tolerance_rel") if rows else None,
+            "command": " ".join(srv.cmd)}
 
 
 def tp2(args):
@@ -396,8 +469,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--log-dir", default=".")
     p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--bundle-mib", type=float, default=None)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--mem-fraction", type=float, default=0.8)

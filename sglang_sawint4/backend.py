@@ -20,6 +20,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from sglang_sawint4.attention_check import AttentionChecker, int4_attention_reference
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
@@ -45,6 +46,7 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             if bad:
                 raise Int4KVAccessError(f"INT4 KV cache does not support {why}")
         self._prefix_identity = torch.arange(0, dtype=torch.int64, device=self.device)
+        self._checker = AttentionChecker.from_env()  # None unless --kv-quant-debug-check-attention
 
     @staticmethod
     def _check_layer(layer, sinks, score_mod):
@@ -73,6 +75,8 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             md.attn_logits, md.attn_lse, md.num_kv_splits, self.max_kv_splits, layer.scaling,
             self.int4_format,
         )
+        if self._checker is not None:
+            self._check_decode(layer, q, o)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _prefix_rows(self, forward_batch) -> int:
@@ -115,4 +119,30 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             logit_cap=0.0, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
             xai_temperature_len=layer.xai_temperature_len, page_size=1,
         )
+        if self._checker is not None:
+            self._check_extend(layer, forward_batch, q.view(-1, hq, d), k.reshape(-1, hk, d),
+                               v.reshape(-1, hk, d), o, n_prefix)
         return o
+
+    # -- --kv-quant-debug-check-attention: eager mode only, first calls per layer ----------
+    def _check_decode(self, layer, q, o):
+        md, batch = self.forward_metadata, q.shape[0]
+        if not self._checker.wanted("decode", layer.layer_id, batch):
+            return
+        ref = int4_attention_reference(
+            q, torch.arange(batch + 1, device=q.device), md.kv_indptr[: batch + 1], md.kv_indices,
+            self.int4_pool.get_int4_layer(layer.layer_id), self.int4_format, layer.scaling,
+            round_rotated_q_to=q.dtype)
+        self._checker.record("decode", layer.layer_id, o, ref, batch=batch, kv_tokens=int(md.kv_indptr[batch]))
+
+    def _check_extend(self, layer, forward_batch, q, k, v, o, n_prefix):
+        md, batch = self.forward_metadata, forward_batch.batch_size
+        mode = "extend_prefix" if n_prefix else "extend"
+        if not self._checker.wanted(mode, layer.layer_id, q.shape[0] + n_prefix):
+            return
+        ref = int4_attention_reference(
+            q, md.qo_indptr[: batch + 1], md.kv_indptr[: batch + 1], md.kv_indices,
+            self.int4_pool.get_int4_layer(layer.layer_id), self.int4_format, layer.scaling,
+            k_new=k, v_new=v, round_prefix_to=q.dtype)
+        self._checker.record(mode, layer.layer_id, o, ref, batch=batch, new_tokens=q.shape[0],
+                             prefix_tokens=n_prefix)

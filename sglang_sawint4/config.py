@@ -20,7 +20,8 @@ ENV_BLOCK = "SGLANG_SAWINT4_BLOCK_SIZE"
 ENV_ROTATE = "SGLANG_SAWINT4_ROTATE"
 ENV_SYMMETRIC = "SGLANG_SAWINT4_SYMMETRIC"
 ENV_POISON = "SGLANG_SAWINT4_DEBUG_POISON_FREED"
-ALL_ENV = (ENV_METHOD, ENV_BLOCK, ENV_ROTATE, ENV_SYMMETRIC, ENV_POISON)
+ENV_CHECK_ATTENTION = "SGLANG_SAWINT4_DEBUG_CHECK_ATTENTION"
+ALL_ENV = (ENV_METHOD, ENV_BLOCK, ENV_ROTATE, ENV_SYMMETRIC, ENV_POISON, ENV_CHECK_ATTENTION)
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,7 @@ class KVQuantConfig:
     rotate: str = "k"  # k | kv
     symmetric: bool = False
     debug_poison_freed: bool = False  # NaN scales in freed slots: a stale read shows as NaN output
+    debug_check_attention: Optional[str] = None  # JSON-lines file of served-vs-reference checks
 
     def __post_init__(self):
         if self.method not in fmt.METHODS:
@@ -48,6 +50,8 @@ class KVQuantConfig:
                     f"--kv-quant-block-size must be a power of two in {fmt.ALLOWED_BLOCK_SIZES}; got {self.block_size}")
         if self.rotate == "kv" and self.method != "int4-bdr":
             raise ConfigError("--kv-quant-rotate kv only applies to --kv-quant int4-bdr")
+        if self.debug_check_attention and not self.enabled:
+            raise ConfigError("--kv-quant-debug-check-attention needs --kv-quant int4 or int4-bdr")
 
     @property
     def enabled(self) -> bool:
@@ -74,6 +78,10 @@ class KVQuantConfig:
         env[ENV_ROTATE] = self.rotate
         env[ENV_SYMMETRIC] = "1" if self.symmetric else "0"
         env[ENV_POISON] = "1" if self.debug_poison_freed else "0"
+        if self.debug_check_attention:
+            env[ENV_CHECK_ATTENTION] = os.path.abspath(self.debug_check_attention)
+        else:
+            env.pop(ENV_CHECK_ATTENTION, None)
         if self.block_size is None:
             env.pop(ENV_BLOCK, None)
         else:
@@ -92,12 +100,14 @@ class KVQuantConfig:
             rotate=env.get(ENV_ROTATE, "k") or "k",
             symmetric=env.get(ENV_SYMMETRIC, "0") == "1",
             debug_poison_freed=env.get(ENV_POISON, "0") == "1",
+            debug_check_attention=env.get(ENV_CHECK_ATTENTION) or None,
         )
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "KVQuantConfig":
         return cls(method=ns.kv_quant, block_size=ns.kv_quant_block_size, rotate=ns.kv_quant_rotate,
-                   symmetric=ns.kv_quant_symmetric, debug_poison_freed=ns.kv_quant_debug_poison)
+                   symmetric=ns.kv_quant_symmetric, debug_poison_freed=ns.kv_quant_debug_poison,
+                   debug_check_attention=ns.kv_quant_debug_check_attention)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +125,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-quant-debug-poison", action="store_true",
                    help="debug: write NaN scales into KV slots when SGLang frees them, so any later "
                         "read of a stale slot turns the output into NaN (slower frees)")
+    g.add_argument("--kv-quant-debug-check-attention", metavar="PATH", default=None,
+                   help="debug: compare the first attention calls of every layer with a float64 torch "
+                        "reference of the same INT4 pages and append the results to PATH (JSON lines); "
+                        "needs --disable-cuda-graph")
 
 
 def _int_arg(flag):

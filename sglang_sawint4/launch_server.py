@@ -75,6 +75,12 @@ def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
         value = _flag_value(argv, flag)
         if value not in (None, "1"):
             raise ConfigError(f"--kv-quant {config.method} does not support context parallelism ({flag} {value})")
+    if config.debug_check_attention:
+        if "--disable-cuda-graph" not in argv:
+            raise ConfigError("--kv-quant-debug-check-attention runs Python checks that a replayed CUDA graph "
+                              "skips; add --disable-cuda-graph")
+        if "--disable-prefill-cuda-graph" not in argv:
+            argv = argv + ["--disable-prefill-cuda-graph"]
     if backend is None:
         argv = argv + ["--attention-backend", INT4_ATTENTION_BACKEND]
     model_path = _flag_value(argv, "--model-path") or _flag_value(argv, "--model")

@@ -68,6 +68,20 @@ def test_env_round_trip():
     assert not KVQuantConfig.from_env({}).enabled
 
 
+def test_attention_check_needs_eager_mode(tmp_path):
+    path = str(tmp_path / "check.jsonl")
+    cfg, rest = split_args(["--kv-quant", "int4", "--kv-quant-debug-check-attention", path])
+    with pytest.raises(ConfigError, match="--disable-cuda-graph"):
+        prepare_int4_argv(cfg, ["--model-path", "/nonexistent"])
+    argv = prepare_int4_argv(cfg, ["--model-path", "/nonexistent", "--disable-cuda-graph"])
+    assert "--disable-prefill-cuda-graph" in argv
+    env = {}
+    cfg.to_env(env)
+    assert KVQuantConfig.from_env(env).debug_check_attention == path
+    with pytest.raises(ConfigError, match="needs --kv-quant int4"):
+        split_args(["--kv-quant-debug-check-attention", path])
+
+
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
          "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
 

@@ -1,0 +1,109 @@
+"""Debug mode: check the served attention against a float64 torch reference.
+
+With ``--kv-quant-debug-check-attention PATH`` the INT4 attention backend compares
+the output of its first few decode and extend calls per layer with
+:func:`int4_attention_reference` computed from the *same* INT4 pages the kernels
+read (decoded by ``sglang_sawint4.format``), and appends one JSON line per check to
+PATH.  It needs eager mode (``--disable-cuda-graph``): a replayed CUDA graph runs no
+Python, so nothing could be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from sglang_sawint4 import format as fmt
+
+# A check passes when max |served - reference| <= REL_TOL * max |reference|.  The
+# reference repeats the kernels' own input roundings (q and dequantized pages in the
+# query dtype), so what is left is float32 accumulation, the bf16 softmax weights of
+# the P @ V products and the bf16 output: a few bf16 ulps (2**-8 = 0.4%).
+REL_TOL = 2e-2
+
+
+def int4_attention_reference(q, qo_indptr, kv_indptr, kv_indices, data, layout: fmt.Int4Format, sm_scale,
+                             k_new=None, v_new=None, round_prefix_to=None, round_rotated_q_to=None):
+    """Float64 causal attention of each request's query tokens over its INT4 pages.
+
+    Args:
+        q: [num_q_tokens, num_q_heads, head_dim]; request b owns rows qo_indptr[b]:qo_indptr[b+1].
+        kv_indptr: [batch + 1]; kv_indices: slot ids of each request's cached tokens.
+        data: (k_data, k_meta, v_data, v_meta), one layer of the INT4 pool.
+        k_new, v_new: [num_q_tokens, num_kv_heads, head_dim] new tokens attended exactly
+            after the cached ones, causally (extend); None when the query's own token is
+            already among the pages (decode).
+        round_prefix_to: dtype the dequantized pages are rounded to first (the extend
+            path's BF16 scratch), or None.
+        round_rotated_q_to: dtype the rotated q is rounded to (the decode kernel's
+            tensor-core operand), or None.
+    Returns [num_q_tokens, num_q_heads, head_dim] float64.
+    """
+    k_data, k_meta, v_data, v_meta = data
+    hq, hk = q.shape[1], k_data.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    for b in range(qo_indptr.numel() - 1):
+        q0, q1 = int(qo_indptr[b]), int(qo_indptr[b + 1])
+        idx = kv_indices[int(kv_indptr[b]): int(kv_indptr[b + 1])].long()
+        # rotated space for keys when the kernel attends there (decode), else original
+        keys_rotated = round_rotated_q_to is not None and layout.rotate_k
+        k = fmt.decode(k_data[idx], k_meta[idx], layout, is_value=False, unrotate=not keys_rotated)
+        v = fmt.decode(v_data[idx], v_meta[idx], layout, is_value=True)
+        if round_prefix_to is not None:
+            k, v = k.to(round_prefix_to).double(), v.to(round_prefix_to).double()
+        qb = q[q0:q1].double()
+        if keys_rotated:
+            qb = fmt.rotate(qb, layout.block_size)
+        if round_rotated_q_to is not None:
+            qb = qb.to(round_rotated_q_to).double()
+        n_cached = k.shape[0]
+        if k_new is not None:
+            k = torch.cat([k, k_new[q0:q1].double()])
+            v = torch.cat([v, v_new[q0:q1].double()])
+        k = k.repeat_interleave(hq // hk, dim=1)
+        v = v.repeat_interleave(hq // hk, dim=1)
+        s = torch.einsum("qhd,nhd->hqn", qb, k) * sm_scale
+        if k_new is not None:  # new token i sees the cache and new tokens 0..i
+            pos = torch.arange(k.shape[0], device=q.device)
+            allowed = pos[None, :] <= n_cached + torch.arange(q1 - q0, device=q.device)[:, None]
+            s = s.masked_fill(~allowed[None], float("-inf"))
+        out[q0:q1] = torch.einsum("hqn,nhd->qhd", torch.softmax(s, dim=-1), v)
+    return out
+
+
+class AttentionChecker:
+    """Compares the first ``max_per_layer`` decode and extend calls of every layer."""
+
+    def __init__(self, path: str, max_per_layer: int = 2, max_tokens: int = 4096):
+        self.path = path
+        self.max_per_layer = max_per_layer
+        self.max_tokens = max_tokens  # keep the float64 reference affordable
+        self.counts = {}
+
+    @classmethod
+    def from_env(cls) -> Optional["AttentionChecker"]:
+        from sglang_sawint4.config import ENV_CHECK_ATTENTION
+
+        path = os.environ.get(ENV_CHECK_ATTENTION)
+        return cls(path) if path else None
+
+    def wanted(self, mode: str, layer_id: int, tokens: int) -> bool:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return False
+        return self.counts.get((mode, layer_id), 0) < self.max_per_layer and 0 < tokens <= self.max_tokens
+
+    def record(self, mode: str, layer_id: int, served: torch.Tensor, reference: torch.Tensor, **info) -> dict:
+        self.counts[(mode, layer_id)] = self.counts.get((mode, layer_id), 0) + 1
+        served = served.reshape(reference.shape).double()
+        err = (served - reference).abs().max().item()
+        scale = reference.abs().max().item()
+        row = {"pid": os.getpid(), "mode": mode, "layer": layer_id, "max_abs_err": err, "ref_max_abs": scale,
+               "rel_err": err / max(scale, 1e-30), "tolerance_rel": REL_TOL,
+               "finite": bool(torch.isfinite(served).all()), **info}
+        row["ok"] = row["finite"] and row["rel_err"] <= REL_TOL
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
