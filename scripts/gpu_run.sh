@@ -6,7 +6,8 @@
 #
 # Stages: install (bundle + package, always first), tests (pytest on the GPU),
 # bench (scripts/bench_kernels.py), smoke (BF16 server smoke), int4 (INT4 e2e),
-# tp2 (INT4 with --tp 2; needs 2 GPUs).  Needs the bundle at $BUNDLE
+# tp2 (INT4 with --tp 2; needs 2 GPUs), reliability (bad config + requests, soak of
+# $SOAK_MIN minutes, default 8).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
 set -uo pipefail
 OUT=${OUT:-$PWD/.out}
@@ -59,6 +60,14 @@ for s in "$@"; do
     [ -d "$MODELS/small" ] || python3 scripts/make_model.py --preset small --out "$MODELS/small" | tail -1
     python3 scripts/serve_check.py tp2 --model "$MODELS/small" --out "$OUT/int4_tp2.json" --log-dir "$OUT" \
       2>&1 | tail -30 || status=1
+    ;;
+  reliability)
+    stage reliability
+    [ -d "$MODELS/small" ] || python3 scripts/make_model.py --preset small --out "$MODELS/small" | tail -1
+    # decode CUDA graphs stay on; SGLang's prefill-graph capture (80 s) is skipped to fit the soak in one call
+    python3 scripts/reliability.py --model "$MODELS/small" --out "$OUT/reliability.json" --log-dir "$OUT" \
+      --soak-minutes "${SOAK_MIN:-8}" -- --disable-prefill-cuda-graph 2>&1 | grep -v "^bad config ok" | tail -40 \
+      || status=1
     ;;
   *) echo "unknown stage $s"; status=2 ;;
   esac

@@ -416,7 +416,7 @@ def attention_check(args, prompts_ids, vocab, rng):
     path = os.path.join(args.log_dir, "attention_check.jsonl")
     if os.path.exists(path):
         os.remove(path)
-    flags = ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--disable-cuda-graph",
+    flags = ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--disable-decode-cuda-graph",
              "--kv-quant-debug-check-attention", path, "--chunked-prefill-size", str(args.chunk),
              "--mem-fraction-static", str(args.mem_fraction), *args.extra]
     srv = Server(args.model, args.port, flags, os.path.join(args.log_dir, "int4_e2e_attention_check.log"))

@@ -4,7 +4,7 @@ With ``--kv-quant-debug-check-attention PATH`` the INT4 attention backend compar
 the output of its first few decode and extend calls per layer with
 :func:`int4_attention_reference` computed from the *same* INT4 pages the kernels
 read (decoded by ``sglang_sawint4.format``), and appends one JSON line per check to
-PATH.  It needs eager mode (``--disable-cuda-graph``): a replayed CUDA graph runs no
+PATH.  It needs eager mode (``--disable-decode-cuda-graph``): a replayed CUDA graph runs no
 Python, so nothing could be checked.
 """
 

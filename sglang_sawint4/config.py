@@ -128,7 +128,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-quant-debug-check-attention", metavar="PATH", default=None,
                    help="debug: compare the first attention calls of every layer with a float64 torch "
                         "reference of the same INT4 pages and append the results to PATH (JSON lines); "
-                        "needs --disable-cuda-graph")
+                        "needs --disable-decode-cuda-graph")
 
 
 def _int_arg(flag):

@@ -76,9 +76,11 @@ def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
         if value not in (None, "1"):
             raise ConfigError(f"--kv-quant {config.method} does not support context parallelism ({flag} {value})")
     if config.debug_check_attention:
-        if "--disable-cuda-graph" not in argv:
+        eager = ("--disable-cuda-graph" in argv or "--disable-decode-cuda-graph" in argv
+                 or _flag_value(argv, "--cuda-graph-backend-decode") == "disabled")
+        if not eager:
             raise ConfigError("--kv-quant-debug-check-attention runs Python checks that a replayed CUDA graph "
-                              "skips; add --disable-cuda-graph")
+                              "skips; add --disable-decode-cuda-graph")
         if "--disable-prefill-cuda-graph" not in argv:
             argv = argv + ["--disable-prefill-cuda-graph"]
     if backend is None:

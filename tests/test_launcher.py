@@ -71,10 +71,12 @@ def test_env_round_trip():
 def test_attention_check_needs_eager_mode(tmp_path):
     path = str(tmp_path / "check.jsonl")
     cfg, rest = split_args(["--kv-quant", "int4", "--kv-quant-debug-check-attention", path])
-    with pytest.raises(ConfigError, match="--disable-cuda-graph"):
+    with pytest.raises(ConfigError, match="--disable-decode-cuda-graph"):
         prepare_int4_argv(cfg, ["--model-path", "/nonexistent"])
-    argv = prepare_int4_argv(cfg, ["--model-path", "/nonexistent", "--disable-cuda-graph"])
-    assert "--disable-prefill-cuda-graph" in argv
+    for eager in (["--disable-decode-cuda-graph"], ["--disable-cuda-graph"],
+                  ["--cuda-graph-backend-decode", "disabled"]):
+        argv = prepare_int4_argv(cfg, ["--model-path", "/nonexistent", *eager])
+        assert "--disable-prefill-cuda-graph" in argv
     env = {}
     cfg.to_env(env)
     assert KVQuantConfig.from_env(env).debug_check_attention == path
