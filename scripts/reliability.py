@@ -173,7 +173,7 @@ def finite(x):
 class Traffic:
     """Prompts from a few long shared prefixes (radix hits) plus unique tails (churn)."""
 
-    def __init__(self, vocab, seed, families=12, prefix_len=1500, max_tail=1500):
+    def __init__(self, vocab, seed, families=12, prefix_len=1000, max_tail=1200):
         rng = random.Random(seed)
         self.vocab = vocab
         self.prefixes = [[rng.randrange(10, vocab) for _ in range(prefix_len)] for _ in range(families)]
@@ -182,6 +182,9 @@ class Traffic:
     def prompt(self, rng):
         tail = [rng.randrange(10, self.vocab) for _ in range(rng.randrange(16, self.max_tail))]
         return (rng.choice(self.prefixes) if rng.random() < 0.8 else []) + tail
+
+
+REQUEST_TIMEOUT_S = 120  # a request the server sits on longer than this counts as failed, never blocks the soak
 
 
 class Soak:
@@ -194,6 +197,8 @@ class Soak:
         self.corrupted = 0
         self.bad_requests = {}  # case -> Counter of statuses
         self.stop = threading.Event()
+        self.t0 = time.time()
+        self.first_completion_s = None  # diagnostics: how long until the first good request came back
 
     def fail(self, kind, why, detail=""):
         with self.lock:
@@ -211,13 +216,14 @@ class Soak:
             if kind == "completion":
                 st, r = request(self.port, "POST", "/v1/completions", {
                     "model": self.model_id, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True,
-                    **sampling}, timeout=600)
+                    **sampling}, timeout=REQUEST_TIMEOUT_S)
                 ok = st == 200 and r["usage"]["completion_tokens"] == max_tokens and \
                     r["choices"][0]["finish_reason"] == "length"
             elif kind == "completion_stream":
                 st, ev = stream_events(self.port, "/v1/completions", {
                     "model": self.model_id, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}, **sampling})
+                    "stream": True, "stream_options": {"include_usage": True}, **sampling},
+                    timeout=REQUEST_TIMEOUT_S)
                 usage = [e["usage"] for e in ev if isinstance(e, dict) and e.get("usage")]
                 ok = st == 200 and ev and ev[-1] == "[DONE]" and usage and \
                     usage[-1]["completion_tokens"] == max_tokens
@@ -226,13 +232,14 @@ class Soak:
                 text = " ".join(str(t) for t in ids[: rng.randrange(8, 400)])
                 st, r = request(self.port, "POST", "/v1/chat/completions", {
                     "model": self.model_id, "messages": [{"role": "user", "content": text}],
-                    "max_tokens": max_tokens, "ignore_eos": True, **sampling}, timeout=600)
+                    "max_tokens": max_tokens, "ignore_eos": True, **sampling}, timeout=REQUEST_TIMEOUT_S)
                 ok = st == 200 and r["usage"]["completion_tokens"] == max_tokens and \
                     isinstance(r["choices"][0]["message"]["content"], str)
             else:
                 st, r = request(self.port, "POST", "/generate", {
                     "input_ids": ids, "return_logprob": True, "sampling_params": {
-                        "max_new_tokens": max_tokens, "ignore_eos": True, **sampling}}, timeout=600)
+                        "max_new_tokens": max_tokens, "ignore_eos": True, **sampling}},
+                    timeout=REQUEST_TIMEOUT_S)
                 ok = st == 200 and len(r["output_ids"]) == max_tokens
                 if ok:
                     lps = [t[0] for t in r["meta_info"]["output_token_logprobs"]]
@@ -258,6 +265,8 @@ class Soak:
             return
         with self.lock:
             self.counts[kind] += 1
+            if self.first_completion_s is None:
+                self.first_completion_s = time.time() - self.t0
 
     def worker(self, seed):
         rng = random.Random(seed)
@@ -291,9 +300,9 @@ class Soak:
         name, path, body = case
         try:
             if isinstance(body, bytes):
-                st, r = post_raw(self.port, path, body, timeout=600)
+                st, r = post_raw(self.port, path, body, timeout=REQUEST_TIMEOUT_S)
             else:
-                st, r = request(self.port, "POST", path, body, timeout=600)
+                st, r = request(self.port, "POST", path, body, timeout=REQUEST_TIMEOUT_S)
             outcome = f"HTTP {st}"
         except (OSError, http.client.HTTPException) as e:
             outcome, st, r = type(e).__name__, None, str(e)
@@ -305,10 +314,12 @@ class Soak:
                     self.error_samples.append(f"bad request '{name}': {outcome} {str(r)[:300]}")
 
     def bad_injector(self, every_s=1.5):
+        """One bad request every `every_s`, each on its own thread: one the server sits on
+        is recorded (as a timeout) without holding back the others."""
         cases = self.bad_request_cases()
         i = 0
         while not self.stop.wait(every_s):
-            self.one_bad(cases[i % len(cases)])
+            threading.Thread(target=self.one_bad, args=(cases[i % len(cases)],), daemon=True).start()
             i += 1
 
     # -- aborts: clients that go away mid-stream -------------------------------------
@@ -316,7 +327,8 @@ class Soak:
         body = {"model": self.model_id, "prompt": self.traffic.prompt(rng), "max_tokens": 2000,
                 "ignore_eos": True, "stream": True}
         try:
-            stream_events(self.port, "/v1/completions", body, stop_after=rng.randrange(1, 6))
+            stream_events(self.port, "/v1/completions", body, stop_after=rng.randrange(1, 6),
+                          timeout=REQUEST_TIMEOUT_S)
             with self.lock:
                 self.counts["client_disconnect"] += 1
         except (OSError, http.client.HTTPException) as e:
@@ -397,6 +409,7 @@ def run(args):
         probe_start = probe(args.port, probe_ids)
         start_loads = wait_idle(args.port)
         soak = Soak(args.port, model_id, traffic, max_context)
+        soak.t0 = time.time()
         threads = [threading.Thread(target=soak.worker, args=(args.seed * 1000 + i,), daemon=True)
                    for i in range(args.concurrency)]
         threads += [threading.Thread(target=soak.bad_injector, daemon=True),
@@ -425,13 +438,15 @@ def run(args):
                 bar.n = min(int(time.time() - t0), bar.total)
                 bar.set_postfix(done=done, errors=errs, used=ld.get("num_used_tokens"))
                 bar.refresh()
-            if time.time() >= next_storm:
-                soak.storm(args.seed + 100 * storms)
+            if time.time() >= next_storm:  # in the background: the soak clock never waits on it
+                threads.append(threading.Thread(target=soak.storm, args=(args.seed + 100 * storms,), daemon=True))
+                threads[-1].start()
                 storms += 1
                 next_storm += args.storm_every_s
         soak.stop.set()
         for t in threads:
-            t.join(timeout=600)
+            t.join(timeout=REQUEST_TIMEOUT_S + 30)
+        time.sleep(2)  # bad-request threads still in flight
         if bar is not None:
             bar.close()
         soak_s = time.time() - t0
@@ -464,6 +479,7 @@ def run(args):
         "bad_request_cases": len(soak.bad_requests),
         "details": {
             "good_requests_by_kind": dict(soak.counts), "abort_storms": storms,
+            "first_good_completion_s": soak.first_completion_s,
             "bad_requests": {k: dict(v) for k, v in soak.bad_requests.items()},
             "bad_config_total": len(bad_cfg), "error_samples": soak.error_samples,
             "used_slots_idle_before": start_loads.get("num_used_tokens"), "used_slots_idle_after": leaked_idle,
@@ -518,7 +534,8 @@ def main():
     p.add_argument("--soak-minutes", type=float, default=8.0)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--storm-every-s", type=float, default=90.0)
-    p.add_argument("--max-total-tokens", type=int, default=60000, help="small pool: the radix cache keeps evicting")
+    p.add_argument("--max-total-tokens", type=int, default=100000,
+                   help="small pool: the radix cache keeps evicting")
     p.add_argument("--context-length", type=int, default=8192, help="server context (the over-long prompt case)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad-config-only", action="store_true", help="only the launcher cases (no GPU)")

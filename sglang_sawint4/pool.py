@@ -120,7 +120,9 @@ class Int4TokenToKVPool(MHATokenToKVPool):
         """
         if loc.numel() == 0:
             return
-        loc = loc.to(self.k_meta[0].device)
+        # SGLang frees int64 slot tensors and int32 ones (radix-cache segments come
+        # straight from the int32 req_to_token table); index_fill_ takes int64 only
+        loc = loc.to(device=self.k_meta[0].device, dtype=torch.int64)
         for meta in (*self.k_meta, *self.v_meta):
             meta.index_fill_(0, loc, float("nan"))
 
