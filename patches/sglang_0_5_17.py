@@ -14,6 +14,7 @@ Patch points (see ../shared/docs/sglang.md):
     ATTENTION_BACKENDS["triton"]             -> Int4TritonAttnBackend; other backends refuse
     models.utils.enable_fused_set_kv_buffer   -> False: fused RoPE+store writes BF16 rows
     Token/PagedTokenToKVPoolAllocator.free    -> (--kv-quant-debug-poison only) poison freed slots
+    TokenizerManager._validate_one_request    -> prompt token ids outside the vocabulary get a 400
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def apply(config: KVQuantConfig) -> None:
     _patch_cell_size(config)
     _patch_attention_backends()
     _patch_fused_set_kv_buffer()
+    _patch_input_id_validation()
     if config.debug_poison_freed:
         _patch_allocator_free()
     _applied = config
@@ -182,6 +184,31 @@ def _patch_fused_set_kv_buffer() -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("sglang.srt.models.") and getattr(module, "enable_fused_set_kv_buffer", None) is original:
             module.enable_fused_set_kv_buffer = enable_fused_set_kv_buffer
+
+
+def _patch_input_id_validation() -> None:
+    """Refuse prompt token ids outside [0, vocab_size) with SGLang's normal 400.
+
+    SGLang 0.5.17 has such a check (``_validate_input_ids_in_vocab``) but never calls
+    it: one out-of-vocabulary id reaches the embedding gather, fails a device-side
+    assert and takes the scheduler down with every request in flight (found by
+    scripts/reliability.py's bad-request injection on the H100).
+    """
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    validate = TokenizerManager._validate_one_request
+
+    @functools.wraps(validate)
+    def _validate_one_request(self, obj, input_ids):
+        if input_ids:
+            vocab = self.model_config.vocab_size
+            lo, hi = min(input_ids), max(input_ids)
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"input_ids contains token id {hi if hi >= vocab else lo}, "
+                                 f"outside the vocabulary [0, {vocab})")
+        return validate(self, obj, input_ids)
+
+    TokenizerManager._validate_one_request = _mark(_validate_one_request, validate)
 
 
 def _patch_allocator_free() -> None:

@@ -207,10 +207,13 @@ class Soak:
                 self.error_samples.append(f"{kind}: {why} {str(detail)[:300]}")
 
     # -- good traffic: every response is validated ----------------------------------
-    def one_good(self, rng):
-        kind = rng.choices(["completion", "completion_stream", "chat", "generate_logprobs"], [3, 3, 2, 2])[0]
+    KINDS = ("completion", "completion_stream", "chat", "generate_logprobs")
+    SAMPLINGS = ({"temperature": 0.0}, {"temperature": 0.8, "top_p": 0.95})
+
+    def one_good(self, rng, kind=None, sampling=None):
+        kind = kind or rng.choices(self.KINDS, [3, 3, 2, 2])[0]
         max_tokens = rng.randrange(8, 200)
-        sampling = {"temperature": 0.0} if rng.random() < 0.5 else {"temperature": 0.8, "top_p": 0.95}
+        sampling = sampling or (self.SAMPLINGS[0] if rng.random() < 0.5 else self.SAMPLINGS[1])
         ids = self.traffic.prompt(rng)
         try:
             if kind == "completion":
@@ -267,6 +270,17 @@ class Soak:
             self.counts[kind] += 1
             if self.first_completion_s is None:
                 self.first_completion_s = time.time() - self.t0
+
+    def warm_up(self, seed):
+        """Each kind of request with each sampling mode once, before the soak clock starts:
+        the first sampled request makes FlashInfer JIT-compile its sampling kernels on a
+        fresh machine (a one-time cost that would otherwise look like a stall)."""
+        rng = random.Random(seed)
+        t = time.time()
+        for kind in self.KINDS:
+            for sampling in self.SAMPLINGS:
+                self.one_good(rng, kind, sampling)
+        return time.time() - t
 
     def worker(self, seed):
         rng = random.Random(seed)
@@ -409,6 +423,11 @@ def run(args):
         probe_start = probe(args.port, probe_ids)
         start_loads = wait_idle(args.port)
         soak = Soak(args.port, model_id, traffic, max_context)
+        warmup_s = soak.warm_up(args.seed + 999)
+        print(f"warm-up: {warmup_s:.0f} s, {sum(soak.counts.values())} requests ok, errors {dict(soak.errors)}",
+              flush=True)
+        soak.counts.clear()  # the warm-up is not part of the soak's counts (its errors are)
+        soak.first_completion_s = None
         soak.t0 = time.time()
         threads = [threading.Thread(target=soak.worker, args=(args.seed * 1000 + i,), daemon=True)
                    for i in range(args.concurrency)]
@@ -479,7 +498,7 @@ def run(args):
         "bad_request_cases": len(soak.bad_requests),
         "details": {
             "good_requests_by_kind": dict(soak.counts), "abort_storms": storms,
-            "first_good_completion_s": soak.first_completion_s,
+            "first_good_completion_s": soak.first_completion_s, "warmup_s": warmup_s,
             "bad_requests": {k: dict(v) for k, v in soak.bad_requests.items()},
             "bad_config_total": len(bad_cfg), "error_samples": soak.error_samples,
             "used_slots_idle_before": start_loads.get("num_used_tokens"), "used_slots_idle_after": leaked_idle,

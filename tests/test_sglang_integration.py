@@ -108,6 +108,9 @@ def applied(monkeypatch):
              for n in ("_build_mha_kv_pool", "_build_token_to_kv_pool")}
     saved.update({(pc.DefaultPoolConfigurator, n): getattr(pc.DefaultPoolConfigurator, n)
                   for n in ("_compute_cell_size", "calculate_pool_sizes")})
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    saved[(TokenizerManager, "_validate_one_request")] = TokenizerManager._validate_one_request
     backends = dict(reg.ATTENTION_BACKENDS)
     fused = model_utils.enable_fused_set_kv_buffer
     monkeypatch.setattr(patches, "_applied", None)
@@ -140,6 +143,22 @@ def test_patches_target_real_sglang_objects(applied):
     patches.apply(cfg)
     with pytest.raises(RuntimeError, match="already applied"):
         patches.apply(KVQuantConfig("int4"))
+
+
+def test_out_of_vocabulary_prompt_ids_are_refused(applied):
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    validate = TokenizerManager._validate_one_request
+    assert hasattr(validate, "__sawint4_original__")
+    manager = SimpleNamespace(model_config=SimpleNamespace(vocab_size=100))
+    for ids, bad in (([5, 10 ** 9], "1000000000"), ([-1, 5], "-1"), ([100], "100")):
+        with pytest.raises(ValueError, match=f"token id {bad}, outside the vocabulary"):
+            validate(manager, None, ids)
+    # in-vocabulary ids go on to SGLang's own checks (which need attributes this stub lacks)
+    with pytest.raises(AttributeError, match="context_len"):
+        validate(manager, None, [0, 99])
 
 
 def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch):
