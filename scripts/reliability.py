@@ -196,6 +196,7 @@ class Soak:
         self.error_samples = []
         self.corrupted = 0
         self.bad_requests = {}  # case -> Counter of statuses
+        self.storms = 0  # abort storms finished (their requests are counted as client_disconnect)
         self.stop = threading.Event()
         self.t0 = time.time()
         self.first_completion_s = None  # diagnostics: how long until the first good request came back
@@ -360,7 +361,7 @@ class Soak:
         for t in threads:
             t.join()
         with self.lock:
-            self.counts["abort_storms"] += 1
+            self.storms += 1
 
 
 def loads(port):
