@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import KVMethod, install, standard_methods  # noqa: E402
+from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, install, standard_methods  # noqa: E402
 
 
 def windows(tokenizer, path, context, count):
@@ -50,6 +50,11 @@ def main():
                         "that per-layer policy")
     p.add_argument("--only-policy", action="store_true",
                    help="with --bf16-layers: evaluate only bf16 and the per-layer-policy variants")
+    p.add_argument("--kmeans", default=None, metavar="C1,C2,..",
+                   help="add k-means residual INT4 (centroid subtract, plain and with the largest BDR block "
+                        "on K) with these cluster counts, calibrated on a held-out window (the one after "
+                        "the evaluated windows of the first --text)")
+    p.add_argument("--only-kmeans", action="store_true", help="with --kmeans: evaluate only bf16 and k-means")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
@@ -80,6 +85,22 @@ def main():
         methods = [methods[0]] + policy if args.only_policy else methods + policy
     data = {name: windows(tok, path, args.context, args.windows)
             for name, path in (t.split("=", 1) for t in args.text)}
+    if args.kmeans:
+        first_path = args.text[0].split("=", 1)[1]
+        held_out = windows(tok, first_path, args.context, args.windows + 1)
+        if len(held_out) <= args.windows:
+            raise SystemExit(f"{first_path}: no window left after the evaluated ones for k-means calibration")
+        recorder = KVRecorder()
+        current["m"] = recorder
+        with torch.no_grad():
+            model(held_out[args.windows][None])
+        current["m"] = KVMethod("bf16")
+        largest = max(m.block for m in methods if m.block)
+        km = []
+        for c in (int(x) for x in args.kmeans.split(",")):
+            book = recorder.codebook(c)
+            km += [KVMethod("kmeans", codebook=book), KVMethod("kmeans", largest, "k", codebook=book)]
+        methods = [methods[0]] + km if args.only_kmeans else methods + km
     rows = []
     total = len(methods) * sum(len(w) for w in data.values())
     bar = tqdm(total=total, desc="forwards", file=sys.stdout, mininterval=10)
@@ -107,7 +128,7 @@ def main():
         for corpus in list(data) + [None]:
             sel = [r for r in rows if r["method"] == m and (corpus is None or r["corpus"] == corpus)]
             n = sum(r["n"] for r in sel)
-            base = {"model": args.model_name, "method": m.name + m.policy, "block": m.block, "rotate": m.rotate,
+            base = {"model": args.model_name, "method": m.row_name, "block": m.block, "rotate": m.rotate,
                     "context": args.context, "n": n, "corpus": corpus or "all"}
             out_rows.append({**base, "metric": "ppl", "value": math.exp(sum(r["nll_sum"] for r in sel) / n)})
             out_rows.append({**base, "metric": "top1_agree", "value": sum(r["top1"] for r in sel) / n})
@@ -127,8 +148,9 @@ def main():
     mine = {(r["model"], r["method"], r["block"], r["rotate"]) for r in out_rows}
     result["rows"] = [r for r in result["rows"] if (r["model"], r["method"], r["block"], r["rotate"]) not in mine]
     result["rows"] += out_rows
-    if args.only_policy:
-        result["runs"].setdefault(args.model_name, {})["bf16_layers_run"] = {k: run[k] for k in run if k != "layers"}
+    if args.only_policy or args.only_kmeans:
+        key = "bf16_layers_run" if args.only_policy else "kmeans_run"
+        result["runs"].setdefault(args.model_name, {})[key] = {k: run[k] for k in run if k != "layers"}
     else:
         result["runs"][args.model_name] = run
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -158,9 +180,11 @@ def plot(result, path):
     for row, model_name in enumerate(models):
         ax, ax_l = axes[row]
         rows = [r for r in result["rows"] if r["model"] == model_name and r["corpus"] == "all" and r["metric"] == "ppl"]
-        order = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr"]
-        rows.sort(key=lambda r: ("[" in r["method"], order.index(r["method"].split("[")[0]), -(r["block"] or 0),
-                                 r["rotate"] or ""))
+        order = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr", "kmeans"]
+        rows.sort(key=lambda r: ("[" in r["method"], order.index(r["method"].split("[")[0].split("-")[0]
+                                                                 if r["method"].startswith("kmeans")
+                                                                 else r["method"].split("[")[0]),
+                                 r["method"], -(r["block"] or 0), r["rotate"] or ""))
         ax.bar(range(len(rows)), [r["value"] for r in rows], color="tab:red")
         ax.set_xticks(range(len(rows)), [label_row(r) for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"perplexity ({rows[0]['context']}-token windows)")

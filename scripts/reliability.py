@@ -44,7 +44,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from serve_check import HOST, Server, gpu_name, request, served_model_id, versions  # noqa: E402
+from serve_check import Server, gpu_name, request, served_model_id, stream_events, versions  # noqa: E402
 
 LAUNCHER = [sys.executable, "-m", "sglang_sawint4.launch_server"]
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
@@ -120,49 +120,6 @@ def run_bad_config_cases():
 # --------------------------------------------------------------------------- #
 # HTTP helpers for traffic
 # --------------------------------------------------------------------------- #
-def post_raw(port, path, raw: bytes, timeout=600):
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = resp.read()
-        try:
-            return resp.status, json.loads(data) if data else None
-        except json.JSONDecodeError:
-            return resp.status, data.decode(errors="replace")
-    finally:
-        conn.close()
-
-
-def stream_events(port, path, body, stop_after=None, timeout=600):
-    """POST a streaming request; returns (status, events).  With stop_after, the client
-    disconnects after that many events (the server must abort the request)."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    events = []
-    try:
-        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            return resp.status, resp.read()[:300]
-        while True:
-            line = resp.readline()
-            if not line:
-                break
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                events.append("[DONE]")
-                break
-            events.append(json.loads(payload))
-            if stop_after is not None and len(events) >= stop_after:
-                break
-        return resp.status, events
-    finally:
-        conn.close()
-
-
 def finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -314,10 +271,7 @@ class Soak:
     def one_bad(self, case):
         name, path, body = case
         try:
-            if isinstance(body, bytes):
-                st, r = post_raw(self.port, path, body, timeout=REQUEST_TIMEOUT_S)
-            else:
-                st, r = request(self.port, "POST", path, body, timeout=REQUEST_TIMEOUT_S)
+            st, r = request(self.port, "POST", path, body, timeout=REQUEST_TIMEOUT_S)
             outcome = f"HTTP {st}"
         except (OSError, http.client.HTTPException) as e:
             outcome, st, r = type(e).__name__, None, str(e)
@@ -342,7 +296,7 @@ class Soak:
         body = {"model": self.model_id, "prompt": self.traffic.prompt(rng), "max_tokens": 2000,
                 "ignore_eos": True, "stream": True}
         try:
-            stream_events(self.port, "/v1/completions", body, stop_after=rng.randrange(1, 6),
+            stream_events(self.port, "/v1/completions", body, max_events=rng.randrange(1, 6),
                           timeout=REQUEST_TIMEOUT_S)
             with self.lock:
                 self.counts["client_disconnect"] += 1

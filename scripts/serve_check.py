@@ -34,10 +34,11 @@ HOST = "127.0.0.1"
 # HTTP helpers
 # --------------------------------------------------------------------------- #
 def request(port, method, path, body=None, timeout=300):
+    """One HTTP request; body is a JSON-able object or raw bytes (e.g. malformed JSON)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                     headers={"Content-Type": "application/json"})
+        raw = body if isinstance(body, bytes) or body is None else json.dumps(body)
+        conn.request(method, path, body=raw, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         data = resp.read()
         try:
@@ -53,15 +54,17 @@ def served_model_id(port):
     return request(port, "GET", "/v1/models")[1]["data"][0]["id"]
 
 
-def stream(port, path, body, max_events=None, timeout=300):
-    """POST with stream=True; returns the parsed SSE events (stops early after max_events)."""
+def stream_events(port, path, body, max_events=None, timeout=300):
+    """POST with stream=True; returns (status, parsed SSE events) or (status, error body).
+    With max_events the client disconnects after that many events (the server must
+    abort the request)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     events = []
     try:
         conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
-            raise RuntimeError(f"{path} stream -> {resp.status} {resp.read()[:300]!r}")
+            return resp.status, resp.read()[:300]
         while True:
             line = resp.readline()
             if not line:
@@ -75,9 +78,17 @@ def stream(port, path, body, max_events=None, timeout=300):
                 break
             events.append(json.loads(payload))
             if max_events is not None and len(events) >= max_events:
-                break  # closing the connection aborts the request server-side
+                break
     finally:
         conn.close()
+    return resp.status, events
+
+
+def stream(port, path, body, max_events=None, timeout=300):
+    """stream_events that raises on a non-200 answer; returns the events."""
+    status, events = stream_events(port, path, body, max_events, timeout)
+    if status != 200:
+        raise RuntimeError(f"{path} stream -> {status} {events!r}")
     return events
 
 

@@ -147,3 +147,31 @@ def test_per_layer_policy_keeps_listed_layers_exact(rng):
     assert m.apply(k, k, layer=3)[0] is k
     assert not torch.equal(m.apply(k, k, layer=1)[0], k)
     assert m.label == "int4-bdr-64-k[bf16:0,3]" and m.policy == "[bf16:0,3]"
+
+
+def test_kmeans_finds_separated_clusters():
+    from sglang_sawint4.eval.kv_methods import fit_kmeans
+
+    g = torch.Generator().manual_seed(0)
+    true = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(200, 2, generator=g) for c in true])
+    centers = fit_kmeans(x, 3)
+    assert torch.cdist(true, centers).min(-1).values.max() < 0.1
+
+
+def test_centroid_subtract_removes_constant_channels():
+    """A per-channel constant (a k_proj bias) stretches every token's INT4 range; one
+    calibrated centroid (C = 1, the mean) takes it out before quantization."""
+    from sglang_sawint4.eval.kv_methods import Codebook, KVMethod, KVRecorder
+
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(1, 2, 256, 64, generator=g)
+    k[:, :, :, 5] += 200.0  # constant outlier channel, like Qwen2.5's biased keys
+    rec = KVRecorder()
+    rec.apply(k, k, layer=0)
+    book = rec.codebook(1)
+    assert isinstance(book, Codebook) and book.k[0].shape == (1, 128)
+    err = lambda m: ((m.apply(k, k, 0)[0] - k).norm() / (k - k.mean(2, keepdim=True)).norm()).item()  # noqa: E731
+    plain, kmeans = err(KVMethod("int4")), err(KVMethod("kmeans", codebook=book))
+    assert kmeans < plain / 5, (plain, kmeans)
+    assert KVMethod("kmeans", 64, "k", codebook=book).row_name == "kmeans-1"

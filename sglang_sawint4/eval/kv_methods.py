@@ -8,12 +8,25 @@ evaluation therefore sees every token's K/V through the cache, as in decoding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from sglang_sawint4 import format as fmt
+
+
+@dataclass
+class Codebook:
+    """k-means centroids of each layer's K and V, over all KV heads of a token at once.
+
+    k[layer], v[layer]: [clusters, num_kv_heads * head_dim] float32 (the shape the
+    paper's reference code loads per layer).
+    """
+
+    clusters: int
+    k: Dict[int, torch.Tensor] = field(default_factory=dict)
+    v: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,8 @@ class KVMethod:
     block: Optional[int] = None  # Hadamard block for BDR methods
     rotate: Optional[str] = None  # "k" | "kv" for BDR methods
     bf16_layers: Tuple[int, ...] = ()  # per-layer policy: these layers keep an unquantized cache
+    # "kmeans": centroid-subtract INT4 (offline only: a codebook is an irregular load)
+    codebook: Optional[Codebook] = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def policy(self) -> str:
@@ -31,6 +46,12 @@ class KVMethod:
     @property
     def label(self) -> str:
         return (self.name if self.block is None else f"{self.name}-{self.block}-{self.rotate}") + self.policy
+
+    @property
+    def row_name(self) -> str:
+        """The ``method`` of a results row (block and rotate have their own fields)."""
+        name = f"kmeans-{self.codebook.clusters}" if self.name == "kmeans" else self.name
+        return name + self.policy
 
     def apply(self, key: torch.Tensor, value: torch.Tensor, layer: int = -1):
         if self.name == "bf16" or layer in self.bf16_layers:
@@ -43,8 +64,11 @@ class KVMethod:
             # offline only: keys per channel over groups of tokens, values per token
             # (KIVI without its full-precision residual window); not a paged layout
             return per_channel_int4(key, KIVI_GROUP), fmt.fake_quantize(value, fmt.Int4Format(d), is_value=True)
-        layout = (fmt.Int4Format(d) if self.name == "int4"
+        layout = (fmt.Int4Format(d) if self.block is None
                   else fmt.Int4Format.for_method("int4-bdr", d, self.block, self.rotate))
+        if self.name == "kmeans":
+            return (centroid_subtract_int4(key, self.codebook.k[layer], layout, is_value=False),
+                    centroid_subtract_int4(value, self.codebook.v[layer], layout, is_value=True))
         return fmt.fake_quantize(key, layout, is_value=False), fmt.fake_quantize(value, layout, is_value=True)
 
 
@@ -60,6 +84,65 @@ def per_channel_int4(x: torch.Tensor, group: int) -> torch.Tensor:
     codes, scale, offset = fmt.quantize(g)  # along the token axis of each group
     deq = fmt.dequantize(codes, scale, offset, x.dtype).transpose(-1, -2).reshape(xp.shape)
     return deq[..., :t, :]
+
+
+def centroid_subtract_int4(x: torch.Tensor, centers: torch.Tensor, layout: fmt.Int4Format,
+                           is_value: bool) -> torch.Tensor:
+    """k-means residual INT4 of [batch, kv_heads, tokens, head_dim].
+
+    Each token's vector over all KV heads picks its nearest centroid; the residual goes
+    through the served token-wise format (rotation per ``layout``); the centroid is
+    added back.  C = 1 subtracts a calibrated mean, which removes constant channels
+    (biases) before the per-token range is taken.
+    """
+    b, h, t, d = x.shape
+    flat = x.permute(0, 2, 1, 3).reshape(b * t, h * d).float()
+    nearest = torch.cdist(flat, centers).argmin(-1)
+    c = centers[nearest]
+    resid = (flat - c).reshape(b, t, h, d).permute(0, 2, 1, 3)
+    deq = fmt.fake_quantize(resid, layout, is_value).float()
+    return (deq.permute(0, 2, 1, 3).reshape(b * t, h * d) + c).reshape(b, t, h, d).permute(0, 2, 1, 3).to(x.dtype)
+
+
+def fit_kmeans(x: torch.Tensor, clusters: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means of rows x [n, dim] (float32), k-means++ seeding; returns [clusters, dim]."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.float()
+    centers = x[torch.randint(len(x), (1,), generator=g)]
+    while len(centers) < clusters:  # k-means++: next center with probability ~ squared distance
+        d2 = torch.cdist(x, centers).min(-1).values ** 2
+        centers = torch.cat([centers, x[torch.multinomial(d2 + 1e-12, 1, generator=g)]])
+    for _ in range(iters):
+        assign = torch.cdist(x, centers).argmin(-1)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=clusters)[:, None]
+        # an empty cluster keeps its previous center
+        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
+    return centers
+
+
+class KVRecorder:
+    """A stand-in method that returns K/V unchanged and keeps them per layer (calibration)."""
+
+    name = "bf16"
+
+    def __init__(self):
+        self.k, self.v = {}, {}
+
+    def apply(self, key, value, layer=-1):
+        for store, x in ((self.k, key), (self.v, value)):
+            b, h, t, d = x.shape
+            store.setdefault(layer, []).append(x.permute(0, 2, 1, 3).reshape(b * t, h * d).float())
+        return key, value
+
+    def codebook(self, clusters: int, max_rows: int = 8192, seed: int = 0) -> Codebook:
+        book = Codebook(clusters)
+        for store, out in ((self.k, book.k), (self.v, book.v)):
+            for layer, xs in store.items():
+                rows = torch.cat(xs)
+                rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows]]
+                out[layer] = fit_kmeans(rows, clusters, seed=seed)
+        return book
 
 
 def standard_methods(head_dim: int) -> list:
