@@ -99,7 +99,8 @@ def main():
         km = []
         for c in (int(x) for x in args.kmeans.split(",")):
             book = recorder.codebook(c)
-            km += [KVMethod("kmeans", codebook=book), KVMethod("kmeans", largest, "k", codebook=book)]
+            km += [KVMethod("kmeans", clusters=c, codebook=book),
+                   KVMethod("kmeans", largest, "k", clusters=c, codebook=book)]
         methods = [methods[0]] + km if args.only_kmeans else methods + km
     rows = []
     total = len(methods) * sum(len(w) for w in data.values())

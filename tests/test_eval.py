@@ -172,6 +172,11 @@ def test_centroid_subtract_removes_constant_channels():
     book = rec.codebook(1)
     assert isinstance(book, Codebook) and book.k[0].shape == (1, 128)
     err = lambda m: ((m.apply(k, k, 0)[0] - k).norm() / (k - k.mean(2, keepdim=True)).norm()).item()  # noqa: E731
-    plain, kmeans = err(KVMethod("int4")), err(KVMethod("kmeans", codebook=book))
+    plain, kmeans = err(KVMethod("int4")), err(KVMethod("kmeans", clusters=1, codebook=book))
     assert kmeans < plain / 5, (plain, kmeans)
-    assert KVMethod("kmeans", 64, "k", codebook=book).row_name == "kmeans-1"
+    assert KVMethod("kmeans", 64, "k", clusters=1, codebook=book).row_name == "kmeans-1"
+    # methods with different cluster counts are different methods (results are grouped by method)
+    assert KVMethod("kmeans", clusters=1, codebook=book) != KVMethod("kmeans", clusters=2,
+                                                                      codebook=Codebook(2))
+    with pytest.raises(ValueError, match="codebook"):
+        KVMethod("kmeans", clusters=4, codebook=book)

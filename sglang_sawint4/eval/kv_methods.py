@@ -35,8 +35,14 @@ class KVMethod:
     block: Optional[int] = None  # Hadamard block for BDR methods
     rotate: Optional[str] = None  # "k" | "kv" for BDR methods
     bf16_layers: Tuple[int, ...] = ()  # per-layer policy: these layers keep an unquantized cache
-    # "kmeans": centroid-subtract INT4 (offline only: a codebook is an irregular load)
+    # "kmeans": centroid-subtract INT4 (offline only: a codebook is an irregular load);
+    # clusters is part of the method's identity, the codebook's tensors are not
+    clusters: Optional[int] = None
     codebook: Optional[Codebook] = field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        if self.name == "kmeans" and (self.codebook is None or self.codebook.clusters != self.clusters):
+            raise ValueError("a kmeans method needs a codebook with `clusters` centroids")
 
     @property
     def policy(self) -> str:
@@ -45,12 +51,13 @@ class KVMethod:
 
     @property
     def label(self) -> str:
-        return (self.name if self.block is None else f"{self.name}-{self.block}-{self.rotate}") + self.policy
+        name = self.row_name[: len(self.row_name) - len(self.policy)]
+        return (name if self.block is None else f"{name}-{self.block}-{self.rotate}") + self.policy
 
     @property
     def row_name(self) -> str:
         """The ``method`` of a results row (block and rotate have their own fields)."""
-        name = f"kmeans-{self.codebook.clusters}" if self.name == "kmeans" else self.name
+        name = f"kmeans-{self.clusters}" if self.name == "kmeans" else self.name
         return name + self.policy
 
     def apply(self, key: torch.Tensor, value: torch.Tensor, layer: int = -1):
