@@ -165,6 +165,11 @@ def main():
             try:
                 info = srv.info()
                 model_id = served_model_id(args.port)
+                # untimed warm-up at every shape: Triton / FlashInfer JIT and allocator growth on a
+                # fresh server would otherwise land in the first timed level
+                for input_len, output_len in shapes:
+                    asyncio.run(run_load(f"http://127.0.0.1:{args.port}", model_id,
+                                         make_prompts(4, input_len, vocab, args.seed - 1), min(output_len, 16), 4))
                 total = sum(max(8, args.requests_per_level * c) for c in levels) * len(shapes)
                 bar = tqdm(total=total, desc=f"round {rnd} {name}", file=sys.stdout, mininterval=5)
                 for input_len, output_len in shapes:
