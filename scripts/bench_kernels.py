@@ -210,9 +210,22 @@ def main():
     p.add_argument("--bdr-blocks", default="128,64")
     p.add_argument("--store-tokens", default="1,32,256,4096,16384")
     p.add_argument("--replot", metavar="JSON", help="only redraw the plot of a results file")
+    p.add_argument("--profile-case", metavar="BATCHxCONTEXT",
+                   help="only launch INT4+BDR-128 decode on this shape (contiguous slots) a few times, "
+                        "for a profiler (scripts/gpu_run.sh profile runs it under ncu)")
     args = p.parse_args()
     if args.replot:
         return replot(args.replot)
+    if args.profile_case:
+        batch, context = (int(x) for x in args.profile_case.split("x"))
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        run, moved = int4_decode_case(fmt.Int4Format(D, 128), batch, context, sms)
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+        t = bench(run)
+        print(f"profile case {batch}x{context}: {t:.1f} us, {moved / (t * 1e-6) / 1e9:.0f} GB/s (outside ncu)")
+        return
 
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count

@@ -7,7 +7,7 @@
 # Stages: install (bundle + package, always first), tests (pytest on the GPU),
 # bench (scripts/bench_kernels.py), smoke (BF16 server smoke), int4 (INT4 e2e),
 # tp2 (INT4 with --tp 2; needs 2 GPUs), reliability (bad config + requests, soak of
-# $SOAK_MIN minutes, default 8).  Needs the bundle at $BUNDLE
+# $SOAK_MIN minutes, default 8), profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
 set -uo pipefail
 OUT=${OUT:-$PWD/.out}
@@ -68,6 +68,15 @@ for s in "$@"; do
     python3 scripts/reliability.py --model "$MODELS/small" --out "$OUT/reliability.json" --log-dir "$OUT" \
       --soak-minutes "${SOAK_MIN:-8}" -- --disable-prefill-cuda-graph 2>&1 | grep -v "^bad config ok" | tail -40 \
       || status=1
+    ;;
+  profile)
+    stage profile
+    # Firecracker hosts: ncu reads the counters with the clocks left alone (--clock-control none)
+    ncu --clock-control none --kernel-name regex:_decode_stage1 --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+      python3 scripts/bench_kernels.py --profile-case 32x8192 > "$OUT/ncu_decode.txt" 2>&1 || status=1
+    tail -80 "$OUT/ncu_decode.txt"
     ;;
   *) echo "unknown stage $s"; status=2 ;;
   esac
