@@ -147,7 +147,8 @@ def main():
         with open(args.out) as f:
             result = json.load(f)
     mine = {(r["model"], r["method"], r["block"], r["rotate"]) for r in out_rows}
-    result["rows"] = [r for r in result["rows"] if (r["model"], r["method"], r["block"], r["rotate"]) not in mine]
+    result["rows"] = [r for r in result["rows"] if r["metric"] == "task_acc"  # scripts/eval_tasks.py's rows
+                      or (r["model"], r["method"], r["block"], r["rotate"]) not in mine]
     result["rows"] += out_rows
     if args.only_policy or args.only_kmeans:
         key = "bf16_layers_run" if args.only_policy else "kmeans_run"

@@ -1,0 +1,52 @@
+"""BIG-bench multiple-choice scoring of scripts/eval_tasks.py."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import eval_tasks  # noqa: E402
+
+
+class CharTokenizer:
+    """ids = byte values + 1 (0 is padding)."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [b + 1 for b in text.encode()][:60]}
+
+
+def test_task_format_and_answer_index(tmp_path):
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps({"name": "toy", "examples": [
+        {"input": "2+2?", "target_scores": {"3": 0, "4": 1, "5": 0}},
+        {"input": "no options", "target": "x"},
+    ]}))
+    name, items = eval_tasks.load_task(str(path), 10, seed=0)
+    assert name == "toy" and len(items) == 1
+    prompt, options, best = items[0]
+    assert prompt == "\nQ: 2+2?\nA:" and options == ["3", "4", "5"] and best == 1
+
+
+def test_padded_batch_scores_equal_one_by_one():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    tok = CharTokenizer()
+    prompt, options = "\nQ: which?\nA:", ["a", "bbbb", "cc"]
+    batched = eval_tasks.score_options(model, tok, prompt, options)
+    for option, score in zip(options, batched):
+        alone = eval_tasks.score_options(model, tok, prompt, [option])[0]
+        assert score == pytest.approx(alone, abs=1e-4)
+    ids = tok(prompt + " a")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    n = len(tok(prompt)["input_ids"])
+    direct = sum(logp[i - 1, ids[i]].item() for i in range(n, len(ids)))
+    assert batched[0] == pytest.approx(direct, abs=1e-4)
