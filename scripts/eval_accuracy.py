@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, install, standard_methods  # noqa: E402
+from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, install, load_model, standard_methods  # noqa: E402
 
 
 def windows(tokenizer, path, context, count):
@@ -56,13 +56,9 @@ def main():
                         "the evaluated windows of the first --text)")
     p.add_argument("--only-kmeans", action="store_true", help="with --kmeans: evaluate only bf16 and k-means")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    # float32 compute: the weights are the BF16 values, CPU matmuls are fast in fp32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tok, model = load_model(args.model, args.threads)
     head_dim = model.config.head_dim
     current = {"m": KVMethod("bf16")}
     layer_stats = {}

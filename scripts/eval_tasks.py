@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, install  # noqa: E402
+from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, install, load_model  # noqa: E402
 
 
 def load_task(path, n, seed):
@@ -83,12 +83,9 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tok, model = load_model(args.model, args.threads)
     head_dim = model.config.head_dim
     current = {"m": KVMethod("bf16")}
     install(model, lambda: current["m"])

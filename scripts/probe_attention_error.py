@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import KVMethod  # noqa: E402
+from sglang_sawint4.eval.kv_methods import KVMethod, load_model  # noqa: E402
 
 
 def main():
@@ -28,11 +28,10 @@ def main():
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tok, model = load_model(args.model)
     with open(args.text, errors="replace") as f:
         ids = tok(f.read(50 * args.tokens), add_special_tokens=False)["input_ids"][: args.tokens]
     d = model.config.head_dim

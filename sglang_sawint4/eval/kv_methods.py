@@ -160,6 +160,20 @@ def standard_methods(head_dim: int) -> list:
     return methods
 
 
+def load_model(path: str, threads: Optional[int] = None):
+    """(tokenizer, model) of a converted model directory, for CPU evaluation.
+
+    float32 compute: the weights are the BF16 values and CPU matmuls are fast in fp32.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return tok, model
+
+
 def install(model, method_ref: Callable[[], KVMethod], observer=None) -> None:
     """Route the model's attention through ``method_ref()`` (looked up at every call).
 
