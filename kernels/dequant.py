@@ -14,7 +14,7 @@ import triton.language as tl
 
 from sglang_sawint4 import format as fmt
 from sglang_sawint4.kernels.launch import check_layer_buffers, row_head_args
-from sglang_sawint4.kernels.format_jit import hadamard_tile, rotation_norm, unpack_hi, unpack_lo
+from sglang_sawint4.kernels.format_jit import META_OFFSET, META_SCALE, hadamard_tile, rotation_norm, unpack_hi, unpack_lo
 
 BLOCK_T = 16
 
@@ -30,8 +30,8 @@ def _dequant_rows(data_ptr, d_st, d_sh, meta_ptr, m_st, m_sh, out_ptr, o_st, o_s
     packed = tl.load(data_ptr + loc[:, None] * d_st + head * d_sh + half[None, :],
                      mask=mask_t[:, None], other=0)
     meta = meta_ptr + loc * m_st + head * m_sh
-    scale = tl.load(meta + 0, mask=mask_t, other=0.0).to(tl.float32)
-    offset = tl.load(meta + 1, mask=mask_t, other=0.0).to(tl.float32)
+    scale = tl.load(meta + META_SCALE, mask=mask_t, other=0.0).to(tl.float32)
+    offset = tl.load(meta + META_OFFSET, mask=mask_t, other=0.0).to(tl.float32)
     out_row = out_ptr + offs_t[:, None].to(tl.int64) * o_st + head * o_sh
     out_ty = out_ptr.dtype.element_ty
     if UNROTATE:

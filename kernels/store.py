@@ -8,6 +8,8 @@ import triton.language as tl
 from sglang_sawint4 import format as fmt
 from sglang_sawint4.kernels.launch import check_layer_buffers, row_head_args
 from sglang_sawint4.kernels.format_jit import (
+    META_OFFSET,
+    META_SCALE,
     pack_nibbles,
     quant_params,
     quantize_codes,
@@ -47,8 +49,8 @@ def _quantize_store_rows(x_ptr, stride_xt, stride_xh, data_ptr, stride_dt, strid
     tl.store(data_ptr + loc[:, None] * stride_dt + head * stride_dh + half[None, :],
              packed, mask=mask_t[:, None])
     meta = meta_ptr + loc * stride_mt + head * stride_mh
-    tl.store(meta + 0, scale.to(tl.float16), mask=mask_t)
-    tl.store(meta + 1, offset.to(tl.float16), mask=mask_t)
+    tl.store(meta + META_SCALE, scale.to(tl.float16), mask=mask_t)
+    tl.store(meta + META_OFFSET, offset.to(tl.float16), mask=mask_t)
 
 
 @triton.jit
