@@ -103,25 +103,27 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             self._store(forward_batch, layer, k, v)
         md = self.forward_metadata
         hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q3, k3, v3 = q.view(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d)
         n_prefix = self._prefix_rows(forward_batch)
-        # Dense copy of the cached prefix only, in the original (un-rotated) space.
-        k_prefix = q.new_empty((max(n_prefix, 1), hk, d))
-        v_prefix = q.new_empty((max(n_prefix, 1), hk, d))
+        # Dense copy of the cached prefix only, in the original (un-rotated) space
+        # (one row even without a prefix: the extend kernel takes a non-empty buffer).
+        scratch_rows = max(n_prefix, 1)
+        k_prefix = q.new_empty((scratch_rows, hk, d))
+        v_prefix = q.new_empty((scratch_rows, hk, d))
         dequantize_pages(*self.int4_pool.get_int4_layer(layer.layer_id), md.kv_indices[:n_prefix],
                          k_prefix, v_prefix, self.int4_format)
         o = q.new_empty((q.shape[0], hq * layer.v_head_dim))
         self.extend_attention_fwd(
-            q.view(-1, hq, d), k.reshape(-1, hk, d).contiguous(), v.reshape(-1, hk, d).contiguous(),
+            q3, k3.contiguous(), v3.contiguous(),
             o.view(-1, hq, layer.v_head_dim), k_prefix, v_prefix,
-            md.qo_indptr, md.kv_indptr, self._identity(max(n_prefix, 1)),
+            md.qo_indptr, md.kv_indptr, self._identity(scratch_rows),
             md.custom_mask, True, md.mask_indptr, md.max_extend_len,
             1.0, 1.0, layer.scaling,
             logit_cap=0.0, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
             xai_temperature_len=layer.xai_temperature_len, page_size=1,
         )
         if self._checker is not None:
-            self._check_extend(layer, forward_batch, q.view(-1, hq, d), k.reshape(-1, hk, d),
-                               v.reshape(-1, hk, d), o, n_prefix)
+            self._check_extend(layer, forward_batch, q3, k3, v3, o, n_prefix)
         return o
 
     # -- --kv-quant-debug-check-attention: eager mode only, first calls per layer ----------
