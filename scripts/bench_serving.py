@@ -131,8 +131,10 @@ def summarize(results, seconds, output_len):
 
 
 def make_prompts(n, input_len, vocab, seed):
+    from serve_check import random_token_ids
+
     rng = random.Random(seed)
-    return [[rng.randrange(10, vocab) for _ in range(input_len)] for _ in range(n)]
+    return [random_token_ids(rng, vocab, input_len) for _ in range(n)]
 
 
 def main():

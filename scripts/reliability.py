@@ -44,7 +44,16 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from serve_check import Server, gpu_name, request, served_model_id, stream_events, versions  # noqa: E402
+from serve_check import (  # noqa: E402
+    Server,
+    generate_ids,
+    gpu_name,
+    random_token_ids,
+    request,
+    served_model_id,
+    stream_events,
+    versions,
+)
 
 LAUNCHER = [sys.executable, "-m", "sglang_sawint4.launch_server"]
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
@@ -133,11 +142,11 @@ class Traffic:
     def __init__(self, vocab, seed, families=12, prefix_len=1000, max_tail=1200):
         rng = random.Random(seed)
         self.vocab = vocab
-        self.prefixes = [[rng.randrange(10, vocab) for _ in range(prefix_len)] for _ in range(families)]
+        self.prefixes = [random_token_ids(rng, vocab, prefix_len) for _ in range(families)]
         self.max_tail = max_tail
 
     def prompt(self, rng):
-        tail = [rng.randrange(10, self.vocab) for _ in range(rng.randrange(16, self.max_tail))]
+        tail = random_token_ids(rng, self.vocab, rng.randrange(16, self.max_tail))
         return (rng.choice(self.prefixes) if rng.random() < 0.8 else []) + tail
 
 
@@ -347,9 +356,10 @@ def wait_idle(port, timeout=300):
 
 
 def probe(port, ids, n=48):
-    st, r = request(port, "POST", "/generate", {"input_ids": ids, "return_logprob": True, "sampling_params": {
-        "temperature": 0, "max_new_tokens": n, "ignore_eos": True}})
-    if st != 200:
+    """Greedy output of a fixed prompt and whether all its logprobs are finite (None on an HTTP error)."""
+    try:
+        r = generate_ids(port, ids, n, return_logprob=True)
+    except RuntimeError:
         return None
     return {"ids": r["output_ids"], "finite": all(finite(t[0]) for t in r["meta_info"]["output_token_logprobs"])}
 

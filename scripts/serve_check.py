@@ -283,8 +283,16 @@ def agreement(a, b):
     return same / max(total, 1)
 
 
+FIRST_PLAIN_TOKEN_ID = 10  # random prompts stay clear of the generated tokenizers' special tokens
+
+
+def random_token_ids(rng, vocab, n):
+    """n token ids drawn by ``rng`` (a random.Random) from the non-special part of the vocabulary."""
+    return [rng.randrange(FIRST_PLAIN_TOKEN_ID, vocab) for _ in range(n)]
+
+
 def check_radix_reuse(port, vocab, rng):
-    prefix = [rng.randrange(10, vocab) for _ in range(1500)]
+    prefix = random_token_ids(rng, vocab, 1500)
     first = generate_ids(port, prefix + [11, 12, 13], 24)
     second = generate_ids(port, prefix + [11, 12, 13], 24)
     cached = second.get("meta_info", {}).get("cached_tokens", 0)
@@ -293,7 +301,7 @@ def check_radix_reuse(port, vocab, rng):
 
 
 def check_chunked_prefill(port, vocab, rng, chunk):
-    ids = [rng.randrange(10, vocab) for _ in range(3 * chunk + 17)]
+    ids = random_token_ids(rng, vocab, 3 * chunk + 17)
     r = generate_ids(port, ids, 16)
     return {"ok": len(r["output_ids"]) == 16 and r["meta_info"]["prompt_tokens"] == len(ids),
             "prompt_tokens": r["meta_info"]["prompt_tokens"]}
@@ -358,7 +366,7 @@ def smoke(args):
 def int4(args):
     rng = random.Random(0)
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
-    prompts_ids = [[rng.randrange(10, vocab) for _ in range(rng.randrange(64, 1024))] for _ in range(args.agree_prompts)]
+    prompts_ids = [random_token_ids(rng, vocab, rng.randrange(64, 1024)) for _ in range(args.agree_prompts)]
     # The comparison servers skip SGLang's prefill CUDA-graph capture (80 s per start on
     # an H100); the int4-bdr server, which runs every feature check, keeps all defaults.
     fast = ["--disable-prefill-cuda-graph"]
