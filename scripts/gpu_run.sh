@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu_run.sh install tests bench smoke int4
 #
-# Stages: install (bundle + package, always first), tests (pytest on the GPU),
+# Stages: warm (exit 3 unless a previous call on this machine installed the bundle),
+# install (bundle + package, always first), tests (pytest on the GPU),
 # bench (scripts/bench_kernels.py), smoke (BF16 server smoke), int4 (INT4 e2e),
 # tp2 (INT4 with --tp 2; needs 2 GPUs), reliability (bad config + requests, soak of
 # $SOAK_MIN minutes, default 8), profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
@@ -23,6 +24,14 @@ stage() { echo; echo "=== $1 ($(date +%T))"; }
 
 for s in "$@"; do
   case $s in
+  warm)
+    # a call that only fits on a machine left warm by the previous one (bundle unpacked,
+    # Triton and FlashInfer JIT caches filled): stop at once on a fresh machine
+    if [ ! -f "$SITE/sawint4_bundle_manifest.json" ]; then
+      echo "fresh machine: the previous call's caches are gone; not running"; exit 3
+    fi
+    echo "warm machine: bundle at $SITE"
+    ;;
   install)
     stage install
     if [ ! -f "$SITE/sawint4_bundle_manifest.json" ]; then

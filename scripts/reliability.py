@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,8 +119,6 @@ def run_bad_config_case(name, argv, env, expect):
 
 def run_bad_config_cases():
     """Every case in its own launcher process, all at once (each exits in about a second)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with tempfile.TemporaryDirectory() as tmp:
         cases = bad_config_cases(tmp)
         with ThreadPoolExecutor(len(cases)) as pool:
@@ -370,8 +369,9 @@ def probe(port, ids, n=48):
 def run(args):
     result = {"gpu": gpu_name(), "versions": versions(), "model": os.path.basename(args.model.rstrip("/")),
               "command": " ".join(["python"] + sys.argv)}
-    bad_cfg = run_bad_config_cases()
-    result["bad_config"] = bad_cfg
+    # the launcher cases are CPU-only subprocesses: run them while the server starts and warms up
+    bad_cfg_pool = ThreadPoolExecutor(1)
+    bad_cfg_future = bad_cfg_pool.submit(run_bad_config_cases)
     cfg = json.load(open(os.path.join(args.model, "config.json")))
     vocab = cfg["vocab_size"]
     max_context = min(args.context_length, cfg.get("max_position_embeddings", args.context_length))
@@ -444,6 +444,9 @@ def run(args):
         end_mem = gpu_mem_mib()
     finally:
         srv.stop()
+        bad_cfg = bad_cfg_future.result()
+        bad_cfg_pool.shutdown()
+    result["bad_config"] = bad_cfg
     log_text = open(log, errors="replace").read()
     log_counts = {"memory leak": len(re.findall(r"memory leak detected", log_text, re.I)),
                   "scheduler exception": len(re.findall(r"Scheduler hit an exception|TpModelWorker hit", log_text))}
