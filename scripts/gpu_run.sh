@@ -8,7 +8,8 @@
 # install (bundle + package, always first), tests (pytest on the GPU),
 # bench (scripts/bench_kernels.py), smoke (BF16 server smoke), int4 (INT4 e2e),
 # tp2 (INT4 with --tp 2; needs 2 GPUs), reliability (bad config + requests, soak of
-# $SOAK_MIN minutes, default 8), profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
+# $SOAK_MIN minutes, default 8), serving (scripts/bench_serving.py on an 8B-shaped model;
+# resumable: CALL_LIMIT_S, SERVING_STATE, SERVING_ARGS; exit 75 = call again), profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
 set -uo pipefail
 OUT=${OUT:-$PWD/.out}
@@ -77,6 +78,20 @@ for s in "$@"; do
     python3 scripts/reliability.py --model "$MODELS/small" --out "$OUT/reliability.json" --log-dir "$OUT" \
       --soak-minutes "${SOAK_MIN:-8}" -- --disable-prefill-cuda-graph 2>&1 | grep -v "^bad config ok" | tail -40 \
       || status=1
+    ;;
+  serving)
+    stage serving
+    # resumable over several calls on one machine: the state file lists the finished units;
+    # each call stops (exit 75) before a unit that would not end within CALL_LIMIT_S of its start
+    [ -d "$MODELS/8b" ] || python3 scripts/make_model.py --preset 8b --out "$MODELS/8b" | tail -1
+    STATE=${SERVING_STATE:-/tmp/serving_state.jsonl}
+    BUDGET=0
+    [ "${CALL_LIMIT_S:-0}" -gt 0 ] && BUDGET=$((CALL_LIMIT_S - SECONDS - 20))
+    python3 scripts/bench_serving.py --model "$MODELS/8b" --out "$OUT/serving.json" --log-dir "$OUT" \
+      --state "$STATE" --call-budget-s "$BUDGET" ${SERVING_ARGS:-} 2>&1 | tr "\r" "\n" | grep -v "it/s\]$" | tail -60
+    rc=${PIPESTATUS[0]}
+    cp "$STATE" "$OUT/serving_state.jsonl" 2>/dev/null
+    [ "$rc" -ne 0 ] && status=$rc
     ;;
   profile)
     stage profile

@@ -127,7 +127,9 @@ class Server:
         raise RuntimeError(f"server not healthy after {timeout}s; see {self.log_path}")
 
     def info(self):
-        status, info = request(self.port, "GET", "/get_server_info")
+        """SGLang's /server_info: server args, scheduler info (max_total_num_tokens, ...) and
+        per-DP internal states (effective_max_running_requests_per_dp, ...)."""
+        status, info = request(self.port, "GET", "/server_info")
         return info if status == 200 else {}
 
     def stop(self, timeout=60):
