@@ -298,10 +298,13 @@ def run_unit(unit, args, shapes, levels, capacity, vocab):
         points = [(il, ol, c, False) for il, ol in shapes for c in levels]
         if capacity and unit.pass_idx == 0 and unit.config in args.capacity_configs:
             points.append((*capacity[0], capacity[1], True))
-        # untimed warm-up at every shape: Triton / FlashInfer JIT and allocator growth on a
-        # fresh server would otherwise land in the first timed level
+        # untimed warm-up at every shape, with enough requests for full prefill chunks and
+        # mixed prefill/decode batches: Triton specializes kernels on argument values (e.g.
+        # divisible by 16), and a compile inside a timed level would count against that config
+        # (decode batch sizes up to 256 are compiled by the CUDA-graph capture already)
+        n_warm = min(64, max(c for _, _, c, _ in points))
         for il, ol in sorted({(p[0], p[1]) for p in points}):
-            asyncio.run(run_load(base, model_id, make_prompts(4, il, vocab, args.seed - 1), min(ol, 16), 4))
+            asyncio.run(run_load(base, model_id, make_prompts(n_warm, il, vocab, args.seed - 1), min(ol, 8), n_warm))
         total = sum(num_requests(c, args.min_requests) for _, _, c, _ in points)
         bar = tqdm(total=total, desc=f"pass {unit.pass_idx} {unit.config}", file=sys.stdout, mininterval=10)
         for il, ol, c, is_capacity in points:
