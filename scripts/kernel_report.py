@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Compile the decode kernel's stage 1 for a GPU without one, and report what it became.
+
+    pip install --no-deps --target /tmp/tr36 triton==3.6.0      # the GPU host's Triton
+    PYTHONPATH=/tmp/tr36 python scripts/kernel_report.py --block-n 64 --prefetch --num-stages 1
+
+Triton compiles for a target (default sm_90, the H100/H200) on any machine; ptxas (shipped
+with Triton) then gives registers and spills.  The argument specializations are those of the
+served buffers (16-byte aligned pointers, strides divisible by 16, the meta tensors' head
+stride 1), so the numbers match the GPU's: at the default tiling this reports 168 registers
+and 26,112 bytes of shared memory, as ncu did on the H200.  Also reported: the shared-memory
+buffers of the pipelined loads (1 = no overlap of loads and math within a program) and the
+async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+POINTERS = {"q_ptr": "*bf16", "kd_ptr": "*u8", "km_ptr": "*i32", "vd_ptr": "*u8", "vm_ptr": "*i32",
+            "kv_indptr": "*i32", "kv_indices": "*i32", "num_kv_splits": "*i32", "logits_ptr": "*fp32",
+            "lse_ptr": "*fp32"}
+DIVISIBLE_BY_16 = {"stride_qb", "stride_qh", "kd_st", "kd_sh", "vd_st", "vd_sh", "st_lb", "st_lh", "st_ls",
+                   "st_eb", "st_eh"}
+EQUAL_TO_1 = {"km_sh", "vm_sh"}  # [slots, heads] int32 meta words: Triton specializes a 1 into a constant
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--block-n", type=int, default=None)
+    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--num-stages", type=int, default=None)
+    p.add_argument("--prefetch", action="store_true")
+    p.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block", type=int, default=128, help="Hadamard block (0: plain INT4)")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--out-dir", default="/tmp/kernel_report")
+    args = p.parse_args()
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sglang_sawint4.kernels import decode
+
+    params = list(inspect.signature(decode._decode_stage1.fn).parameters)
+    signature, constants = {}, {}
+    for name in params:
+        if name in POINTERS:
+            signature[name] = POINTERS[name]
+        elif name == "sm_scale":
+            signature[name] = "fp32"
+        elif name.isupper() or name in EQUAL_TO_1:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "i32"
+    constants.update({n: 1 for n in EQUAL_TO_1})
+    constants.update(GROUP=args.group, BLOCK_H=max(16, triton.next_power_of_2(args.group)),
+                     BLOCK=args.block_n or decode.BLOCK_N, HALF=args.head_dim // 2, ROTATE_K=args.block > 0,
+                     BLOCK_ROT=args.block or 1, USE_PTX=True, PREFETCH=args.prefetch)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params) if n in POINTERS or n in DIVISIBLE_BY_16}
+    num_stages = args.num_stages if args.num_stages is not None else decode.NUM_STAGES
+    kernel = triton.compile(ASTSource(decode._decode_stage1, signature, constants, attrs),
+                            target=GPUTarget("cuda", args.arch, 32),
+                            options={"num_warps": args.num_warps, "num_stages": num_stages})
+    os.makedirs(args.out_dir, exist_ok=True)
+    for kind in ("ttgir", "ptx"):
+        with open(os.path.join(args.out_dir, f"decode_stage1.{kind}"), "w") as f:
+            f.write(kernel.asm[kind])
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptx = os.path.join(args.out_dir, "decode_stage1.ptx")
+    info = subprocess.run([ptxas, f"-arch=sm_{args.arch}a", "-v", ptx, "-o", os.devnull],
+                          capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    ttgir = kernel.asm["ttgir"]
+    buffers = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir)
+    waits = re.findall(r"async_wait.*\{num = (\d+)", ttgir)
+    print(f"triton {triton.__version__}, sm_{args.arch}: block_n {constants['BLOCK']}, {args.num_warps} warps, "
+          f"{num_stages} stages, prefetch {args.prefetch}")
+    print(f"registers {regs.group(1) if regs else '?'}, spill stores {spills.group(1) if spills else '?'} B, "
+          f"shared {kernel.metadata.shared} B")
+    print(f"pipelined load buffers {buffers or 'none'}, async_wait depths {waits or 'none'}")
+    print(f"TTGIR and PTX in {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
