@@ -54,7 +54,12 @@ def main():
                    help="add k-means residual INT4 (centroid subtract, plain and with the largest BDR block "
                         "on K) with these cluster counts, calibrated on a held-out window (the one after "
                         "the evaluated windows of the first --text)")
-    p.add_argument("--only-kmeans", action="store_true", help="with --kmeans: evaluate only bf16 and k-means")
+    p.add_argument("--hessian", type=float, default=None, metavar="ALPHA",
+                   help="add Hessian-aware INT4 on K (the query second-moment eigenbasis, damped by ALPHA x "
+                        "mean eigenvalue and whitened, composed with the largest BDR block), calibrated on "
+                        "the same held-out window as --kmeans; the paper's setting is 0.01")
+    p.add_argument("--only-calibrated", action="store_true",
+                   help="with --kmeans / --hessian: evaluate only bf16 and the calibrated methods")
     args = p.parse_args()
     from tqdm import tqdm
 
@@ -81,23 +86,25 @@ def main():
         methods = [methods[0]] + policy if args.only_policy else methods + policy
     data = {name: windows(tok, path, args.context, args.windows)
             for name, path in (t.split("=", 1) for t in args.text)}
-    if args.kmeans:
+    if args.kmeans or args.hessian is not None:
         first_path = args.text[0].split("=", 1)[1]
         held_out = windows(tok, first_path, args.context, args.windows + 1)
         if len(held_out) <= args.windows:
-            raise SystemExit(f"{first_path}: no window left after the evaluated ones for k-means calibration")
+            raise SystemExit(f"{first_path}: no window left after the evaluated ones for calibration")
         recorder = KVRecorder()
         current["m"] = recorder
         with torch.no_grad():
             model(held_out[args.windows][None])
         current["m"] = KVMethod("bf16")
         largest = max(m.block for m in methods if m.block)
-        km = []
-        for c in (int(x) for x in args.kmeans.split(",")):
+        calibrated = []
+        for c in (int(x) for x in args.kmeans.split(",")) if args.kmeans else ():
             book = recorder.codebook(c)
-            km += [KVMethod("kmeans", clusters=c, codebook=book),
-                   KVMethod("kmeans", largest, "k", clusters=c, codebook=book)]
-        methods = [methods[0]] + km if args.only_kmeans else methods + km
+            calibrated += [KVMethod("kmeans", clusters=c, codebook=book),
+                           KVMethod("kmeans", largest, "k", clusters=c, codebook=book)]
+        if args.hessian is not None:
+            calibrated.append(KVMethod("hessian", largest, "k", metric=recorder.query_metric(args.hessian)))
+        methods = [methods[0]] + calibrated if args.only_calibrated else methods + calibrated
     rows = []
     total = len(methods) * sum(len(w) for w in data.values())
     bar = tqdm(total=total, desc="forwards", file=sys.stdout, mininterval=10)
@@ -146,8 +153,9 @@ def main():
     result["rows"] = [r for r in result["rows"] if r["metric"] == "task_acc"  # scripts/eval_tasks.py's rows
                       or (r["model"], r["method"], r["block"], r["rotate"]) not in mine]
     result["rows"] += out_rows
-    if args.only_policy or args.only_kmeans:
-        key = "bf16_layers_run" if args.only_policy else "kmeans_run"
+    if args.only_policy or args.only_calibrated:
+        key = "bf16_layers_run" if args.only_policy else (
+            "kmeans_run" if not args.hessian else "hessian_run" if not args.kmeans else "calibrated_run")
         result["runs"].setdefault(args.model_name, {})[key] = {k: run[k] for k in run if k != "layers"}
     else:
         result["runs"][args.model_name] = run
@@ -178,7 +186,7 @@ def plot(result, path):
     for row, model_name in enumerate(models):
         ax, ax_l = axes[row]
         rows = [r for r in result["rows"] if r["model"] == model_name and r["corpus"] == "all" and r["metric"] == "ppl"]
-        order = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr", "kmeans"]
+        order = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr", "kmeans", "hessian"]
         rows.sort(key=lambda r: ("[" in r["method"], order.index(r["method"].split("[")[0].split("-")[0]
                                                                  if r["method"].startswith("kmeans")
                                                                  else r["method"].split("[")[0]),

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import random
 import sys
 import time
@@ -29,7 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sglang_sawint4 import format as fmt  # noqa: E402
 from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, install, load_model  # noqa: E402
+from sglang_sawint4.eval.results import merge_task_rows, run_info, task_row  # noqa: E402
 
 
 def load_task(path, n, seed):
@@ -98,7 +98,7 @@ def main():
     with torch.no_grad():
         model(torch.tensor([calib]))
     book = recorder.codebook(args.kmeans_clusters)
-    block = max(b for b in (16, 32, 64, 128) if head_dim % b == 0)
+    block = fmt.default_block_size(head_dim)
     methods = [KVMethod("bf16"), KVMethod("int4"), KVMethod("int4-bdr", block, "k"),
                KVMethod("kmeans", block, "k", clusters=args.kmeans_clusters, codebook=book)]
 
@@ -115,28 +115,12 @@ def main():
                 scores = score_options(model, tok, prompt, options)
                 correct += int(max(range(len(options)), key=scores.__getitem__) == best)
                 bar.update(1)
-            acc = correct / len(items)
-            out_rows.append({"model": args.model_name, "method": m.row_name, "block": m.block, "rotate": m.rotate,
-                             "metric": "task_acc", "context": None, "value": acc, "n": len(items),
-                             "stderr": math.sqrt(acc * (1 - acc) / len(items)), "task": name, "corpus": None})
-            print(f"{name:28} {m.label:22} acc {acc:.3f} +- {out_rows[-1]['stderr']:.3f} (n={len(items)})",
-                  flush=True)
+            out_rows.append(task_row(args.model_name, m, name, correct, len(items)))
+            r = out_rows[-1]
+            print(f"{name:28} {m.label:22} acc {r['value']:.3f} +- {r['stderr']:.3f} (n={len(items)})", flush=True)
     bar.close()
 
-    result = {"rows": [], "runs": {}}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            result = json.load(f)
-    mine = {(r["model"], r["method"], r["block"], r["rotate"], r["task"]) for r in out_rows}
-    result["rows"] = [r for r in result["rows"] if r.get("metric") != "task_acc"
-                      or (r["model"], r["method"], r["block"], r["rotate"], r.get("task")) not in mine]
-    result["rows"] += out_rows
-    result["runs"].setdefault(args.model_name, {})["task_run"] = {
-        "command": " ".join(["python"] + sys.argv), "device": "cpu",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-        "seconds": round(time.time() - t0, 1)}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    merge_task_rows(args.out, out_rows, args.model_name, "task_run", run_info(t0))
 
 
 if __name__ == "__main__":

@@ -50,3 +50,48 @@ def test_padded_batch_scores_equal_one_by_one():
     n = len(tok(prompt)["input_ids"])
     direct = sum(logp[i - 1, ids[i]].item() for i in range(n, len(ids)))
     assert batched[0] == pytest.approx(direct, abs=1e-4)
+
+
+class FullCharTokenizer(CharTokenizer):
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [b + 1 for b in text.encode()]}
+
+
+@pytest.mark.parametrize("depth", [0.05, 0.5, 0.95])
+def test_passkey_prompt_fits_and_places_the_needle(depth):
+    import eval_passkey
+
+    tok = FullCharTokenizer()
+    prompt, answer = eval_passkey.passkey_sample(tok, 3000, depth, 12345)
+    assert len(prompt) + len(answer) <= 3000 and len(prompt) + len(answer) > 3000 - 2 * len(eval_passkey.FILLER)
+    text = bytes(i - 1 for i in prompt).decode()
+    assert text.startswith(eval_passkey.INSTRUCTION) and text.endswith(eval_passkey.QUESTION)
+    assert bytes(i - 1 for i in answer).decode() == " 12345."
+    needle = eval_passkey.NEEDLE.format(key=12345)
+    filler_chars = len(text) - len(eval_passkey.INSTRUCTION) - len(needle) - len(eval_passkey.QUESTION)
+    at = (text.index(needle) - len(eval_passkey.INSTRUCTION)) / filler_chars  # depth within the filler
+    assert abs(at - depth) < 0.02
+    with pytest.raises(SystemExit):
+        eval_passkey.passkey_sample(tok, 300, depth, 12345)
+
+
+def test_passkey_counts_only_an_exact_greedy_answer():
+    import eval_passkey
+
+    class Echo(torch.nn.Module):
+        """Predicts token t+1 = the given sequence's token t+1, except at position `wrong`."""
+
+        def __init__(self, wrong=None):
+            super().__init__()
+            self.wrong = wrong
+
+        def forward(self, ids):
+            logits = torch.nn.functional.one_hot(ids.roll(-1, dims=1), 300).float()
+            if self.wrong is not None:
+                logits[0, self.wrong] = torch.nn.functional.one_hot(torch.tensor(7), 300).float()
+            return type("Out", (), {"logits": logits})
+
+    prompt, answer = [5, 6, 7, 8], [50, 51, 52]
+    assert eval_passkey.retrieved(Echo(), prompt, answer)
+    assert not eval_passkey.retrieved(Echo(wrong=4), prompt, answer)  # second answer token wrong
+    assert eval_passkey.retrieved(Echo(wrong=1), prompt, answer)  # inside the prompt: not scored

@@ -29,6 +29,22 @@ class Codebook:
     v: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class QueryMetric:
+    """Per-layer, per-KV-head eigenbasis of the queries' second moment (Hessian-aware keys).
+
+    The error a key quantizer adds to an attention score is q.(k_hat - k), whose mean
+    square over the queries is e^T E[q q^T] e: E[q q^T] is the Hessian of that loss in k.
+    basis[layer]: [kv_heads, head_dim, head_dim] float32, eigenvectors as columns (U);
+    scale[layer]: [kv_heads, head_dim] float32, square roots of the damped eigenvalues,
+    lambda + alpha * mean(lambda) (GPTQ-style damping).
+    """
+
+    alpha: float
+    basis: Dict[int, torch.Tensor] = field(default_factory=dict)
+    scale: Dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class KVMethod:
     name: str
@@ -39,10 +55,14 @@ class KVMethod:
     # clusters is part of the method's identity, the codebook's tensors are not
     clusters: Optional[int] = None
     codebook: Optional[Codebook] = field(default=None, compare=False, hash=False, repr=False)
+    # "hessian": keys in the query metric's whitened eigenbasis, then BDR (offline only)
+    metric: Optional[QueryMetric] = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         if self.name == "kmeans" and (self.codebook is None or self.codebook.clusters != self.clusters):
             raise ValueError("a kmeans method needs a codebook with `clusters` centroids")
+        if self.name == "hessian" and (self.metric is None or self.block is None or self.rotate != "k"):
+            raise ValueError("a hessian method needs a QueryMetric, a BDR block and rotate='k'")
 
     @property
     def policy(self) -> str:
@@ -60,7 +80,9 @@ class KVMethod:
         name = f"kmeans-{self.clusters}" if self.name == "kmeans" else self.name
         return name + self.policy
 
-    def apply(self, key: torch.Tensor, value: torch.Tensor, layer: int = -1):
+    def apply(self, key: torch.Tensor, value: torch.Tensor, layer: int = -1, query: Optional[torch.Tensor] = None):
+        """(key_hat, value_hat) as the cache would give them back; ``query`` is unused here
+        (the calibration recorder takes it)."""
         if self.name == "bf16" or layer in self.bf16_layers:
             return key, value
         if self.name == "fp8_e4m3":
@@ -76,6 +98,9 @@ class KVMethod:
         if self.name == "kmeans":
             return (centroid_subtract_int4(key, self.codebook.k[layer], layout, is_value=False),
                     centroid_subtract_int4(value, self.codebook.v[layer], layout, is_value=True))
+        if self.name == "hessian":
+            return (hessian_int4(key, self.metric.basis[layer], self.metric.scale[layer], layout),
+                    fmt.fake_quantize(value, layout, is_value=True))
         return fmt.fake_quantize(key, layout, is_value=False), fmt.fake_quantize(value, layout, is_value=True)
 
 
@@ -111,6 +136,21 @@ def centroid_subtract_int4(x: torch.Tensor, centers: torch.Tensor, layout: fmt.I
     return (deq.permute(0, 2, 1, 3).reshape(b * t, h * d) + c).reshape(b, t, h, d).permute(0, 2, 1, 3).to(x.dtype)
 
 
+def hessian_int4(key: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor,
+                 layout: fmt.Int4Format) -> torch.Tensor:
+    """Hessian-aware INT4 of keys [batch, kv_heads, tokens, head_dim].
+
+    y = diag(scale) U^T k puts each key in the eigenbasis of its KV head's query second
+    moment, scaled so that every coordinate carries the same expected score error
+    (E[q' q'^T] ~ I for q' = diag(1/scale) U^T q, and q'.y = q.k); y then goes through the
+    served token-wise format (BDR per ``layout``) and is mapped back.  basis: [kv_heads,
+    head_dim, head_dim] (eigenvectors as columns); scale: [kv_heads, head_dim].
+    """
+    y = torch.einsum("bhtd,hde->bhte", key.float(), basis) * scale[None, :, None, :]
+    y_hat = fmt.fake_quantize(y, layout, is_value=False).float()
+    return torch.einsum("bhte,hde->bhtd", y_hat / scale[None, :, None, :], basis).to(key.dtype)
+
+
 def fit_kmeans(x: torch.Tensor, clusters: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
     """Lloyd's k-means of rows x [n, dim] (float32), k-means++ seeding; returns [clusters, dim]."""
     g = torch.Generator().manual_seed(seed)
@@ -135,12 +175,34 @@ class KVRecorder:
 
     def __init__(self):
         self.k, self.v = {}, {}
+        self.q_moment, self.q_count = {}, {}  # per layer: sum of q q^T per KV head, and its count
 
-    def apply(self, key, value, layer=-1):
+    def apply(self, key, value, layer=-1, query=None):
         for store, x in ((self.k, key), (self.v, value)):
             b, h, t, d = x.shape
             store.setdefault(layer, []).append(x.permute(0, 2, 1, 3).reshape(b * t, h * d).float())
+        if query is not None:
+            b, hq, t, d = query.shape
+            hk = key.shape[1]
+            # the queries of a KV head's GQA group: query head i reads KV head i // (hq // hk)
+            q = query.float().reshape(b, hk, hq // hk, t, d)
+            moment = torch.einsum("bhgtd,bhgte->hde", q, q)
+            self.q_moment[layer] = self.q_moment.get(layer, 0) + moment
+            self.q_count[layer] = self.q_count.get(layer, 0) + b * (hq // hk) * t
         return key, value
+
+    def query_metric(self, alpha: float = 0.01) -> QueryMetric:
+        """Eigenbasis and damped scales of each layer's per-KV-head query second moment."""
+        if not self.q_moment:
+            raise ValueError("no queries recorded: install() passes them to the recorder")
+        metric = QueryMetric(alpha)
+        for layer, total in self.q_moment.items():
+            eigvals, eigvecs = torch.linalg.eigh((total / self.q_count[layer]).double())
+            eigvals = eigvals.clamp_min(0)
+            damped = eigvals + alpha * eigvals.mean(-1, keepdim=True)
+            metric.basis[layer] = eigvecs.float()
+            metric.scale[layer] = damped.sqrt().float()
+        return metric
 
     def codebook(self, clusters: int, max_rows: int = 8192, seed: int = 0) -> Codebook:
         book = Codebook(clusters)
@@ -185,7 +247,7 @@ def install(model, method_ref: Callable[[], KVMethod], observer=None) -> None:
 
     def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
         layer = getattr(module, "layer_idx", -1)
-        k_hat, v_hat = method_ref().apply(key, value, layer)
+        k_hat, v_hat = method_ref().apply(key, value, layer, query=query)
         if observer is not None:
             observer(layer, key, k_hat)
         return sdpa_attention_forward(module, query, k_hat, v_hat, attention_mask, **kwargs)

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Passkey retrieval under each KV method: a 5-digit key hidden in filler text at a given depth.
+
+    python scripts/eval_passkey.py --model /tmp/acc/smollm2-135m --model-name SmolLM2-135M-Instruct \
+        --context 8192 --samples 8 --out bench/results/accuracy.json
+
+The prompt is the passkey test of Mohtashami & Jaggi (2023): an instruction, repeated
+filler sentences with "The pass key is NNNNN. Remember it. NNNNN is the pass key." at a
+depth, and "What is the pass key? The pass key is", filling --context tokens.  One
+teacher-forced forward per (sample, method) over the prompt and the answer: a sample is
+correct when every answer token is the model's top-1 (exactly what greedy decoding would
+print), with the KV method applied to every token as in eval_accuracy.py.  Depths are
+spread evenly over the context ((i + 0.5) / samples), each sample has its own key from a
+fixed seed.  Rows: metric "task_acc", task "passkey", context = the prompt length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sglang_sawint4 import format as fmt  # noqa: E402
+from sglang_sawint4.eval.kv_methods import KVMethod, install, load_model  # noqa: E402
+from sglang_sawint4.eval.results import merge_task_rows, run_info, task_row  # noqa: E402
+
+INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+               "I will quiz you about the important information there.\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def passkey_sample(tok, context: int, depth: float, key: int):
+    """(prompt ids, answer ids): at most `context` tokens in all, the needle after
+    round(depth * fillers) filler sentences."""
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    answer = ids(f" {key}.")
+    fixed = len(ids(INSTRUCTION)) + len(ids(NEEDLE.format(key=key))) + len(ids(QUESTION)) + len(answer)
+    per_filler = len(ids(FILLER * 8)) / 8
+    fillers = int((context - fixed) / per_filler)
+    if fillers < 2:
+        raise SystemExit(f"--context {context} is too short for the passkey prompt")
+    while True:  # filler tokenization can merge across sentence boundaries: shrink until it fits
+        at = round(depth * fillers)
+        text = INSTRUCTION + FILLER * at + NEEDLE.format(key=key) + FILLER * (fillers - at) + QUESTION
+        prompt = ids(text)
+        if len(prompt) + len(answer) <= context:
+            return prompt, answer
+        fillers -= 1
+
+
+def retrieved(model, prompt, answer) -> bool:
+    """Whether greedy decoding after `prompt` starts with `answer` (one teacher-forced forward)."""
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    pred = logits[len(prompt) - 1: len(prompt) + len(answer) - 1].argmax(-1)
+    return bool((pred == torch.tensor(answer)).all())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--context", type=int, default=None, help="prompt tokens (default: the model's maximum)")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    from tqdm import tqdm
+
+    tok, model = load_model(args.model, args.threads)
+    context = args.context or model.config.max_position_embeddings
+    if context > model.config.max_position_embeddings:
+        raise SystemExit(f"--context {context} is beyond the model's {model.config.max_position_embeddings}")
+    current = {"m": KVMethod("bf16")}
+    install(model, lambda: current["m"])
+    block = fmt.default_block_size(model.config.head_dim)
+    methods = [KVMethod("bf16"), KVMethod("int4"), KVMethod("int4-bdr", block, "k")]
+    rng = random.Random(args.seed)
+    samples = [passkey_sample(tok, context, (i + 0.5) / args.samples, rng.randrange(10000, 100000))
+               for i in range(args.samples)]
+    length = max(len(pr) + len(a) for pr, a in samples)
+
+    t0 = time.time()
+    bar = tqdm(total=len(methods) * len(samples), desc=f"passkey {length} tokens", file=sys.stdout, mininterval=10)
+    rows = []
+    for m in methods:
+        current["m"] = m
+        hits = []
+        for prompt, answer in samples:
+            hits.append(retrieved(model, prompt, answer))
+            bar.update(1)
+        rows.append(task_row(args.model_name, m, "passkey", sum(hits), len(hits), context=length))
+        rows[-1]["hits_by_depth"] = hits
+        print(f"{m.label:18} passkey at {length} tokens: {sum(hits)}/{len(hits)}  by depth {hits}", flush=True)
+    bar.close()
+    merge_task_rows(args.out, rows, args.model_name, "passkey_run", run_info(t0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The accuracy results file (bench/results/accuracy.json) shared by the eval scripts.
+
+Each script owns some rows and replaces only those: eval_accuracy.py the perplexity /
+agreement / KL rows of its methods, eval_tasks.py and eval_passkey.py the ``task_acc``
+rows of their (model, method, block, rotate, task).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+
+def task_row(model_name, method, task, correct, n, context=None) -> dict:
+    """A ``task_acc`` row: accuracy over n examples with its binomial standard error."""
+    acc = correct / n
+    return {"model": model_name, "method": method.row_name, "block": method.block, "rotate": method.rotate,
+            "metric": "task_acc", "context": context, "value": acc, "n": n,
+            "stderr": math.sqrt(acc * (1 - acc) / n), "task": task, "corpus": None}
+
+
+def run_info(t0: float) -> dict:
+    """What ran, where, and for how long (stored next to the rows)."""
+    return {"command": " ".join(["python"] + sys.argv), "device": "cpu",
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def merge_task_rows(path: str, rows: list, model_name: str, run_key: str, run: dict) -> dict:
+    """Replace this run's task rows in the results file (other rows stay); returns the file's content."""
+    result = {"rows": [], "runs": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+    mine = {(r["model"], r["method"], r["block"], r["rotate"], r["task"]) for r in rows}
+    result["rows"] = [r for r in result["rows"] if r.get("metric") != "task_acc"
+                      or (r["model"], r["method"], r["block"], r["rotate"], r.get("task")) not in mine]
+    result["rows"] += rows
+    result["runs"].setdefault(model_name, {})[run_key] = run
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
