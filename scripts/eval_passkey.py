@@ -26,9 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4 import format as fmt  # noqa: E402
-from sglang_sawint4.eval.kv_methods import KVMethod, install, load_model  # noqa: E402
-from sglang_sawint4.eval.results import merge_task_rows, run_info, task_row  # noqa: E402
+from sglang_sawint4.eval.kv_methods import KVMethod, default_methods, install, load_model  # noqa: E402
+from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row  # noqa: E402
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.\n")
@@ -67,13 +66,9 @@ def retrieved(model, prompt, answer) -> bool:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--model-name", required=True)
     p.add_argument("--context", type=int, default=None, help="prompt tokens (default: the model's maximum)")
     p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    add_common_args(p, seed=0)
     args = p.parse_args()
     from tqdm import tqdm
 
@@ -83,8 +78,7 @@ def main():
         raise SystemExit(f"--context {context} is beyond the model's {model.config.max_position_embeddings}")
     current = {"m": KVMethod("bf16")}
     install(model, lambda: current["m"])
-    block = fmt.default_block_size(model.config.head_dim)
-    methods = [KVMethod("bf16"), KVMethod("int4"), KVMethod("int4-bdr", block, "k")]
+    methods = default_methods(model.config.head_dim)
     rng = random.Random(args.seed)
     samples = [passkey_sample(tok, context, (i + 0.5) / args.samples, rng.randrange(10000, 100000))
                for i in range(args.samples)]

@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4 import format as fmt  # noqa: E402
-from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, install, load_model  # noqa: E402
-from sglang_sawint4.eval.results import merge_task_rows, run_info, task_row  # noqa: E402
+from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, default_methods, install, load_model  # noqa: E402
+from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row  # noqa: E402
 
 
 def load_task(path, n, seed):
@@ -73,15 +72,11 @@ def score_options(model, tok, prompt, options):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--model-name", required=True)
     p.add_argument("--task", action="append", required=True, help="path of a BIG-bench task.json")
     p.add_argument("--examples", type=int, default=200)
     p.add_argument("--calib-text", required=True, help="text for the k-means calibration window")
     p.add_argument("--kmeans-clusters", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    add_common_args(p, seed=0)
     args = p.parse_args()
     from tqdm import tqdm
 
@@ -98,9 +93,8 @@ def main():
     with torch.no_grad():
         model(torch.tensor([calib]))
     book = recorder.codebook(args.kmeans_clusters)
-    block = fmt.default_block_size(head_dim)
-    methods = [KVMethod("bf16"), KVMethod("int4"), KVMethod("int4-bdr", block, "k"),
-               KVMethod("kmeans", block, "k", clusters=args.kmeans_clusters, codebook=book)]
+    methods = default_methods(head_dim)
+    methods.append(KVMethod("kmeans", methods[-1].block, "k", clusters=args.kmeans_clusters, codebook=book))
 
     tasks = [load_task(t, args.examples, args.seed) for t in args.task]
     total = len(methods) * sum(len(items) for _, items in tasks)

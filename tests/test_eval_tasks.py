@@ -95,3 +95,17 @@ def test_passkey_counts_only_an_exact_greedy_answer():
     assert eval_passkey.retrieved(Echo(), prompt, answer)
     assert not eval_passkey.retrieved(Echo(wrong=4), prompt, answer)  # second answer token wrong
     assert eval_passkey.retrieved(Echo(wrong=1), prompt, answer)  # inside the prompt: not scored
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("12 + 30 = 42 apples\nAnswer: 1,234", 1234.0),  # the number after the last 'Answer:'
+    ("first 5, then 12", 12.0),  # no 'Answer:': the last number
+    ("Answer: 3\nwait, recount\nAnswer: -4.5 units", -4.5),
+    ("Answer: none, but 7 was close", 7.0),
+    ("no digits at all", None),
+])
+def test_gsm_answer_extraction(text, expected):
+    import eval_gsm
+
+    assert eval_gsm.extract_answer(text) == expected
+    assert eval_gsm.is_correct(text, "1234") == (expected == 1234.0)

@@ -222,6 +222,11 @@ def standard_methods(head_dim: int) -> list:
     return methods
 
 
+def default_methods(head_dim: int) -> list:
+    """BF16, naive INT4 and the served default (BDR with the largest block, K only)."""
+    return [KVMethod("bf16"), KVMethod("int4"), KVMethod("int4-bdr", fmt.default_block_size(head_dim), "k")]
+
+
 def load_model(path: str, threads: Optional[int] = None):
     """(tokenizer, model) of a converted model directory, for CPU evaluation.
 

@@ -17,6 +17,15 @@ import time
 import torch
 
 
+def add_common_args(parser, seed: int = 0):
+    """The arguments every task eval takes: the model, where results go, the seed, CPU threads."""
+    parser.add_argument("--model", required=True, help="converted model directory (scripts/prepare_eval_data.sh)")
+    parser.add_argument("--model-name", required=True, help="the model's name in the results rows")
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--out", required=True, help="the accuracy results file (rows are merged into it)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+
+
 def task_row(model_name, method, task, correct, n, context=None) -> dict:
     """A ``task_acc`` row: accuracy over n examples with its binomial standard error."""
     acc = correct / n
