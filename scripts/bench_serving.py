@@ -4,7 +4,7 @@
     python scripts/bench_serving.py --model /tmp/models/8b --out bench/results/serving.json \
         --configs int4,int4-bdr-64,bf16,fp8_e4m3,int4-bdr-128 --repeat-configs int4-bdr-64,int4 \
         --shapes 1024x256,2048x512 --concurrency 1,4,16,64,128,256 \
-        --capacity 2048x512@512 --capacity-configs bf16,int4,int4-bdr-64 \
+        --capacity 2048x512@512 --capacity-configs bf16,int4-bdr-64 \
         --state /tmp/serving_state.jsonl --call-budget-s 560
 
 Each config is one server (``python -m sglang_sawint4.launch_server``, Triton attention for
@@ -477,7 +477,7 @@ def main():
     p.add_argument("--concurrency", default="1,4,16,64,128,256")
     p.add_argument("--min-requests", type=int, default=4, help="requests per level = max(this, concurrency)")
     p.add_argument("--capacity", default="2048x512@512", help="INPUTxOUTPUT@CONCURRENCY ('' for none)")
-    p.add_argument("--capacity-configs", default="bf16,int4,int4-bdr-64")
+    p.add_argument("--capacity-configs", default="bf16,int4-bdr-64")
     p.add_argument("--state", help="JSON-lines file of finished units (resume)")
     p.add_argument("--call-budget-s", type=float, default=0.0,
                    help="stop (exit 75) before a unit that would end after this many seconds")
