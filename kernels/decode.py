@@ -39,8 +39,12 @@ from sglang_sawint4.kernels.format_jit import (
 # Stage-1 tiling: the best of scripts/bench_kernels.py's sweep on an H100 (bench/results/kernels.json).
 BLOCK_N = 128
 NUM_STAGES = 3
-# Hand-pipelined tile loads (see _decode_stage1); off until a GPU benchmark shows it faster.
-PREFETCH = False
+# Stage-1 load schedules: what is loaded one tile ahead of the math (see _decode_stage1).
+PREFETCH_SCHEDULES = {"none": 0,   # Triton's pipeliner alone: one buffer, no overlap in a program
+                      "ids": 1,    # slot ids one tile ahead: Triton double-buffers the K/V rows
+                      "rows": 2}   # K/V rows (registers) one tile ahead, slot ids two
+# Measured default: "none" is what bench/results/kernels.json ran; the others await a GPU run.
+PREFETCH = "none"
 # Output columns handled per step of the V un-rotation in stage 2.
 UNROTATE_CHUNK = 32
 
@@ -104,12 +108,15 @@ def _decode_stage1(
         acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
         acc_off = tl.zeros([BLOCK_H], dtype=tl.float32)
 
+        # Load schedule (PREFETCH, see PREFETCH_SCHEDULES).  Triton's pipeliner gives a gather
+        # whose slot ids are loaded in the same iteration one shared-memory buffer and waits
+        # for every copy at the top of each iteration (no overlap of loads and math inside a
+        # program); with the slot ids loaded one tile ahead it double-buffers the rows.
         offs = tl.arange(0, BLOCK)
-        if PREFETCH:
-            # software pipelining by hand: the rows of tile i + 1 and the slot ids of tile
-            # i + 2 are loaded before tile i's math, so their latency hides behind it.
-            # (Triton's pipeliner gives this gather loop one shared-memory buffer and waits
-            # for every copy at the top of each iteration: no overlap within a program.)
+        if PREFETCH == 1:  # the first tile's slot ids
+            loc_next = tl.load(kv_indices + kv_start + split_start + offs, mask=split_start + offs < split_end,
+                               other=0).to(tl.int64)
+        if PREFETCH == 2:  # the first tile's rows and the second tile's slot ids
             mask_n = split_start + offs < split_end
             loc = tl.load(kv_indices + kv_start + split_start + offs, mask=mask_n, other=0).to(tl.int64)
             kp, kw = _load_rows(kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh, loc, mask_n, kv_head, half)
@@ -117,7 +124,8 @@ def _decode_stage1(
             offs_next = split_start + BLOCK + offs
             loc_next = tl.load(kv_indices + kv_start + offs_next, mask=offs_next < split_end, other=0).to(tl.int64)
         for start in range(split_start, split_end, BLOCK):
-            if PREFETCH:
+            if PREFETCH == 2:
+                # rows of tile i + 1 and slot ids of tile i + 2 before tile i's math
                 mask_next = start + BLOCK + offs < split_end
                 kp_next, kw_next = _load_rows(kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh, loc_next, mask_next,
                                               kv_head, half)
@@ -128,7 +136,14 @@ def _decode_stage1(
                                     other=0).to(tl.int64)
             else:
                 mask_n = start + offs < split_end
-                loc = tl.load(kv_indices + kv_start + start + offs, mask=mask_n, other=0).to(tl.int64)
+                if PREFETCH == 1:
+                    # this tile's slot ids came from the previous iteration; fetch the next tile's
+                    loc = loc_next
+                    offs_next = start + BLOCK + offs
+                    loc_next = tl.load(kv_indices + kv_start + offs_next, mask=offs_next < split_end,
+                                       other=0).to(tl.int64)
+                else:
+                    loc = tl.load(kv_indices + kv_start + start + offs, mask=mask_n, other=0).to(tl.int64)
                 kp, kw = _load_rows(kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh, loc, mask_n, kv_head, half)
 
             k_scale, k_off = decode_meta(kw)
@@ -143,7 +158,7 @@ def _decode_stage1(
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
 
-            if not PREFETCH:  # V after the softmax: fewer registers live across the K math
+            if PREFETCH < 2:  # V after the softmax: fewer registers live across the K math
                 vp, vw = _load_rows(vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh, loc, mask_n, kv_head, half)
             v_scale, v_off = decode_meta(vw)
             v_lo, v_hi = biased_codes(vp, dot_dtype, USE_PTX)
@@ -155,7 +170,7 @@ def _decode_stage1(
                 - bias * tl.sum(ps.to(tl.float32), axis=1)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
-            if PREFETCH:
+            if PREFETCH == 2:
                 kp, kw, vp, vw, mask_n, loc_next = kp_next, kw_next, vp_next, vw_next, mask_next, loc_after
 
         out_base = logits_ptr + b * st_lb + heads[:, None] * st_lh + split * st_ls
@@ -228,7 +243,7 @@ def int4_decode_attention(
     block_n: int = BLOCK_N,
     num_warps: int = 4,
     num_stages: int = NUM_STAGES,
-    prefetch: bool = PREFETCH,
+    prefetch: str = PREFETCH,
 ) -> torch.Tensor:
     """Decode attention of one query token per request over INT4 KV pages.
 
@@ -245,7 +260,7 @@ def int4_decode_attention(
         lse_out: optional [batch, num_q_heads] float32, the natural-log LSE of the
             scaled scores (for merging with another partial attention).
         block_n, num_warps, num_stages: stage-1 tiling (tokens per iteration, ...).
-        prefetch: load tile i + 1 (and the slot ids of tile i + 2) before tile i's math.
+        prefetch: load schedule, a key of PREFETCH_SCHEDULES.
     Returns o.  No host synchronization: CUDA-graph safe.
     """
     if q.dim() != 3 or o.shape != q.shape:
@@ -275,7 +290,7 @@ def int4_decode_attention(
         sm_scale,
         GROUP=group, BLOCK_H=block_h, BLOCK=block_n, HALF=d // 2,
         ROTATE_K=layout.rotate_k, BLOCK_ROT=layout.block_size or 1,
-        USE_PTX=use_ptx(_decode_stage1, q.device), PREFETCH=prefetch,
+        USE_PTX=use_ptx(_decode_stage1, q.device), PREFETCH=PREFETCH_SCHEDULES[prefetch],
         num_warps=num_warps, num_stages=num_stages,
     )
     _decode_stage2[(batch, num_q_heads)](

@@ -70,12 +70,15 @@ TUNE = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=
         dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
         dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=4),
         dict(block_n=256, num_warps=4, num_stages=3), dict(block_n=256, num_warps=8, num_stages=3)]
-TUNE = [dict(cfg, prefetch=False) for cfg in TUNE]
-# hand-pipelined loads (kernels/decode.py PREFETCH): 195 registers at 64 x 4 warps (offline ptxas)
-TUNE += [dict(block_n=32, num_warps=4, num_stages=1, prefetch=True),
-         dict(block_n=64, num_warps=4, num_stages=1, prefetch=True),
-         dict(block_n=64, num_warps=4, num_stages=2, prefetch=True),
-         dict(block_n=128, num_warps=8, num_stages=1, prefetch=True)]
+TUNE = [dict(cfg, prefetch="none") for cfg in TUNE]
+# the other stage-1 load schedules (kernels/decode.py PREFETCH_SCHEDULES); registers from
+# scripts/kernel_report.py: "ids" 167 at 128 x 4 warps, 128 at 64 x 4; "rows" 195 at 64 x 4
+TUNE += [dict(block_n=64, num_warps=4, num_stages=3, prefetch="ids"),
+         dict(block_n=128, num_warps=4, num_stages=3, prefetch="ids"),
+         dict(block_n=128, num_warps=8, num_stages=3, prefetch="ids"),
+         dict(block_n=64, num_warps=4, num_stages=4, prefetch="ids"),
+         dict(block_n=64, num_warps=4, num_stages=1, prefetch="rows"),
+         dict(block_n=128, num_warps=8, num_stages=1, prefetch="rows")]
 
 
 def slot_indices(slots, scattered):

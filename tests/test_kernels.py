@@ -162,11 +162,11 @@ def test_decode_matches_reference(layout, group, q_dtype, rng, device):
         assert torch.allclose(lse[b].cpu().double(), ref_lse, atol=2e-2 if q_dtype == torch.float16 else 6e-2)
 
 
-@pytest.mark.parametrize("prefetch", [False, True], ids=["pipeliner", "prefetch"])
+@pytest.mark.parametrize("prefetch", ["none", "ids", "rows"])
 @pytest.mark.parametrize("block_n", [16, 64])
 def test_decode_tiling_variants_match_reference(prefetch, block_n, rng, device):
-    """Several tiles per split (the loads of the next tile overlap this tile's math with
-    prefetch), partial last tiles, a split holding one token and requests of length 1."""
+    """Every load schedule over several tiles per split, partial last tiles, a split
+    holding one token and requests of length 1."""
     layout = fmt.Int4Format.for_method("int4-bdr", 64, 32, "k")
     heads, group, num_slots, max_splits = 2, 4, 300, 3
     _, _, _, bufs = _store(layout, num_slots, heads, num_slots, rng, device)
