@@ -31,7 +31,7 @@ from sglang_sawint4.kernels.format_jit import (
     biased_codes,
     code_bias,
     hadamard_tile,
-    decode_meta,
+    load_meta,
     rotate_halves,
     rotation_norm,
 )
@@ -39,22 +39,8 @@ from sglang_sawint4.kernels.format_jit import (
 # Stage-1 tiling: the best of scripts/bench_kernels.py's sweep on an H100 (bench/results/kernels.json).
 BLOCK_N = 128
 NUM_STAGES = 3
-# Stage-1 load schedules: what is loaded one tile ahead of the math (see _decode_stage1).
-PREFETCH_SCHEDULES = {"none": 0,   # Triton's pipeliner alone: one buffer, no overlap in a program
-                      "ids": 1,    # slot ids one tile ahead: Triton double-buffers the K/V rows
-                      "rows": 2}   # K/V rows (registers) one tile ahead, slot ids two
-# Measured default: "none" is what bench/results/kernels.json ran; the others await a GPU run.
-PREFETCH = "none"
 # Output columns handled per step of the V un-rotation in stage 2.
 UNROTATE_CHUNK = 32
-
-
-@triton.jit
-def _load_rows(data_ptr, d_st, d_sh, meta_ptr, m_st, m_sh, loc, mask_n, kv_head, half):
-    """One tile's packed rows [BLOCK, HALF] uint8 and meta words [BLOCK] int32 at slots `loc`."""
-    packed = tl.load(data_ptr + loc[:, None] * d_st + kv_head * d_sh + half[None, :], mask=mask_n[:, None], other=0)
-    words = tl.load(meta_ptr + loc * m_st + kv_head * m_sh, mask=mask_n, other=0)
-    return packed, words
 
 
 @triton.jit
@@ -67,7 +53,6 @@ def _decode_stage1(
     sm_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
     HALF: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_ROT: tl.constexpr, USE_PTX: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     # KV head is the fastest grid axis: the programs of one token block's heads run
     # together and read the same token rows (kv_heads x 68 B at d=128) at about the
@@ -108,45 +93,14 @@ def _decode_stage1(
         acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
         acc_off = tl.zeros([BLOCK_H], dtype=tl.float32)
 
-        # Load schedule (PREFETCH, see PREFETCH_SCHEDULES).  Triton's pipeliner gives a gather
-        # whose slot ids are loaded in the same iteration one shared-memory buffer and waits
-        # for every copy at the top of each iteration (no overlap of loads and math inside a
-        # program); with the slot ids loaded one tile ahead it double-buffers the rows.
-        offs = tl.arange(0, BLOCK)
-        if PREFETCH == 1:  # the first tile's slot ids
-            loc_next = tl.load(kv_indices + kv_start + split_start + offs, mask=split_start + offs < split_end,
-                               other=0).to(tl.int64)
-        if PREFETCH == 2:  # the first tile's rows and the second tile's slot ids
-            mask_n = split_start + offs < split_end
-            loc = tl.load(kv_indices + kv_start + split_start + offs, mask=mask_n, other=0).to(tl.int64)
-            kp, kw = _load_rows(kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh, loc, mask_n, kv_head, half)
-            vp, vw = _load_rows(vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh, loc, mask_n, kv_head, half)
-            offs_next = split_start + BLOCK + offs
-            loc_next = tl.load(kv_indices + kv_start + offs_next, mask=offs_next < split_end, other=0).to(tl.int64)
         for start in range(split_start, split_end, BLOCK):
-            if PREFETCH == 2:
-                # rows of tile i + 1 and slot ids of tile i + 2 before tile i's math
-                mask_next = start + BLOCK + offs < split_end
-                kp_next, kw_next = _load_rows(kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh, loc_next, mask_next,
-                                              kv_head, half)
-                vp_next, vw_next = _load_rows(vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh, loc_next, mask_next,
-                                              kv_head, half)
-                offs_after = start + 2 * BLOCK + offs
-                loc_after = tl.load(kv_indices + kv_start + offs_after, mask=offs_after < split_end,
-                                    other=0).to(tl.int64)
-            else:
-                mask_n = start + offs < split_end
-                if PREFETCH == 1:
-                    # this tile's slot ids came from the previous iteration; fetch the next tile's
-                    loc = loc_next
-                    offs_next = start + BLOCK + offs
-                    loc_next = tl.load(kv_indices + kv_start + offs_next, mask=offs_next < split_end,
-                                       other=0).to(tl.int64)
-                else:
-                    loc = tl.load(kv_indices + kv_start + start + offs, mask=mask_n, other=0).to(tl.int64)
-                kp, kw = _load_rows(kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh, loc, mask_n, kv_head, half)
+            offs_n = start + tl.arange(0, BLOCK)
+            mask_n = offs_n < split_end
+            loc = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
 
-            k_scale, k_off = decode_meta(kw)
+            kp = tl.load(kd_ptr + loc[:, None] * kd_st + kv_head * kd_sh + half[None, :],
+                         mask=mask_n[:, None], other=0)
+            k_scale, k_off = load_meta(km_ptr + loc * km_st + kv_head * km_sh, mask_n)
             k_lo, k_hi = biased_codes(kp, dot_dtype, USE_PTX)
             qc = tl.dot(q_lo_c, tl.trans(k_lo), out_dtype=tl.float32)
             qc += tl.dot(q_hi_c, tl.trans(k_hi), out_dtype=tl.float32)
@@ -158,9 +112,9 @@ def _decode_stage1(
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
 
-            if PREFETCH < 2:  # V after the softmax: fewer registers live across the K math
-                vp, vw = _load_rows(vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh, loc, mask_n, kv_head, half)
-            v_scale, v_off = decode_meta(vw)
+            vp = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + half[None, :],
+                         mask=mask_n[:, None], other=0)
+            v_scale, v_off = load_meta(vm_ptr + loc * vm_st + kv_head * vm_sh, mask_n)
             v_lo, v_hi = biased_codes(vp, dot_dtype, USE_PTX)
             ps = (p * v_scale[None, :]).to(dot_dtype)
             acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, v_lo, out_dtype=tl.float32)
@@ -170,8 +124,6 @@ def _decode_stage1(
                 - bias * tl.sum(ps.to(tl.float32), axis=1)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
-            if PREFETCH == 2:
-                kp, kw, vp, vw, mask_n, loc_next = kp_next, kw_next, vp_next, vw_next, mask_next, loc_after
 
         out_base = logits_ptr + b * st_lb + heads[:, None] * st_lh + split * st_ls
         tl.store(out_base + half[None, :], (acc_lo + acc_off[:, None]) / l_i[:, None], mask=mask_h[:, None])
@@ -243,7 +195,6 @@ def int4_decode_attention(
     block_n: int = BLOCK_N,
     num_warps: int = 4,
     num_stages: int = NUM_STAGES,
-    prefetch: str = PREFETCH,
 ) -> torch.Tensor:
     """Decode attention of one query token per request over INT4 KV pages.
 
@@ -260,7 +211,6 @@ def int4_decode_attention(
         lse_out: optional [batch, num_q_heads] float32, the natural-log LSE of the
             scaled scores (for merging with another partial attention).
         block_n, num_warps, num_stages: stage-1 tiling (tokens per iteration, ...).
-        prefetch: load schedule, a key of PREFETCH_SCHEDULES.
     Returns o.  No host synchronization: CUDA-graph safe.
     """
     if q.dim() != 3 or o.shape != q.shape:
@@ -281,7 +231,7 @@ def int4_decode_attention(
         return o
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))
-    # (scale, offset) fp16 pairs are read as one 32-bit word per token (decode_meta)
+    # (scale, offset) fp16 pairs are read as one 32-bit word per token (load_meta)
     km32, vm32 = meta_words(k_meta), meta_words(v_meta)
     _decode_stage1[(num_kv_heads, batch, max_kv_splits)](
         *row_head_args(q, k_data, km32, v_data, vm32), kv_indptr, kv_indices, num_kv_splits,
@@ -290,7 +240,7 @@ def int4_decode_attention(
         sm_scale,
         GROUP=group, BLOCK_H=block_h, BLOCK=block_n, HALF=d // 2,
         ROTATE_K=layout.rotate_k, BLOCK_ROT=layout.block_size or 1,
-        USE_PTX=use_ptx(_decode_stage1, q.device), PREFETCH=PREFETCH_SCHEDULES[prefetch],
+        USE_PTX=use_ptx(_decode_stage1, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )
     _decode_stage2[(batch, num_q_heads)](

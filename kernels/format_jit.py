@@ -186,10 +186,13 @@ def biased_codes(packed, DTYPE: tl.constexpr, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def decode_meta(words):
-    """(scale, offset) float32 from the 32-bit meta words of a meta tensor viewed as int32:
-    scale is the low half-word (index META_SCALE = 0 on a little-endian GPU), offset the high one."""
-    scale = (words & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    offset = ((words >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    return scale, offset
+def load_meta(meta_words, mask):
+    """(scale, offset) float32 from one 32-bit load per row of a meta tensor viewed as int32.
 
+    meta_words: pointers into ``meta.view(torch.int32)``; scale is the low half-word
+    (index META_SCALE = 0 on a little-endian GPU), offset the high one.
+    """
+    w = tl.load(meta_words, mask=mask, other=0)
+    scale = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    offset = ((w >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return scale, offset

@@ -70,15 +70,6 @@ TUNE = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=
         dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
         dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=4),
         dict(block_n=256, num_warps=4, num_stages=3), dict(block_n=256, num_warps=8, num_stages=3)]
-TUNE = [dict(cfg, prefetch="none") for cfg in TUNE]
-# the other stage-1 load schedules (kernels/decode.py PREFETCH_SCHEDULES); registers from
-# scripts/kernel_report.py: "ids" 167 at 128 x 4 warps, 128 at 64 x 4; "rows" 195 at 64 x 4
-TUNE += [dict(block_n=64, num_warps=4, num_stages=3, prefetch="ids"),
-         dict(block_n=128, num_warps=4, num_stages=3, prefetch="ids"),
-         dict(block_n=128, num_warps=8, num_stages=3, prefetch="ids"),
-         dict(block_n=64, num_warps=4, num_stages=4, prefetch="ids"),
-         dict(block_n=64, num_warps=4, num_stages=1, prefetch="rows"),
-         dict(block_n=128, num_warps=8, num_stages=1, prefetch="rows")]
 
 
 def slot_indices(slots, scattered):
@@ -261,7 +252,7 @@ def main():
             tune.append({**cfg, "waves": waves, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
             print(f"tune {cfg} waves={waves}: {t:.1f} us {tune[-1]['gbps']:.0f} GB/s", flush=True)
     best = min(tune, key=lambda r: r["time_us"])
-    best_cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages", "prefetch")}
+    best_cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages")}
     result["decode_config"] = {**best_cfg, "waves": best["waves"]}
     result["tune"] = tune
     shapes = [(int(b), int(c)) for b in args.batches.split(",") for c in args.contexts.split(",")

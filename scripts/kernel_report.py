@@ -2,7 +2,7 @@
 """Compile the decode kernel's stage 1 for a GPU without one, and report what it became.
 
     pip install --no-deps --target /tmp/tr36 triton==3.6.0      # the GPU host's Triton
-    PYTHONPATH=/tmp/tr36 python scripts/kernel_report.py --block-n 64 --prefetch ids
+    PYTHONPATH=/tmp/tr36 python scripts/kernel_report.py --block-n 64 --num-stages 3
 
 Triton compiles for a target (default sm_90, the H100/H200) on any machine; ptxas (shipped
 with Triton) then gives registers and spills.  The argument specializations are those of the
@@ -37,7 +37,6 @@ def main():
     p.add_argument("--block-n", type=int, default=None)
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=None)
-    p.add_argument("--prefetch", default="none", choices=["none", "ids", "rows"], help="stage-1 load schedule")
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128, help="Hadamard block (0: plain INT4)")
@@ -65,7 +64,7 @@ def main():
     constants.update({n: 1 for n in EQUAL_TO_1})
     constants.update(GROUP=args.group, BLOCK_H=max(16, triton.next_power_of_2(args.group)),
                      BLOCK=args.block_n or decode.BLOCK_N, HALF=args.head_dim // 2, ROTATE_K=args.block > 0,
-                     BLOCK_ROT=args.block or 1, USE_PTX=True, PREFETCH=decode.PREFETCH_SCHEDULES[args.prefetch])
+                     BLOCK_ROT=args.block or 1, USE_PTX=True)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params) if n in POINTERS or n in DIVISIBLE_BY_16}
     num_stages = args.num_stages if args.num_stages is not None else decode.NUM_STAGES
     kernel = triton.compile(ASTSource(decode._decode_stage1, signature, constants, attrs),
@@ -85,7 +84,7 @@ def main():
     buffers = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir)
     waits = re.findall(r"async_wait.*\{num = (\d+)", ttgir)
     print(f"triton {triton.__version__}, sm_{args.arch}: block_n {constants['BLOCK']}, {args.num_warps} warps, "
-          f"{num_stages} stages, prefetch {args.prefetch}")
+          f"{num_stages} stages")
     print(f"registers {regs.group(1) if regs else '?'}, spill stores {spills.group(1) if spills else '?'} B, "
           f"shared {kernel.metadata.shared} B")
     print(f"pipelined load buffers {buffers or 'none'}, async_wait depths {waits or 'none'}")
