@@ -259,15 +259,25 @@ def append_state(path: Optional[str], record: dict):
             f.write(json.dumps(record) + "\n")
 
 
-def next_action(units, done, elapsed_s, budget_s, default_unit_s):
-    """('run', unit), ('resume', unit) when the budget would be exceeded, or ('done', None)."""
+def next_action(units, done, elapsed_s, budget_s, default_unit_s, capacity_configs=()):
+    """('run', unit), ('resume', unit) when the budget would be exceeded, or ('done', None).
+
+    The estimate is the longest finished unit; a unit with the capacity point counts 1.5x
+    that while no unit with it has finished (the point is the longest level)."""
     todo = [u for u in units if u.key not in done]
     if not todo:
         return "done", None
+    unit = todo[0]
     estimate = max((rec["seconds"] for rec in done.values()), default=default_unit_s)
+
+    def has_capacity(u):
+        return u.pass_idx == 0 and u.config in capacity_configs
+
+    if has_capacity(unit) and not any(has_capacity(u) for u in units if u.key in done):
+        estimate *= 1.5
     if budget_s and elapsed_s + estimate > budget_s:
-        return "resume", todo[0]
-    return "run", todo[0]
+        return "resume", unit
+    return "run", unit
 
 
 def gpu_uuid():
@@ -503,7 +513,8 @@ def main():
     if done:
         print(f"resuming: {len(done)}/{len(units)} units already in {args.state}", flush=True)
     while True:
-        action, unit = next_action(units, done, time.time() - t_call, args.call_budget_s, args.unit_estimate_s)
+        action, unit = next_action(units, done, time.time() - t_call, args.call_budget_s, args.unit_estimate_s,
+                                   args.capacity_configs if capacity else ())
         if action == "done":
             break
         if action == "resume":

@@ -84,6 +84,8 @@ for s in "$@"; do
     # resumable over several calls on one machine: the state file lists the finished units;
     # each call stops (exit 75) before a unit that would not end within CALL_LIMIT_S of its start
     [ -d "$MODELS/8b" ] || python3 scripts/make_model.py --preset 8b --out "$MODELS/8b" | tail -1
+    # a server left by a call killed at its time limit would hold the port and the GPU memory
+    if pkill -f "sglang_sawint4.launch_server|sglang::"; then sleep 5; pkill -9 -f "sglang_sawint4.launch_server|sglang::"; fi
     STATE=${SERVING_STATE:-/tmp/serving_state.jsonl}
     BUDGET=0
     [ "${CALL_LIMIT_S:-0}" -gt 0 ] && BUDGET=$((CALL_LIMIT_S - SECONDS - 20))

@@ -112,6 +112,9 @@ def test_plan_passes_and_budget():
     assert bench_serving.next_action(units, done, 300.0, 450.0, 240.0) == ("resume", units[1])
     assert bench_serving.next_action(units, done, 200.0, 450.0, 240.0) == ("run", units[1])
     assert bench_serving.next_action(units[:1], done, 1e9, 1.0, 240.0) == ("done", None)
+    # the first unit with the capacity point counts 1.5x: 200 + 1.5 x 200 > 450
+    assert bench_serving.next_action(units, done, 200.0, 450.0, 240.0, ["int4-bdr-64"]) == ("resume", units[1])
+    assert bench_serving.next_action(units, done, 100.0, 450.0, 240.0, ["int4-bdr-64"]) == ("run", units[1])
     assert bench_serving.parse_capacity("2048x512@512") == ((2048, 512), 512)
     for bad in ("2048x512", "2048@512", "axb@4", "2048x512@0"):
         with pytest.raises(SystemExit):
