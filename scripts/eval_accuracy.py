@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, install, load_model, standard_methods  # noqa: E402
+from sglang_sawint4.eval.kv_methods import KVMethod, install, load_model, record_kv, standard_methods  # noqa: E402
 
 
 def windows(tokenizer, path, context, count):
@@ -91,11 +91,7 @@ def main():
         held_out = windows(tok, first_path, args.context, args.windows + 1)
         if len(held_out) <= args.windows:
             raise SystemExit(f"{first_path}: no window left after the evaluated ones for calibration")
-        recorder = KVRecorder()
-        current["m"] = recorder
-        with torch.no_grad():
-            model(held_out[args.windows][None])
-        current["m"] = KVMethod("bf16")
+        recorder = record_kv(model, held_out[args.windows], current)
         largest = max(m.block for m in methods if m.block)
         calibrated = []
         for c in (int(x) for x in args.kmeans.split(",")) if args.kmeans else ():
@@ -191,12 +187,19 @@ def plot(result, path):
                                                                  if r["method"].startswith("kmeans")
                                                                  else r["method"].split("[")[0]),
                                  r["method"], -(r["block"] or 0), r["rotate"] or ""))
+        if not rows:  # a model with task rows only (eval_tasks / eval_passkey / eval_gsm)
+            ax.axis("off")
+            ax_l.axis("off")
+            continue
         ax.bar(range(len(rows)), [r["value"] for r in rows], color="tab:red")
         ax.set_xticks(range(len(rows)), [label_row(r) for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"perplexity ({rows[0]['context']}-token windows)")
         ax.set_yscale("log")
         ax.set_title(f"{model_name}: perplexity by KV method")
-        layers = result["runs"][model_name]["layers"]
+        layers = result["runs"][model_name].get("layers")
+        if not layers:  # only partial runs (--only-policy / --only-calibrated) for this model so far
+            ax_l.axis("off")
+            continue
         xs = sorted(int(k) for k in layers)
         ratio = [layers[str(x)]["channel_absmax_max"] / max(layers[str(x)]["channel_absmax_median"], 1e-9) for x in xs]
         ax_l.plot(xs, ratio, "k-o", ms=3, label="key outlier ratio (max / median channel |k|)")

@@ -12,6 +12,8 @@ correct when every answer token is the model's top-1 (exactly what greedy decodi
 print), with the KV method applied to every token as in eval_accuracy.py.  Depths are
 spread evenly over the context ((i + 0.5) / samples), each sample has its own key from a
 fixed seed.  Rows: metric "task_acc", task "passkey", context = the prompt length.
+``--kmeans C --calib-text FILE`` adds k-means residual INT4 + BDR on K (calibrated on the
+file's first 2048 tokens, as in eval_tasks.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import KVMethod, default_methods, install, load_model  # noqa: E402
+from sglang_sawint4.eval.kv_methods import (  # noqa: E402
+    KVMethod,
+    default_methods,
+    install,
+    load_model,
+    record_kv,
+    text_window,
+)
 from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row  # noqa: E402
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -68,6 +77,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=None, help="prompt tokens (default: the model's maximum)")
     p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--kmeans", type=int, default=None, metavar="C",
+                   help="also k-means residual INT4 with C clusters + the default BDR block on K, calibrated "
+                        "on the first 2048 tokens of --calib-text")
+    p.add_argument("--calib-text", default=None)
+    p.add_argument("--only-extra", action="store_true", help="with --kmeans: evaluate only that method")
     add_common_args(p, seed=0)
     args = p.parse_args()
     from tqdm import tqdm
@@ -79,6 +93,12 @@ def main():
     current = {"m": KVMethod("bf16")}
     install(model, lambda: current["m"])
     methods = default_methods(model.config.head_dim)
+    if args.kmeans:
+        if not args.calib_text:
+            p.error("--kmeans needs --calib-text")
+        book = record_kv(model, text_window(tok, args.calib_text), current).codebook(args.kmeans)
+        kmeans = KVMethod("kmeans", methods[-1].block, "k", clusters=args.kmeans, codebook=book)
+        methods = [kmeans] if args.only_extra else methods + [kmeans]
     rng = random.Random(args.seed)
     samples = [passkey_sample(tok, context, (i + 0.5) / args.samples, rng.randrange(10000, 100000))
                for i in range(args.samples)]

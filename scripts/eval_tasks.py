@@ -27,7 +27,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import KVMethod, KVRecorder, default_methods, install, load_model  # noqa: E402
+from sglang_sawint4.eval.kv_methods import (  # noqa: E402
+    KVMethod,
+    default_methods,
+    install,
+    load_model,
+    record_kv,
+    text_window,
+)
 from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row  # noqa: E402
 
 
@@ -86,13 +93,7 @@ def main():
     install(model, lambda: current["m"])
 
     # k-means calibration on a held-out text window (not the task data)
-    with open(args.calib_text, errors="replace") as f:
-        calib = tok(f.read()[:200_000], add_special_tokens=False)["input_ids"][:2048]
-    recorder = KVRecorder()
-    current["m"] = recorder
-    with torch.no_grad():
-        model(torch.tensor([calib]))
-    book = recorder.codebook(args.kmeans_clusters)
+    book = record_kv(model, text_window(tok, args.calib_text), current).codebook(args.kmeans_clusters)
     methods = default_methods(head_dim)
     methods.append(KVMethod("kmeans", methods[-1].block, "k", clusters=args.kmeans_clusters, codebook=book))
 

@@ -222,6 +222,23 @@ def standard_methods(head_dim: int) -> list:
     return methods
 
 
+def text_window(tok, path: str, tokens: int = 2048, max_chars: int = 200_000) -> torch.Tensor:
+    """The first `tokens` token ids [tokens] of a text file: a calibration window."""
+    with open(path, errors="replace") as f:
+        return torch.tensor(tok(f.read()[:max_chars], add_special_tokens=False)["input_ids"][:tokens])
+
+
+def record_kv(model, ids: torch.Tensor, current: dict) -> "KVRecorder":
+    """One forward over ids [tokens] with a KVRecorder as the installed method (the K/V
+    and queries of every layer, for calibration); ``current["m"]`` is bf16 afterwards."""
+    recorder = KVRecorder()
+    current["m"] = recorder
+    with torch.no_grad():
+        model(ids[None])
+    current["m"] = KVMethod("bf16")
+    return recorder
+
+
 def default_methods(head_dim: int) -> list:
     """BF16, naive INT4 and the served default (BDR with the largest block, K only)."""
     return [KVMethod("bf16"), KVMethod("int4"), KVMethod("int4-bdr", fmt.default_block_size(head_dim), "k")]
