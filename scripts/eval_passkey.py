@@ -117,7 +117,8 @@ def main():
         rows[-1]["hits_by_depth"] = hits
         print(f"{m.label:18} passkey at {length} tokens: {sum(hits)}/{len(hits)}  by depth {hits}", flush=True)
     bar.close()
-    merge_task_rows(args.out, rows, args.model_name, "passkey_run", run_info(t0))
+    run_key = "passkey_kmeans_run" if args.only_extra else "passkey_run"  # keep the other run's record
+    merge_task_rows(args.out, rows, args.model_name, run_key, run_info(t0))
 
 
 if __name__ == "__main__":
