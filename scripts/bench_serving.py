@@ -508,8 +508,15 @@ def main():
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
     os.makedirs(args.log_dir, exist_ok=True)
 
+    # a unit is reused only if it ran the same measurement (a state file from another sweep is ignored)
+    plan = {"model": os.path.abspath(args.model), "shapes": shapes, "concurrency": levels, "capacity": capacity,
+            "min_requests": args.min_requests, "seed": args.seed, "extra": args.extra}
+    plan = json.loads(json.dumps(plan))  # tuples -> lists, as read back from the state file
     t_call = time.time()
-    done = {k: v for k, v in load_state(args.state).items() if k in {u.key for u in units}}
+    stored = load_state(args.state)
+    done = {k: v for k, v in stored.items() if k in {u.key for u in units} and v.get("plan") == plan}
+    if len(done) < len([k for k in stored if k in {u.key for u in units}]):
+        print(f"ignoring units in {args.state} measured with other settings", flush=True)
     if done:
         print(f"resuming: {len(done)}/{len(units)} units already in {args.state}", flush=True)
     while True:
@@ -522,7 +529,7 @@ def main():
             print(f"stopping before unit {unit.key}: {left} units left would not fit in "
                   f"--call-budget-s {args.call_budget_s:.0f}; run the same command again to resume", flush=True)
             sys.exit(EXIT_RESUME)
-        rec = run_unit(unit, args, shapes, levels, capacity, vocab)
+        rec = dict(run_unit(unit, args, shapes, levels, capacity, vocab), plan=plan)
         append_state(args.state, rec)
         done[unit.key] = rec
         bad = sum(r["requests"] - r["complete"] for r in rec["rows"])

@@ -190,3 +190,41 @@ def test_finalize_writes_the_schema(tmp_path):
                           ("itl_ms_p99", float), ("max_total_num_tokens", int)):
             assert isinstance(row[key], kind), key
     assert os.path.getsize(str(tmp_path / "serving.png")) > 10000
+
+
+def test_main_resumes_across_calls_and_ignores_other_sweeps(tmp_path, monkeypatch):
+    """Two calls finish the plan (the first stops with exit 75); a state file of another
+    sweep (other shapes) is not reused."""
+    pytest.importorskip("matplotlib")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 100}))
+    ran = []
+
+    def fake_unit(unit, args, shapes, levels, capacity, vocab):
+        ran.append(unit.key)
+        cap = 1000 if unit.config == "bf16" else 3700
+        rows = [_row(unit.config, c, 100.0 * c, cap, il=il) for il, _ in shapes for c in levels]
+        return {"unit": unit.key, "config": unit.config, "pass": unit.pass_idx, "gpu": "Fake GPU",
+                "gpu_uuid": "GPU-1", "startup_s": 1.0, "seconds": 100.0, "finished_at": "now",
+                "server_command": "x", "rows": rows}
+
+    monkeypatch.setattr(bench_serving, "run_unit", fake_unit)
+    state, out = str(tmp_path / "state.jsonl"), str(tmp_path / "serving.json")
+    argv = ["bench_serving.py", "--model", str(model), "--out", out, "--state", state, "--configs", "int4,bf16",
+            "--repeat-configs", "int4", "--shapes", "1024x256", "--concurrency", "1,64", "--capacity", "",
+            "--unit-estimate-s", "1"]
+    monkeypatch.setattr(sys, "argv", argv + ["--call-budget-s", "50"])
+    with pytest.raises(SystemExit) as stop:
+        bench_serving.main()
+    assert stop.value.code == bench_serving.EXIT_RESUME and ran == ["0:int4"] and not os.path.exists(out)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        bench_serving.main()
+    assert stop.value.code == 0 and ran == ["0:int4", "0:bf16", "1:int4"]
+    result = json.load(open(out))
+    assert result["one_gpu"] and len(result["rows"]) == 4 and result["summary"]["capacity_vs_bf16"]["int4"] == 3.7
+    monkeypatch.setattr(sys, "argv", [a if a != "1024x256" else "512x64" for a in argv])
+    with pytest.raises(SystemExit):
+        bench_serving.main()
+    assert ran[3:] == ["0:int4", "0:bf16", "1:int4"]  # measured again: other shapes
