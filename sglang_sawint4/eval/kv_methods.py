@@ -228,7 +228,7 @@ def text_window(tok, path: str, tokens: int = 2048, max_chars: int = 200_000) ->
         return torch.tensor(tok(f.read()[:max_chars], add_special_tokens=False)["input_ids"][:tokens])
 
 
-def record_kv(model, ids: torch.Tensor, current: dict) -> "KVRecorder":
+def record_kv(model, ids: torch.Tensor, current: dict) -> KVRecorder:
     """One forward over ids [tokens] with a KVRecorder as the installed method (the K/V
     and queries of every layer, for calibration); ``current["m"]`` is bf16 afterwards."""
     recorder = KVRecorder()
