@@ -13,10 +13,8 @@ of --context tokens from each text; the reference ("bf16") keeps K/V unquantized
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -25,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_sawint4.eval.kv_methods import KVMethod, install, load_model, record_kv, standard_methods  # noqa: E402
+from sglang_sawint4.eval.results import load_results, run_info, save_results  # noqa: E402
 
 
 def windows(tokenizer, path, context, count):
@@ -133,20 +132,15 @@ def main():
             out_rows.append({**base, "metric": "ppl", "value": math.exp(sum(r["nll_sum"] for r in sel) / n)})
             out_rows.append({**base, "metric": "top1_agree", "value": sum(r["top1"] for r in sel) / n})
             out_rows.append({**base, "metric": "kl", "value": sum(r["kl"] for r in sel) / n})
-    run = {"command": " ".join(["python"] + sys.argv), "device": "cpu",
-           "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-           "seconds": round(time.time() - t0, 1),
+    run = {**run_info(t0),
            "layers": {str(k): {"channel_absmax_max": float(v["channel_absmax"].max()),
                                "channel_absmax_median": float(v["channel_absmax"].median()),
                                **{n: sum(e) / len(e) for n, e in v.items() if n.startswith("k_err/")}}
                       for k, v in sorted(layer_stats.items())}}
     # one file for every model: this run replaces its own rows (same model and methods) only
-    result = {"rows": [], "runs": {}}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            result = json.load(f)
+    result = load_results(args.out)
     mine = {(r["model"], r["method"], r["block"], r["rotate"]) for r in out_rows}
-    result["rows"] = [r for r in result["rows"] if r["metric"] == "task_acc"  # scripts/eval_tasks.py's rows
+    result["rows"] = [r for r in result["rows"] if r["metric"] == "task_acc"  # the task evals' rows
                       or (r["model"], r["method"], r["block"], r["rotate"]) not in mine]
     result["rows"] += out_rows
     if args.only_policy or args.only_calibrated:
@@ -155,9 +149,7 @@ def main():
         result["runs"].setdefault(args.model_name, {})[key] = {k: run[k] for k in run if k != "layers"}
     else:
         result["runs"][args.model_name] = run
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_results(args.out, result)
     plot(result, os.path.splitext(args.out)[0] + ".png")
     for r in out_rows:
         if r["corpus"] == "all":

@@ -41,18 +41,27 @@ def run_info(t0: float) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
+def load_results(path: str) -> dict:
+    """The results file's content, or an empty one."""
+    if not os.path.exists(path):
+        return {"rows": [], "runs": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_results(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def merge_task_rows(path: str, rows: list, model_name: str, run_key: str, run: dict) -> dict:
     """Replace this run's task rows in the results file (other rows stay); returns the file's content."""
-    result = {"rows": [], "runs": {}}
-    if os.path.exists(path):
-        with open(path) as f:
-            result = json.load(f)
+    result = load_results(path)
     mine = {(r["model"], r["method"], r["block"], r["rotate"], r["task"]) for r in rows}
     result["rows"] = [r for r in result["rows"] if r.get("metric") != "task_acc"
                       or (r["model"], r["method"], r["block"], r["rotate"], r.get("task")) not in mine]
     result["rows"] += rows
     result["runs"].setdefault(model_name, {})[run_key] = run
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    save_results(path, result)
     return result
