@@ -36,13 +36,14 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from serve_check import Server, gpu_name, load_row, nvidia_smi, random_token_ids, served_model_id, versions  # noqa: E402
 
 CONFIG_FLAGS = {
     "bf16": ["--kv-quant", "none"],
@@ -140,13 +141,11 @@ async def sample_loads(session, url, peak, stop, period_s=0.5):
         try:
             async with session.get(url) as resp:
                 data = await resp.json() if resp.status == 200 else None
-            rows = data.get("loads", data) if isinstance(data, dict) else data
-            if rows:
-                ld = rows[0]
-                for key, name in (("num_running_reqs", "peak_running"), ("num_waiting_reqs", "peak_waiting"),
-                                  ("num_used_tokens", "peak_used_tokens")):
-                    if isinstance(ld.get(key), int):
-                        peak[name] = max(peak.get(name, 0), ld[key])
+            ld = load_row(data)
+            for key, name in (("num_running_reqs", "peak_running"), ("num_waiting_reqs", "peak_waiting"),
+                              ("num_used_tokens", "peak_used_tokens")):
+                if isinstance(ld.get(key), int):
+                    peak[name] = max(peak.get(name, 0), ld[key])
         except Exception:  # noqa: BLE001 - a missed sample is not a failed request
             pass
         try:
@@ -204,8 +203,6 @@ def summarize(results, seconds, output_len):
 
 
 def make_prompts(n, input_len, vocab, seed):
-    from serve_check import random_token_ids
-
     rng = random.Random(seed)
     return [random_token_ids(rng, vocab, input_len) for _ in range(n)]
 
@@ -280,19 +277,8 @@ def next_action(units, done, elapsed_s, budget_s, default_unit_s, capacity_confi
     return "run", unit
 
 
-def gpu_uuid():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
-        return out[0] if out else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
 def run_unit(unit, args, shapes, levels, capacity, vocab):
     from tqdm import tqdm
-
-    from serve_check import Server, gpu_name, served_model_id
 
     t_unit = time.time()
     log = os.path.join(args.log_dir, f"serving_{unit.config}_p{unit.pass_idx}.log")
@@ -329,7 +315,7 @@ def run_unit(unit, args, shapes, levels, capacity, vocab):
     finally:
         srv.stop()
     return {"unit": unit.key, "config": unit.config, "pass": unit.pass_idx, "gpu": gpu_name(),
-            "gpu_uuid": gpu_uuid(), "startup_s": srv.startup_s, "seconds": time.time() - t_unit,
+            "gpu_uuid": nvidia_smi("uuid"), "startup_s": srv.startup_s, "seconds": time.time() - t_unit,
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "server_command": " ".join(srv.cmd), "rows": rows}
 
 
@@ -409,8 +395,6 @@ def aggregate(records: List[dict], bdr_reference="int4", baseline="bf16"):
 
 
 def finalize(records, args, out):
-    from serve_check import versions
-
     rows, spread, summary = aggregate(list(records))
     uuids = sorted({r.get("gpu_uuid") for r in records if r.get("gpu_uuid")})
     result = {"gpu": records[0]["gpu"], "model": os.path.basename(args.model.rstrip("/")),

@@ -49,6 +49,8 @@ from serve_check import (  # noqa: E402
     Server,
     generate_ids,
     gpu_name,
+    load_row,
+    nvidia_smi,
     random_token_ids,
     request,
     served_model_id,
@@ -328,18 +330,14 @@ class Soak:
 
 def loads(port):
     st, r = request(port, "GET", "/v1/loads?include=core", timeout=30)
-    if st != 200:
-        return {}
-    rows = r.get("loads", r) if isinstance(r, dict) else r
-    return rows[0] if rows else {}
+    return load_row(r) if st == 200 else {}
 
 
 def gpu_mem_mib():
+    used = nvidia_smi("memory.used")
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30).stdout
-        return float(out.split()[0])
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return float(used)
+    except (TypeError, ValueError):
         return None
 
 

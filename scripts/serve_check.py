@@ -49,6 +49,22 @@ def request(port, method, path, body=None, timeout=300):
         conn.close()
 
 
+def load_row(payload):
+    """The first (DP rank 0) row of a /v1/loads answer ({"loads": [...]} or a bare list), or {}."""
+    rows = payload.get("loads", payload) if isinstance(payload, dict) else payload
+    return rows[0] if rows else {}
+
+
+def nvidia_smi(field):
+    """``nvidia-smi --query-gpu=FIELD`` of GPU 0 as text (no units), or None without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+        return out[0] if out else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def served_model_id(port):
     """The model name the OpenAI endpoints expect."""
     return request(port, "GET", "/v1/models")[1]["data"][0]["id"]
