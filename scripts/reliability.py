@@ -163,7 +163,6 @@ class Soak:
         self.error_samples = []
         self.corrupted = 0
         self.bad_requests = {}  # case -> Counter of statuses
-        self.storms = 0  # abort storms finished (their requests are counted as client_disconnect)
         self.stop = threading.Event()
         self.t0 = time.time()
         self.first_completion_s = None  # diagnostics: how long until the first good request came back
@@ -287,10 +286,8 @@ class Soak:
             outcome, st, r = type(e).__name__, None, str(e)
         with self.lock:
             self.bad_requests.setdefault(name, Counter())[outcome] += 1
-            if st is None or st >= 500:
-                self.errors[f"bad request '{name}': {outcome}"] += 1
-                if len(self.error_samples) < 20:
-                    self.error_samples.append(f"bad request '{name}': {outcome} {str(r)[:300]}")
+        if st is None or st >= 500:
+            self.fail(f"bad request '{name}'", outcome, r)
 
     def bad_injector(self, every_s=1.5):
         """One bad request every `every_s`, each on its own thread: one the server sits on
@@ -324,8 +321,6 @@ class Soak:
             t.start()
         for t in threads:
             t.join()
-        with self.lock:
-            self.storms += 1
 
 
 def loads(port):
