@@ -18,6 +18,7 @@ run in left-padded batches.  Rows: metric "task_acc", task "gsm_symbolic".
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -72,8 +73,6 @@ def main():
     p.add_argument("--samples-out", default=None, help="JSON-lines file for every generation (optional)")
     add_common_args(p, seed=42)
     args = p.parse_args()
-    import json
-
     import reasoning_gym
     from tqdm import tqdm
 

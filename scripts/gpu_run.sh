@@ -9,7 +9,8 @@
 # bench (scripts/bench_kernels.py), smoke (BF16 server smoke), int4 (INT4 e2e),
 # tp2 (INT4 with --tp 2; needs 2 GPUs), reliability (bad config + requests, soak of
 # $SOAK_MIN minutes, default 8), serving (scripts/bench_serving.py on an 8B-shaped model;
-# resumable: CALL_LIMIT_S, SERVING_STATE, SERVING_ARGS; exit 75 = call again), profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
+# resumable: CALL_LIMIT_S, SERVING_STATE, SERVING_ARGS; exit 75 = call again),
+# profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
 set -uo pipefail
 OUT=${OUT:-$PWD/.out}
