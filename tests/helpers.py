@@ -21,3 +21,14 @@ def rel_err(a, b):
     a = a.double().cpu()
     b = b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def tiny_llama(vocab_size, hidden_size, head_dim, num_hidden_layers=2):
+    """A random-weight Llama (2 query heads, 1 KV head: GQA) for tests of the HF evaluation path."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size,
+                                   num_hidden_layers=num_hidden_layers, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=head_dim)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama
 
 from sglang_sawint4.eval.gguf_model import hf_name, unpermute_qk
 from sglang_sawint4.eval.kv_methods import KVMethod, install, standard_methods
@@ -45,11 +46,8 @@ def test_methods_quantize_per_token_per_head(rng):
 
 
 def test_install_routes_hf_attention_through_the_method():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    model = tiny_llama(vocab_size=64, hidden_size=128, head_dim=64)
     ids = torch.randint(0, 64, (1, 24))
     with torch.no_grad():
         ref = model(ids).logits

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import eval_tasks  # noqa: E402
@@ -33,11 +34,8 @@ def test_task_format_and_answer_index(tmp_path):
 
 
 def test_padded_batch_scores_equal_one_by_one():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    model = tiny_llama(vocab_size=257, hidden_size=64, head_dim=32)
     tok = CharTokenizer()
     prompt, options = "\nQ: which?\nA:", ["a", "bbbb", "cc"]
     batched = eval_tasks.score_options(model, tok, prompt, options)
