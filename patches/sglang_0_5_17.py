@@ -112,6 +112,7 @@ def _patch_cell_size(config: KVQuantConfig) -> None:
 
     cls = pc.DefaultPoolConfigurator
     compute, calculate = cls._compute_cell_size, cls.calculate_pool_sizes
+    logged_cells = set()
 
     @functools.wraps(compute)
     def _compute_cell_size(self, kvc, num_layers):
@@ -122,9 +123,12 @@ def _patch_cell_size(config: KVQuantConfig) -> None:
         # the same per-rank KV head count SGLang's own formula used
         heads = kvc.model_config.get_num_kv_heads(pc.get_parallel().attn_tp_size)
         cell = int4_cell_size_bytes(heads, num_layers, layout)
+        # SGLang 0.5.17 builds the configurator twice per start: log each distinct size once
+        if (cell, bf16_cell) not in logged_cells:
+            logged_cells.add((cell, bf16_cell))
+            logger.info("sglang-sawint4: KV bytes/token %d (INT4, %s) vs %d (%s): %.2fx",
+                        cell, layout, bf16_cell, kvc.kv_cache_dtype, bf16_cell / cell)
         self._sawint4_bf16_cell_size = bf16_cell
-        logger.info("sglang-sawint4: KV bytes/token %d (INT4, %s) vs %d (%s): %.2fx",
-                    cell, layout, bf16_cell, kvc.kv_cache_dtype, bf16_cell / cell)
         return cell
 
     @functools.wraps(calculate)

@@ -161,7 +161,7 @@ def test_out_of_vocabulary_prompt_ids_are_refused(applied):
         validate(manager, None, [0, 99])
 
 
-def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch):
+def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch, caplog):
     from types import SimpleNamespace
 
     from sglang.srt.model_executor import pool_configurator as pc
@@ -178,6 +178,11 @@ def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch):
     cell = pc.DefaultPoolConfigurator._compute_cell_size(conf, kvc, 32)
     assert cell == 8 * 32 * 136
     assert conf._sawint4_bf16_cell_size == 8 * 32 * 512
+    # SGLang builds the configurator twice per start: the sizes are logged once
+    with caplog.at_level("INFO"):
+        for _ in range(2):
+            pc.DefaultPoolConfigurator._compute_cell_size(conf, kvc, 31)
+    assert sum("KV bytes/token" in r.getMessage() for r in caplog.records) == 1
     sizes = pc.DefaultPoolConfigurator.calculate_pool_sizes
     conf._cell_size = cell
     conf._zero_kv_max_tokens = 0
