@@ -197,9 +197,16 @@ def summarize(results, seconds, output_len):
         "requests": len(results), "complete": sum(r.output_tokens == output_len for r in ok),
         "errors": len(results) - len(ok), "output_tok_s": sum(r.output_tokens for r in ok) / seconds,
         "ttft_ms_p50": statistics.median(r.ttft_s for r in ok) * 1e3 if ok else None,
+        "ttft_ms_p99": pct([r.ttft_s for r in ok], 99),
         "itl_ms_p50": statistics.median(itl) * 1e3 if itl else None, "itl_ms_p99": pct(itl, 99),
         "seconds": seconds,
     }
+
+
+def total_tok_s(row) -> float:
+    """Prompt plus generated tokens per second of one level: every prompt is exactly
+    input_len token ids, and a failed request is counted with neither."""
+    return row["output_tok_s"] + row["input_len"] * (row["requests"] - row["errors"]) / row["seconds"]
 
 
 def make_prompts(n, input_len, vocab, seed):
@@ -322,7 +329,7 @@ def run_unit(unit, args, shapes, levels, capacity, vocab):
 # --------------------------------------------------------------------------- #
 # aggregation
 # --------------------------------------------------------------------------- #
-METRICS = ("output_tok_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99")
+METRICS = ("output_tok_s", "total_tok_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99")
 
 
 def aggregate(records: List[dict], bdr_reference="int4", baseline="bf16"):
@@ -331,12 +338,12 @@ def aggregate(records: List[dict], bdr_reference="int4", baseline="bf16"):
     for rec in sorted(records, key=lambda r: r["pass"]):
         for row in rec["rows"]:
             key = (row["config"], row["input_len"], row["output_len"], row["concurrency"], row["capacity_point"])
-            per_point.setdefault(key, []).append(row)
+            per_point.setdefault(key, []).append(dict(row, total_tok_s=total_tok_s(row)))
     rows, spreads = [], {}
     for key, runs in per_point.items():
         row = dict(runs[0])
         for m in METRICS:
-            vals = [r[m] for r in runs if r[m] is not None]
+            vals = [r[m] for r in runs if r.get(m) is not None]
             row[m] = statistics.fmean(vals) if vals else None
         for m in ("requests", "complete", "errors"):
             row[m] = sum(r[m] for r in runs)
@@ -394,21 +401,44 @@ def aggregate(records: List[dict], bdr_reference="int4", baseline="bf16"):
     return rows, spread, summary
 
 
-def finalize(records, args, out):
+def measured(records) -> dict:
+    """The part of the result computed from the unit records."""
     rows, spread, summary = aggregate(list(records))
-    uuids = sorted({r.get("gpu_uuid") for r in records if r.get("gpu_uuid")})
-    result = {"gpu": records[0]["gpu"], "model": os.path.basename(args.model.rstrip("/")),
-              "repeat_spread_pct": spread, "versions": versions(), "command": " ".join(["python"] + sys.argv),
-              "one_gpu": len(uuids) <= 1, "gpu_uuids": uuids,
-              "incomplete_requests": sum(r["requests"] - r["complete"] for r in rows),
-              "units": [{k: r[k] for k in ("unit", "gpu_uuid", "startup_s", "seconds", "finished_at",
-                                           "server_command")} for r in records],
-              "summary": summary, "rows": rows}
+    return {"repeat_spread_pct": spread, "incomplete_requests": sum(r["requests"] - r["complete"] for r in rows),
+            "summary": summary, "rows": rows}
+
+
+def write_result(result, out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.splitext(out)[0] + ".png")
     return result
+
+
+def finalize(records, args, out):
+    uuids = sorted({r.get("gpu_uuid") for r in records if r.get("gpu_uuid")})
+    result = {"gpu": records[0]["gpu"], "model": os.path.basename(args.model.rstrip("/")),
+              "versions": versions(), "command": " ".join(["python"] + sys.argv),
+              "one_gpu": len(uuids) <= 1, "gpu_uuids": uuids,
+              "units": [{k: r[k] for k in ("unit", "gpu_uuid", "startup_s", "seconds", "finished_at",
+                                           "server_command")} for r in records],
+              **measured(records)}
+    return write_result(result, out)
+
+
+def rebuild(state_path, out):
+    """Recompute the rows, spreads and summary of an existing result from the unit records
+    the run appended to its state file (e.g. after a metric was added to the aggregation);
+    the run's provenance (GPU, versions, command, units) is kept from the existing file."""
+    records = list(load_state(state_path).values())
+    if not records:
+        raise SystemExit(f"--rebuild: no unit records in {state_path}")
+    old = json.load(open(out))
+    if sorted(u["unit"] for u in old["units"]) != sorted(r["unit"] for r in records):
+        raise SystemExit(f"--rebuild: the units in {state_path} are not the units of {out}")
+    result = {**old, **measured(records), "rebuilt_by": " ".join(["python"] + sys.argv)}
+    return write_result(result, out)
 
 
 def plot(result, path):
@@ -462,7 +492,9 @@ def plot(result, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--rebuild", action="store_true",
+                   help="only recompute --out from the unit records in --state (no GPU, no server)")
+    p.add_argument("--model", help="the served model's directory (required unless --rebuild)")
     p.add_argument("--out", required=True)
     p.add_argument("--configs", default="int4,int4-bdr-64,bf16,fp8_e4m3,int4-bdr-128")
     p.add_argument("--repeat-configs", default="int4-bdr-64,int4",
@@ -481,6 +513,13 @@ def main():
     p.add_argument("--log-dir", default=".")
     args, extra = p.parse_known_args()
     args.extra = [x for x in extra if x != "--"]
+    if args.rebuild:
+        if not args.state:
+            raise SystemExit("--rebuild needs --state (the run's unit records)")
+        rebuild(args.state, args.out)
+        return
+    if not args.model:
+        p.error("--model is required")
     configs = [c for c in args.configs.split(",") if c]
     for c in configs:
         config_flags(c)
