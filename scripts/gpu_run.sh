@@ -10,6 +10,8 @@
 # tp2 (INT4 with --tp 2; needs 2 GPUs), reliability (bad config + requests, soak of
 # $SOAK_MIN minutes, default 8), serving (scripts/bench_serving.py on an 8B-shaped model;
 # resumable: CALL_LIMIT_S, SERVING_STATE, SERVING_ARGS; exit 75 = call again),
+# gguf-part (keep this call's part of SmolLM2's GGUF), served (join, convert, then
+# scripts/served_accuracy.py serve: bf16 / int4 / int4-bdr-64 greedy continuations),
 # profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
 set -uo pipefail
@@ -18,6 +20,8 @@ BUNDLE=${BUNDLE:-.bundle/sglang-0.5.17-py312.tar.xz}
 SITE=${SITE:-/tmp/sglang-site}
 PKG=${PKG:-/tmp/sawint4-site}
 MODELS=${MODELS:-/tmp/models}
+GGUF_PARTS=${GGUF_PARTS:-/tmp/gguf-parts}
+SMOLLM2_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 mkdir -p "$OUT" "$MODELS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}
@@ -95,6 +99,33 @@ for s in "$@"; do
     rc=${PIPESTATUS[0]}
     cp "$STATE" "$OUT/serving_state.jsonl" 2>/dev/null
     [ "$rc" -ne 0 ] && status=$rc
+    ;;
+  gguf-part)
+    # SmolLM2's GGUF (98 MB) reaches the host in parts, one per call (64 MiB per call):
+    # keep this call's part (.bundle/smollm2/part-*) and the gguf wheel outside the work tree
+    mkdir -p "$GGUF_PARTS"
+    cp -v .bundle/smollm2/part-* "$GGUF_PARTS"/ 2>/dev/null || echo "no GGUF part in this call"
+    if ls .bundle/gguf-*.whl >/dev/null 2>&1 && [ ! -d /tmp/gguf-site/gguf ]; then
+      python3 -m pip install -q --no-deps --no-index --target /tmp/gguf-site .bundle/gguf-*.whl
+    fi
+    PYTHONPATH=/tmp/gguf-site:$PYTHONPATH python3 -c "import gguf; print('gguf', gguf.__file__)" || status=1
+    ls -l "$GGUF_PARTS"
+    ;;
+  served)
+    stage served
+    # the parts joined and checked, SmolLM2 converted to BF16 by our converter (as on the CPU
+    # side), then one server per KV config gives greedy continuations (scripts/served_accuracy.py)
+    if [ ! -d "$MODELS/smollm2" ]; then
+      cat "$GGUF_PARTS"/part-* > /tmp/smollm2.gguf
+      if ! echo "$SMOLLM2_SHA256  /tmp/smollm2.gguf" | sha256sum -c -; then
+        echo "SmolLM2 GGUF incomplete: send every part first (stage gguf-part)"; exit 1
+      fi
+      PYTHONPATH=/tmp/gguf-site:$PYTHONPATH python3 -m sglang_sawint4.eval.gguf_model /tmp/smollm2.gguf \
+        "$MODELS/smollm2" | tail -3 || status=1
+    fi
+    python3 scripts/served_accuracy.py serve --model "$MODELS/smollm2" --prompts bench/logs/served_prompts.json \
+      --out "$OUT/served_generations.json" --log-dir "$OUT" 2>&1 | tail -20
+    [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     ;;
   profile)
     stage profile

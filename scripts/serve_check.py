@@ -265,11 +265,12 @@ def generate_ids(port, input_ids, max_new_tokens, **extra):
 
 
 def greedy_outputs(port, prompts_ids, n, top_logprobs=5):
-    """Greedy output ids and, per step, {token id: logprob} of the top candidates."""
+    """Greedy output ids, their logprobs and, per step, {token id: logprob} of the top candidates."""
     outs = []
     for ids in prompts_ids:
         meta = generate_ids(port, ids, n, return_logprob=True, top_logprobs_num=top_logprobs)["meta_info"]
         outs.append({"ids": [t[1] for t in meta["output_token_logprobs"]],
+                     "logprobs": [t[0] for t in meta["output_token_logprobs"]],
                      "top": [{t[1]: t[0] for t in step or []} for step in meta["output_top_logprobs"]]})
     return outs
 

@@ -258,18 +258,28 @@ def load_model(path: str, threads: Optional[int] = None):
     return tok, model
 
 
-def install(model, method_ref: Callable[[], KVMethod], observer=None) -> None:
+def install(model, method_ref: Callable[[], KVMethod], observer=None, served_prefill: bool = False) -> None:
     """Route the model's attention through ``method_ref()`` (looked up at every call).
 
     ``observer(layer_idx, key, key_hat)``, if given, sees each layer's keys before
     and after quantization (for per-layer error and outlier statistics).
+    ``served_prefill``: a forward of several new tokens over an empty cache attends to
+    their unquantized K/V, as the served extend attention does (it reads only a cached
+    prefix from the INT4 pages); one-token forwards (decode steps) read every token
+    quantized, as the served decode kernel does.  Off: every forward is quantized
+    (teacher-forced evaluation).
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
         layer = getattr(module, "layer_idx", -1)
-        k_hat, v_hat = method_ref().apply(key, value, layer, query=query)
+        if served_prefill and query.shape[-2] > 1:
+            if key.shape[-2] != query.shape[-2]:
+                raise ValueError("served_prefill models a prefill over an empty cache only")
+            k_hat, v_hat = key, value
+        else:
+            k_hat, v_hat = method_ref().apply(key, value, layer, query=query)
         if observer is not None:
             observer(layer, key, k_hat)
         return sdpa_attention_forward(module, query, k_hat, v_hat, attention_mask, **kwargs)
