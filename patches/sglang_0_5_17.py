@@ -138,8 +138,8 @@ def _patch_cell_size(config: KVQuantConfig) -> None:
         if bf16_cell:
             bf16_tokens = available_bytes // bf16_cell // page_size * page_size
             logger.info(
-                "sglang-sawint4: max_total_num_tokens=%d with INT4 KV; the same memory holds %d "
-                "tokens in BF16 (%.2fx)", result.max_total_num_tokens, bf16_tokens,
+                "sglang-sawint4: the KV memory holds %d tokens with INT4 KV, %d in BF16 (%.2fx); "
+                "SGLang applies --max-total-tokens after this", result.max_total_num_tokens, bf16_tokens,
                 result.max_total_num_tokens / max(bf16_tokens, 1))
         return result
 

@@ -25,7 +25,10 @@ For each config ``compare`` reports
   continuation's BF16 perplexity (what the harness predicts for the served numbers);
 * replay: the harness fed the served tokens one decode step at a time: the mean |logprob
   difference| of each served token (harness vs server) and the fraction of steps where the
-  harness's own argmax is the served token.  Greedy continuations diverge at the first near-tie,
+  harness's own argmax is the served token; and, as the control, how far the same replay moves
+  when only the rounding of the K/V inputs changes (bf16 first, as served): INT4 codes flip
+  at rounding boundaries, so a quantized config differs more from any re-computation of it
+  than BF16 does, without any kernel error.  Greedy continuations diverge at the first near-tie,
   so the replay is the step-by-step check; the agreement and perplexity are the user-visible ones.
 """
 
@@ -39,6 +42,8 @@ import os
 import random
 import sys
 import time
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,9 +89,10 @@ def cmd_serve(args):
     configs = [c for c in args.configs.split(",") if c]
     servers = {}
     for i, cfg in enumerate(configs):
-        # side by side on one GPU: each its share of the memory, its own port
-        flags = [*config_flags(cfg), "--attention-backend", "triton", "--mem-fraction-static",
-                 str(args.mem_fraction), "--disable-prefill-cuda-graph", *args.extra]
+        # side by side on one GPU, each on its own port: SGLang's --mem-fraction-static check
+        # counts the other servers' memory as used, so the pools are capped by size instead
+        flags = [*config_flags(cfg), "--attention-backend", "triton", "--max-total-tokens",
+                 str(args.max_total_tokens), "--disable-prefill-cuda-graph", *args.extra]
         servers[cfg] = Server(args.model, args.port + 10 * i, flags,
                               os.path.join(args.log_dir, f"served_{cfg}.log"))
     result = {"gpu": gpu_name(), "versions": versions(), "model": os.path.basename(args.model.rstrip("/")),
@@ -126,6 +132,18 @@ def method_of(config: str):
     raise SystemExit(f"no harness method for config {config!r}")
 
 
+class BF16Inputs:
+    """A method whose K/V inputs are rounded to bfloat16 first, as the server's are: the
+    control for how much the harness moves when only its inputs' rounding changes."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def apply(self, key, value, layer=-1, query=None):
+        rounded = (key.to(torch.bfloat16).to(key.dtype), value.to(torch.bfloat16).to(value.dtype))
+        return self.method.apply(*rounded, layer, query=query)
+
+
 def decode_steps(model, prompts, feed=None, steps=None):
     """Prefill the prompts [n, L] as one batch, then decode one token per step.
 
@@ -133,8 +151,6 @@ def decode_steps(model, prompts, feed=None, steps=None):
     Returns (tokens [n, T], logprob of each token [n, T], argmax [n, T]) where the logprob
     and the argmax come from the distribution the token was drawn from.
     """
-    import torch
-
     steps = feed.shape[1] if feed is not None else steps
     with torch.no_grad():
         out = model(prompts, use_cache=True)
@@ -155,8 +171,6 @@ def decode_steps(model, prompts, feed=None, steps=None):
 
 def continuation_ppl(model, prompts, cont):
     """The perplexity of cont [n, T] after prompts [n, L] under the model as installed."""
-    import torch
-
     with torch.no_grad():
         logits = model(torch.cat([prompts, cont], 1)).logits[:, prompts.shape[1] - 1: -1]
     nll = -torch.log_softmax(logits.double(), -1).gather(2, cont[..., None])[..., 0]
@@ -173,8 +187,6 @@ def compare(model, prompts, served: dict, current: dict, progress=None) -> dict:
 
     prompts [n, L] long; served: {config: [{"ids": [T], "logprobs": [T]}]}; current: the
     dict whose "m" the installed harness reads (the method in use)."""
-    import torch
-
     from sglang_sawint4.eval.kv_methods import KVMethod
 
     def tensor(cfg, key, dtype):
@@ -189,6 +201,8 @@ def compare(model, prompts, served: dict, current: dict, progress=None) -> dict:
         current["m"] = method_of(cfg)
         greedy, _, _ = decode_steps(model, prompts, steps=ids.shape[1])
         _, replay_lp, replay_argmax = decode_steps(model, prompts, feed=ids)
+        current["m"] = BF16Inputs(method_of(cfg))
+        _, rounded_lp, _ = decode_steps(model, prompts, feed=ids)
         current["m"] = bf16
         out[cfg] = {
             "served_agree_vs_bf16": agreement(ids, tensor("bf16", "ids", torch.long)),
@@ -198,6 +212,8 @@ def compare(model, prompts, served: dict, current: dict, progress=None) -> dict:
             "replay_logprob_mae": (replay_lp - lps).abs().mean().item(),
             "replay_logprob_max": (replay_lp - lps).abs().max().item(),
             "replay_argmax_agree": agreement(replay_argmax, ids),
+            # the same replay with the K/V inputs rounded to bf16 first, against the plain one
+            "control_rounding_mae": (rounded_lp - replay_lp).abs().mean().item(),
             "n_prompts": ids.shape[0], "tokens": ids.shape[1],
         }
         if progress:
@@ -206,8 +222,6 @@ def compare(model, prompts, served: dict, current: dict, progress=None) -> dict:
 
 
 def cmd_compare(args):
-    import torch
-
     from sglang_sawint4.eval.kv_methods import KVMethod, install, load_model
     from sglang_sawint4.eval.results import load_results, run_info, save_results
 
@@ -247,7 +261,7 @@ def main():
     a.add_argument("--out", required=True)
     a.add_argument("--configs", default=CONFIGS)
     a.add_argument("--max-new-tokens", type=int, default=64)
-    a.add_argument("--mem-fraction", type=float, default=0.2, help="per server (they run side by side)")
+    a.add_argument("--max-total-tokens", type=int, default=100000, help="KV pool of each server")
     a.add_argument("--port", type=int, default=30000)
     a.add_argument("--log-dir", default=".")
     a = sub.add_parser("compare", help="harness vs served (CPU)")

@@ -59,6 +59,14 @@ def test_replay_of_the_harness_own_continuations_matches_exactly(model):
     assert bad["int4"]["replay_argmax_agree"] < 1.0 and bad["int4"]["replay_logprob_mae"] > 1e-6
 
 
+def test_bf16_inputs_control_rounds_before_the_method():
+    k, v = torch.randn(1, 2, 5, 64, dtype=torch.float64), torch.randn(1, 2, 5, 64, dtype=torch.float64)
+    kh, vh = served_accuracy.BF16Inputs(KVMethod("bf16")).apply(k, v)
+    assert torch.equal(kh, k.bfloat16().double()) and torch.equal(vh, v.bfloat16().double())
+    kq, _ = served_accuracy.BF16Inputs(KVMethod("int4")).apply(k, v)
+    assert torch.equal(kq, KVMethod("int4").apply(k.bfloat16().double(), v)[0])
+
+
 def test_method_of_configs():
     assert served_accuracy.method_of("int4-bdr-32") == KVMethod("int4-bdr", 32, "k")
     assert served_accuracy.method_of("int4") == KVMethod("int4")

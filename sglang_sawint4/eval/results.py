@@ -2,7 +2,8 @@
 
 Each script owns some rows and replaces only those: eval_accuracy.py the perplexity /
 agreement / KL rows of its methods, eval_tasks.py and eval_passkey.py the ``task_acc``
-rows of their (model, method, block, rotate, task).
+rows of their (model, method, block, rotate, task); scripts/served_accuracy.py the ``served``
+entry of its model (the served-vs-harness comparison, outside the rows' schema).
 """
 
 from __future__ import annotations
