@@ -25,7 +25,9 @@ Resumable: each finished unit is appended to --state; a later call with the same
 skips the units already there.  With --call-budget-s the script stops before a unit that
 would not finish within the budget (exit code 75: call it again), so a run longer than one
 GPU command spans several calls on the same machine (each unit records the GPU's UUID).
-When every unit is done it writes --out (JSON) and the plot beside it (PNG).
+When every unit is done it writes --out (JSON) and the plot beside it (PNG); the state file
+keeps every unit's raw rows, from which ``--rebuild`` recomputes --out after a change to the
+aggregation (the run's GPU, versions and command are kept).
 """
 
 from __future__ import annotations

