@@ -22,7 +22,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import KVMethod, install, load_model, record_kv, standard_methods  # noqa: E402
+from sglang_sawint4.eval.kv_methods import (  # noqa: E402
+    KVMethod,
+    default_methods,
+    install,
+    load_model,
+    record_kv,
+    standard_methods,
+)
 from sglang_sawint4.eval.results import load_results, merge_method_rows, run_info, save_results  # noqa: E402
 
 
@@ -44,6 +51,9 @@ def main():
     p.add_argument("--model-name", required=True)
     p.add_argument("--text", action="append", required=True, help="name=path of a plain-text corpus")
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
+    p.add_argument("--methods", choices=("standard", "default"), default="standard",
+                   help="standard: every method; default: BF16, naive INT4 and the served default "
+                        "(long contexts, where a CPU forward takes minutes)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -80,7 +90,7 @@ def main():
             layer_stats.setdefault(layer, {}).setdefault(f"k_err/{current['m'].label}", []).append(err)
 
     install(model, lambda: current["m"], observer)
-    methods = standard_methods(head_dim)
+    methods = standard_methods(head_dim) if args.methods == "standard" else default_methods(head_dim)
     if args.bf16_layers:
         keep = tuple(int(x) for x in args.bf16_layers.split(","))
         policy = [KVMethod(m.name, m.block, m.rotate, keep) for m in methods
