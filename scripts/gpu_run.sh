@@ -120,8 +120,10 @@ for s in "$@"; do
       if ! echo "$SMOLLM2_SHA256  /tmp/smollm2.gguf" | sha256sum -c -; then
         echo "SmolLM2 GGUF incomplete: send every part first (stage gguf-part)"; exit 1
       fi
-      PYTHONPATH=/tmp/gguf-site:$PYTHONPATH python3 -m sglang_sawint4.eval.gguf_model /tmp/smollm2.gguf \
-        "$MODELS/smollm2" | tail -3 || status=1
+      if ! PYTHONPATH=/tmp/gguf-site:$PYTHONPATH python3 -m sglang_sawint4.eval.gguf_model /tmp/smollm2.gguf \
+        "$MODELS/smollm2"; then
+        echo "SmolLM2 conversion failed"; rm -rf "$MODELS/smollm2"; exit 1
+      fi
     fi
     python3 scripts/served_accuracy.py serve --model "$MODELS/smollm2" --prompts bench/logs/served_prompts.json \
       --out "$OUT/served_generations.json" --log-dir "$OUT" 2>&1 | tail -20
