@@ -277,3 +277,19 @@ def test_rdata_text_reads_character_vectors(tmp_path):
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "rdata_text.py")
     out = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True, check=True).stdout
     assert out == "EMMA\n\nBy Jane Austen\n\nPersuasion\n\n\n"
+
+
+def test_task_rows_replace_only_the_same_task(tmp_path):
+    from sglang_sawint4.eval.results import load_results, merge_task_rows, save_results
+
+    def row(task, value, metric="task_acc"):
+        return {"model": "m", "method": "int4", "block": None, "rotate": None, "context": None,
+                "metric": metric, "value": value, "task": task, "corpus": None}
+
+    path = str(tmp_path / "acc.json")
+    save_results(path, {"rows": [row("date", 0.1), row("sports", 0.2), row(None, 9.0, "ppl")], "runs": {}})
+    merge_task_rows(path, [row("date", 0.5)], "m", "task_run", {"command": "x"})
+    result = load_results(path)
+    got = sorted((r["metric"], r["task"], r["value"]) for r in result["rows"])
+    assert got == [("ppl", None, 9.0), ("task_acc", "date", 0.5), ("task_acc", "sports", 0.2)]
+    assert result["runs"] == {"m": {"task_run": {"command": "x"}}}

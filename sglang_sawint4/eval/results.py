@@ -56,24 +56,27 @@ def save_results(path: str, result: dict) -> None:
         json.dump(result, f, indent=1)
 
 
+def _replace_rows(result: dict, rows: list, task_rows: bool, last_field: str) -> dict:
+    """``rows`` replace the rows of their own kind (task or not) with the same (model, method,
+    block, rotate, ``last_field``); every other row stays."""
+    def key(r):
+        return r["model"], r["method"], r["block"], r["rotate"], r.get(last_field)
+
+    mine = {key(r) for r in rows}
+    result["rows"] = [r for r in result["rows"]
+                      if (r.get("metric") == "task_acc") != task_rows or key(r) not in mine] + rows
+    return result
+
+
 def merge_method_rows(result: dict, rows: list) -> dict:
     """Put an eval_accuracy run's rows into the results: they replace the rows of the same
     (model, method, block, rotate, context); task rows and every other row stay."""
-    def key(r):
-        return r["model"], r["method"], r["block"], r["rotate"], r["context"]
-
-    mine = {key(r) for r in rows}
-    result["rows"] = [r for r in result["rows"] if r["metric"] == "task_acc" or key(r) not in mine] + rows
-    return result
+    return _replace_rows(result, rows, task_rows=False, last_field="context")
 
 
 def merge_task_rows(path: str, rows: list, model_name: str, run_key: str, run: dict) -> dict:
     """Replace this run's task rows in the results file (other rows stay); returns the file's content."""
-    result = load_results(path)
-    mine = {(r["model"], r["method"], r["block"], r["rotate"], r["task"]) for r in rows}
-    result["rows"] = [r for r in result["rows"] if r.get("metric") != "task_acc"
-                      or (r["model"], r["method"], r["block"], r["rotate"], r.get("task")) not in mine]
-    result["rows"] += rows
+    result = _replace_rows(load_results(path), rows, task_rows=True, last_field="task")
     result["runs"].setdefault(model_name, {})[run_key] = run
     save_results(path, result)
     return result
