@@ -21,6 +21,7 @@ SITE=${SITE:-/tmp/sglang-site}
 PKG=${PKG:-/tmp/sawint4-site}
 MODELS=${MODELS:-/tmp/models}
 GGUF_PARTS=${GGUF_PARTS:-/tmp/gguf-parts}
+GGUF_SITE=${GGUF_SITE:-/tmp/gguf-site}
 SMOLLM2_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 mkdir -p "$OUT" "$MODELS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -105,10 +106,10 @@ for s in "$@"; do
     # keep this call's part (.bundle/smollm2/part-*) and the gguf wheel outside the work tree
     mkdir -p "$GGUF_PARTS"
     cp -v .bundle/smollm2/part-* "$GGUF_PARTS"/ 2>/dev/null || echo "no GGUF part in this call"
-    if ls .bundle/gguf-*.whl >/dev/null 2>&1 && [ ! -d /tmp/gguf-site/gguf ]; then
-      python3 -m pip install -q --no-deps --no-index --target /tmp/gguf-site .bundle/gguf-*.whl
+    if ls .bundle/gguf-*.whl >/dev/null 2>&1 && [ ! -d "$GGUF_SITE/gguf" ]; then
+      python3 -m pip install -q --no-deps --no-index --target "$GGUF_SITE" .bundle/gguf-*.whl
     fi
-    PYTHONPATH=/tmp/gguf-site:$PYTHONPATH python3 -c "import gguf; print('gguf', gguf.__file__)" || status=1
+    PYTHONPATH=$GGUF_SITE:$PYTHONPATH python3 -c "import gguf; print('gguf', gguf.__file__)" || status=1
     ls -l "$GGUF_PARTS"
     ;;
   served)
@@ -120,7 +121,7 @@ for s in "$@"; do
       if ! echo "$SMOLLM2_SHA256  /tmp/smollm2.gguf" | sha256sum -c -; then
         echo "SmolLM2 GGUF incomplete: send every part first (stage gguf-part)"; exit 1
       fi
-      if ! PYTHONPATH=/tmp/gguf-site:$PYTHONPATH python3 -m sglang_sawint4.eval.gguf_model /tmp/smollm2.gguf \
+      if ! PYTHONPATH=$GGUF_SITE:$PYTHONPATH python3 -m sglang_sawint4.eval.gguf_model /tmp/smollm2.gguf \
         "$MODELS/smollm2"; then
         echo "SmolLM2 conversion failed"; rm -rf "$MODELS/smollm2"; exit 1
       fi

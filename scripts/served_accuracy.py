@@ -199,7 +199,7 @@ def compare(model, prompts, served: dict, current: dict, progress=None) -> dict:
     for cfg in served:
         ids, lps = tensor(cfg, "ids", torch.long), tensor(cfg, "logprobs", torch.float64)
         current["m"] = method_of(cfg)
-        greedy, _, _ = decode_steps(model, prompts, steps=ids.shape[1])
+        greedy = harness_bf16 if cfg == "bf16" else decode_steps(model, prompts, steps=ids.shape[1])[0]
         _, replay_lp, replay_argmax = decode_steps(model, prompts, feed=ids)
         current["m"] = BF16Inputs(method_of(cfg))
         _, rounded_lp, _ = decode_steps(model, prompts, feed=ids)
