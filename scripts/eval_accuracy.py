@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sglang_sawint4.eval.kv_methods import (  # noqa: E402
     KVMethod,
     default_methods,
+    final_hidden,
     install,
+    logits_from_hidden,
     load_model,
     record_kv,
     standard_methods,
@@ -37,12 +39,35 @@ DEFAULT_CONTEXT = 2048
 
 
 def windows(tokenizer, path, context, count):
+    """Non-overlapping windows [context] of the text's tokens, each starting with the
+    tokens the tokenizer puts before any input (Gemma's BOS; none for SmolLM2 / Qwen2.5),
+    as a model trained that way always sees them."""
+    prefix = tokenizer("", add_special_tokens=True)["input_ids"]
     with open(path, errors="replace") as f:
         ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
-    n = min(count, len(ids) // context)
+    body = context - len(prefix)
+    n = min(count, len(ids) // body)
     if n == 0:
         raise SystemExit(f"{path}: fewer than {context} tokens")
-    return [torch.tensor(ids[i * context:(i + 1) * context]) for i in range(n)]
+    return [torch.tensor(prefix + ids[i * body:(i + 1) * body]) for i in range(n)]
+
+
+def score(model, hidden, ref_hidden, targets, rows_per_chunk: int = 2048) -> dict:
+    """Summed NLL of ``targets`` [tokens], top-1 agreement and KL to the reference, from the
+    final hidden states [tokens, hidden] of a method and of the unquantized cache.
+
+    Logits are made ``rows_per_chunk`` positions at a time: [32k, 262k] fp32 logits of a
+    long Gemma window alone would be 34 GB.
+    """
+    rec = {"nll_sum": 0.0, "n": targets.numel(), "top1": 0.0, "kl": 0.0}
+    for lo in range(0, targets.numel(), rows_per_chunk):
+        rows = slice(lo, lo + rows_per_chunk)
+        logp = torch.log_softmax(logits_from_hidden(model, hidden[rows]), -1)
+        ref_logp = torch.log_softmax(logits_from_hidden(model, ref_hidden[rows]), -1)
+        rec["nll_sum"] -= logp.gather(-1, targets[rows, None]).sum().item()
+        rec["top1"] += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+        rec["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+    return rec
 
 
 def main():
@@ -57,6 +82,8 @@ def main():
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on the GPU host (float32 either way)")
+    p.add_argument("--no-plot", action="store_true", help="leave the plot to scripts/merge_accuracy.py (no matplotlib)")
     p.add_argument("--bf16-layers", default=None,
                    help="comma-separated layers kept unquantized: adds int4 and int4-bdr variants with "
                         "that per-layer policy")
@@ -75,7 +102,7 @@ def main():
     args = p.parse_args()
     from tqdm import tqdm
 
-    tok, model = load_model(args.model, args.threads)
+    tok, model = load_model(args.model, args.threads, args.device)
     head_dim = model.config.head_dim
     current = {"m": KVMethod("bf16")}
     layer_stats = {}
@@ -119,18 +146,14 @@ def main():
     t0 = time.time()
     for corpus, wins in data.items():
         for w in wins:
-            ref_logp = None
+            ref_hidden = None
             for m in methods:
                 current["m"] = m
                 with torch.no_grad():
-                    logits = model(w[None]).logits[0, :-1].float()
-                logp = torch.log_softmax(logits, -1)
-                nll = -logp.gather(-1, w[1:, None]).squeeze(-1)
-                if m.name == "bf16":
-                    ref_logp = logp
-                rec = {"nll_sum": nll.sum().item(), "n": nll.numel(),
-                       "top1": (logp.argmax(-1) == ref_logp.argmax(-1)).float().sum().item(),
-                       "kl": (ref_logp.exp() * (ref_logp - logp)).sum(-1).sum().item()}
+                    hidden = final_hidden(model, w)[:-1]
+                    if m.name == "bf16":
+                        ref_hidden = hidden
+                    rec = score(model, hidden, ref_hidden, w[1:].to(hidden.device))
                 rows.append({"corpus": corpus, "method": m, **rec})
                 bar.update(1)
     bar.close()
@@ -145,7 +168,7 @@ def main():
             out_rows.append({**base, "metric": "ppl", "value": math.exp(sum(r["nll_sum"] for r in sel) / n)})
             out_rows.append({**base, "metric": "top1_agree", "value": sum(r["top1"] for r in sel) / n})
             out_rows.append({**base, "metric": "kl", "value": sum(r["kl"] for r in sel) / n})
-    run = {**run_info(t0),
+    run = {**run_info(t0, args.device),
            "layers": {str(k): {"channel_absmax_max": float(v["channel_absmax"].max()),
                                "channel_absmax_median": float(v["channel_absmax"].median()),
                                **{n: sum(e) / len(e) for n, e in v.items() if n.startswith("k_err/")}}
@@ -163,7 +186,8 @@ def main():
     else:
         runs.update(run)
     save_results(args.out, result)
-    plot(result, os.path.splitext(args.out)[0] + ".png")
+    if not args.no_plot:
+        plot(result, os.path.splitext(args.out)[0] + ".png")
     for r in out_rows:
         if r["corpus"] == "all":
             print(f"{label_row(r):16} {r['metric']:10} {r['value']:.4f}")
@@ -210,7 +234,10 @@ def plot(result, path):
         ratio = [layers[str(x)]["channel_absmax_max"] / max(layers[str(x)]["channel_absmax_median"], 1e-9) for x in xs]
         ax_l.plot(xs, ratio, "k-o", ms=3, label="key outlier ratio (max / median channel |k|)")
         ax2 = ax_l.twinx()
-        for key, color in (("k_err/int4", "tab:blue"), ("k_err/int4-bdr-64-k", "tab:red")):
+        # the served default: BDR with the largest block, K only (64 for head_dim 64, 128 for 256)
+        bdr = max((k for k in layers[str(xs[0])] if k.startswith("k_err/int4-bdr-") and k.endswith("-k")),
+                  key=lambda k: int(k.split("-")[2]), default="k_err/int4-bdr")
+        for key, color in (("k_err/int4", "tab:blue"), (bdr, "tab:red")):
             if all(key in layers[str(x)] for x in xs):
                 ax2.plot(xs, [layers[str(x)][key] for x in xs], color=color,
                          label=key.split("/", 1)[1] + " key rel. error")

@@ -59,10 +59,23 @@ def generate(model, tok, questions, max_new_tokens):
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def generate_problems(count: int, seed: int) -> list:
+    """[{"question", "answer"}] from reasoning-gym's gsm_symbolic (deterministic in the seed)."""
+    import reasoning_gym
+
+    return [{"question": x["question"], "answer": x["answer"]}
+            for x in reasoning_gym.create_dataset("gsm_symbolic", size=count, seed=seed)]
+
+
+def load_problems(path: str) -> list:
+    with open(path) as f:
+        return json.load(f)["problems"]
 
 
 def main():
@@ -71,13 +84,22 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=320)
     p.add_argument("--samples-out", default=None, help="JSON-lines file for every generation (optional)")
+    p.add_argument("--problems-file", default=None,
+                   help="read the problems from this JSON file (written by --write-problems) instead of "
+                        "generating them: for a host without reasoning-gym")
+    p.add_argument("--write-problems", default=None, metavar="PATH",
+                   help="only write the --problems / --seed problems (question, answer) to PATH and exit")
     add_common_args(p, seed=42)
     args = p.parse_args()
-    import reasoning_gym
     from tqdm import tqdm
 
-    data = list(reasoning_gym.create_dataset("gsm_symbolic", size=args.problems, seed=args.seed))
-    tok, model = load_model(args.model, args.threads)
+    data = load_problems(args.problems_file) if args.problems_file else generate_problems(args.problems, args.seed)
+    if args.write_problems:
+        with open(args.write_problems, "w") as f:
+            json.dump({"generator": f"reasoning-gym gsm_symbolic, {args.problems} problems, seed {args.seed}",
+                       "problems": data}, f, indent=1)
+        return
+    tok, model = load_model(args.model, args.threads, args.device)
     current = {"m": KVMethod("bf16")}
     install(model, lambda: current["m"])
     methods = default_methods(model.config.head_dim)
@@ -100,7 +122,7 @@ def main():
         rows.append(task_row(args.model_name, m, "gsm_symbolic", correct, len(data)))
         print(f"{m.label:18} gsm_symbolic {correct}/{len(data)}", flush=True)
     bar.close()
-    merge_task_rows(args.out, rows, args.model_name, "gsm_run", run_info(t0))
+    merge_task_rows(args.out, rows, args.model_name, "gsm_run", run_info(t0, args.device))
     if args.samples_out:
         with open(args.samples_out, "w") as f:
             for s in samples:

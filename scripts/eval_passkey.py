@@ -68,7 +68,7 @@ def retrieved(model, prompt, answer) -> bool:
     """Whether greedy decoding after `prompt` starts with `answer` (one teacher-forced forward)."""
     ids = torch.tensor([prompt + answer])
     with torch.no_grad():
-        logits = model(ids).logits[0]
+        logits = model(ids.to(model.device)).logits[0].cpu()
     pred = logits[len(prompt) - 1: len(prompt) + len(answer) - 1].argmax(-1)
     return bool((pred == torch.tensor(answer)).all())
 
@@ -86,7 +86,7 @@ def main():
     args = p.parse_args()
     from tqdm import tqdm
 
-    tok, model = load_model(args.model, args.threads)
+    tok, model = load_model(args.model, args.threads, args.device)
     context = args.context or model.config.max_position_embeddings
     if context > model.config.max_position_embeddings:
         raise SystemExit(f"--context {context} is beyond the model's {model.config.max_position_embeddings}")
@@ -118,7 +118,7 @@ def main():
         print(f"{m.label:18} passkey at {length} tokens: {sum(hits)}/{len(hits)}  by depth {hits}", flush=True)
     bar.close()
     run_key = "passkey_kmeans_run" if args.only_extra else "passkey_run"  # keep the other run's record
-    merge_task_rows(args.out, rows, args.model_name, run_key, run_info(t0))
+    merge_task_rows(args.out, rows, args.model_name, run_key, run_info(t0, args.device))
 
 
 if __name__ == "__main__":

