@@ -159,8 +159,9 @@ for s in "$@"; do
     # which a 2-core CPU cannot do; rows go to $OUT/accuracy_gpu.json, merged on the CPU side
     # by scripts/merge_accuracy.py
     TEXTS=(--text "kjv=$EVAL_DATA/kjv.txt" --text "austen=$EVAL_DATA/austen.txt" --text "brown=$EVAL_DATA/brown.txt")
-    for spec in "gemma Gemma-3-270M" "qwen Qwen2.5-Coder-0.5B-Instruct"; do
-      read -r name label <<< "$spec"
+    declare -A LABEL=([gemma]=Gemma-3-270M [qwen]=Qwen2.5-Coder-0.5B-Instruct)
+    for name in ${LONG_ACC_MODELS:-gemma qwen}; do
+      label=${LABEL[$name]}
       join_convert "$name"
       python3 scripts/eval_accuracy.py --device cuda --no-plot --model "$MODELS/$name" --model-name "$label" "${TEXTS[@]}" \
         --context 32768 --windows 1 --out "$OUT/accuracy_gpu.json" 2>&1 | grep -v "it/s\]" | tail -40

@@ -63,11 +63,16 @@ def test_install_routes_hf_attention_through_the_method():
     assert seen[:2] == [0, 1]
 
 
-def test_install_keeps_sliding_window_and_padding_masks():
+@pytest.mark.parametrize("query_chunk", [4096, 5])
+def test_install_keeps_sliding_window_and_padding_masks(monkeypatch, query_chunk):
     """Without a mask function registered for our attention name transformers passes no
     mask at all: Gemma 3's sliding-window layers then saw every token, padded batches
-    their padding.  With it, the unquantized method reproduces stock SDPA exactly."""
+    their padding.  With it, the unquantized method reproduces stock SDPA exactly, also
+    when long prefills run a chunk of queries at a time (query_chunk 5)."""
     transformers = pytest.importorskip("transformers")
+    from sglang_sawint4.eval import kv_methods
+
+    monkeypatch.setattr(kv_methods, "QUERY_CHUNK", query_chunk)
     cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
                                         layer_types=["sliding_attention", "full_attention"])

@@ -273,6 +273,10 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+# queries per SDPA call in the evaluation's attention (see chunked_sdpa in install)
+QUERY_CHUNK = 4096
+
+
 def install(model, method_ref: Callable[[], KVMethod], observer=None, served_prefill: bool = False) -> None:
     """Route the model's attention through ``method_ref()`` (looked up at every call).
 
@@ -298,7 +302,27 @@ def install(model, method_ref: Callable[[], KVMethod], observer=None, served_pre
             k_hat, v_hat = method_ref().apply(key, value, layer, query=query)
         if observer is not None:
             observer(layer, key, k_hat)
-        return sdpa_attention_forward(module, query, k_hat, v_hat, attention_mask, **kwargs)
+        if query.shape[-2] <= QUERY_CHUNK:
+            return sdpa_attention_forward(module, query, k_hat, v_hat, attention_mask, **kwargs)
+        return chunked_sdpa(module, query, k_hat, v_hat, attention_mask, **kwargs)
+
+    def chunked_sdpa(module, query, key, value, attention_mask, **kwargs):
+        # long prefills (32k tokens): SDPA over all queries at once can fall back to a
+        # [heads, tokens, tokens] fp32 score matrix (GQA in fp32); QUERY_CHUNK queries at a
+        # time, each over the keys up to its last position, with the causal mask made explicit
+        start = key.shape[-2] - query.shape[-2]  # 0 for a prefill over an empty cache
+        outs = []
+        for lo in range(0, query.shape[-2], QUERY_CHUNK):
+            hi = min(lo + QUERY_CHUNK, query.shape[-2])
+            if attention_mask is None:
+                pos = torch.arange(start + lo, start + hi, device=query.device)
+                mask = (torch.arange(start + hi, device=query.device)[None] <= pos[:, None])[None, None]
+            else:
+                mask = attention_mask[..., lo:hi, : start + hi]
+            out, _ = sdpa_attention_forward(module, query[..., lo:hi, :], key[..., : start + hi, :],
+                                            value[..., : start + hi, :], mask, **kwargs)
+            outs.append(out)
+        return torch.cat(outs, dim=1), None  # sdpa_attention_forward returns [batch, tokens, heads, dim]
 
     AttentionInterface.register("sawint4_kv_quant", kv_quant_attention)
     # transformers builds no mask at all for an attention name it has no mask function
