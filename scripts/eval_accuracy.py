@@ -180,6 +180,8 @@ def main():
     if args.only_policy or args.only_calibrated:
         key = "bf16_layers_run" if args.only_policy else (
             "kmeans_run" if not args.hessian else "hessian_run" if not args.kmeans else "calibrated_run")
+        if args.context != DEFAULT_CONTEXT:  # next to, not instead of, the same run at 2k
+            key = f"context_{args.context}_{key}"
         runs[key] = {k: run[k] for k in run if k != "layers"}
     elif args.context != DEFAULT_CONTEXT:
         runs[f"context_{args.context}_run"] = run

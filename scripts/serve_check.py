@@ -495,14 +495,35 @@ def tp2(args):
     finally:
         srv.stop()
     ok = load["complete"] == load["requests"]
-    return {"tp2": ok, "load": load, "max_total_num_tokens": info.get("max_total_num_tokens"),
-            "command": " ".join(srv.cmd)}, ok
+    import torch
+
+    return {"tp2": ok, "gpu": f"{torch.cuda.device_count()}x {gpu_name()}", "load": load,
+            "max_total_num_tokens": info.get("max_total_num_tokens"), "command": " ".join(srv.cmd)}, ok
+
+
+def fold_tp2(e2e_path: str, tp2_path: str, gpu: str = None) -> dict:
+    """Put a tp2 run's result (run on a 2-GPU machine, apart from the int4 checks) into
+    int4_e2e.json: checks.tp2 and its details / command."""
+    with open(e2e_path) as f:
+        e2e = json.load(f)
+    with open(tp2_path) as f:
+        run = json.load(f)
+    gpu = run.get("gpu") or gpu
+    if not gpu:
+        raise SystemExit(f"{tp2_path} does not say its GPU (runs before it did): pass --gpu")
+    e2e["checks"]["tp2"] = bool(run["tp2"])
+    e2e["details"]["tp2"] = {"gpu": gpu, "load": run["load"], "max_total_num_tokens": run["max_total_num_tokens"]}
+    e2e["commands"]["tp2"] = run["command"]
+    return e2e
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["smoke", "int4", "tp2"])
-    p.add_argument("--model", required=True)
+    p.add_argument("mode", choices=["smoke", "int4", "tp2", "fold-tp2"],
+                   help="fold-tp2: put the tp2 result --tp2-result into the int4 result --out")
+    p.add_argument("--model")
+    p.add_argument("--tp2-result", help="fold-tp2: a tp2 run's JSON")
+    p.add_argument("--gpu", help="fold-tp2: the GPU of a tp2 result that does not name it")
     p.add_argument("--model-name", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--log-dir", default=".")
@@ -518,6 +539,16 @@ def main():
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[: len(argv) - len(extra) - (1 if extra or "--" in argv else 0)])
     args.extra = extra  # server flags after "--"
+    if args.mode == "fold-tp2":
+        if not args.tp2_result:
+            p.error("fold-tp2 needs --tp2-result")
+        e2e = fold_tp2(args.out, args.tp2_result, args.gpu)
+        with open(args.out, "w") as f:
+            json.dump(e2e, f, indent=1)
+        print(f"checks.tp2 = {e2e['checks']['tp2']} ({e2e['details']['tp2']['gpu']}) in {args.out}")
+        return
+    if not args.model:
+        p.error(f"{args.mode} needs --model")
     os.makedirs(args.log_dir, exist_ok=True)
     result, ok = {"smoke": smoke, "int4": int4, "tp2": tp2}[args.mode](args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -158,7 +158,8 @@ def fit_kmeans(x: torch.Tensor, clusters: int, iters: int = 25, seed: int = 0) -
     centers = x[torch.randint(len(x), (1,), generator=g)]
     while len(centers) < clusters:  # k-means++: next center with probability ~ squared distance
         d2 = torch.cdist(x, centers).min(-1).values ** 2
-        centers = torch.cat([centers, x[torch.multinomial(d2 + 1e-12, 1, generator=g)]])
+        # drawn on the CPU generator whatever x's device: the same centers on CPU and GPU
+        centers = torch.cat([centers, x[torch.multinomial((d2 + 1e-12).cpu(), 1, generator=g)]])
     for _ in range(iters):
         assign = torch.cdist(x, centers).argmin(-1)
         sums = torch.zeros_like(centers).index_add_(0, assign, x)
