@@ -49,8 +49,9 @@ def passkey_sample(tok, context: int, depth: float, key: int):
     """(prompt ids, answer ids): at most `context` tokens in all, the needle after
     round(depth * fillers) filler sentences."""
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prefix = tok("", add_special_tokens=True)["input_ids"]  # Gemma's BOS; none for SmolLM2 / Qwen2.5
     answer = ids(f" {key}.")
-    fixed = len(ids(INSTRUCTION)) + len(ids(NEEDLE.format(key=key))) + len(ids(QUESTION)) + len(answer)
+    fixed = len(prefix) + len(ids(INSTRUCTION)) + len(ids(NEEDLE.format(key=key))) + len(ids(QUESTION)) + len(answer)
     per_filler = len(ids(FILLER * 8)) / 8
     fillers = int((context - fixed) / per_filler)
     if fillers < 2:
@@ -58,7 +59,7 @@ def passkey_sample(tok, context: int, depth: float, key: int):
     while True:  # filler tokenization can merge across sentence boundaries: shrink until it fits
         at = round(depth * fillers)
         text = INSTRUCTION + FILLER * at + NEEDLE.format(key=key) + FILLER * (fillers - at) + QUESTION
-        prompt = ids(text)
+        prompt = prefix + ids(text)
         if len(prompt) + len(answer) <= context:
             return prompt, answer
         fillers -= 1
@@ -68,9 +69,9 @@ def retrieved(model, prompt, answer) -> bool:
     """Whether greedy decoding after `prompt` starts with `answer` (one teacher-forced forward)."""
     ids = torch.tensor([prompt + answer])
     with torch.no_grad():
-        logits = model(ids.to(model.device)).logits[0].cpu()
-    pred = logits[len(prompt) - 1: len(prompt) + len(answer) - 1].argmax(-1)
-    return bool((pred == torch.tensor(answer)).all())
+        # only the positions that predict the answer: [32k, vocab] logits would be 20-34 GB
+        logits = model(ids.to(model.device), logits_to_keep=len(answer) + 1).logits[0, :-1].cpu()
+    return bool((logits.argmax(-1) == torch.tensor(answer)).all())
 
 
 def main():
@@ -117,7 +118,8 @@ def main():
         rows[-1]["hits_by_depth"] = hits
         print(f"{m.label:18} passkey at {length} tokens: {sum(hits)}/{len(hits)}  by depth {hits}", flush=True)
     bar.close()
-    run_key = "passkey_kmeans_run" if args.only_extra else "passkey_run"  # keep the other run's record
+    # keep the other runs' records: the k-means one, and those at other contexts
+    run_key = f"passkey_kmeans_{context}_run" if args.only_extra else f"passkey_{context}_run"
     merge_task_rows(args.out, rows, args.model_name, run_key, run_info(t0, args.device))
 
 

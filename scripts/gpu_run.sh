@@ -14,7 +14,8 @@
 # the eval texts .bundle/eval-texts.tar.xz), served (join, convert SmolLM2, then
 # scripts/served_accuracy.py serve: bf16 / int4 / int4-bdr-64 greedy continuations),
 # long-acc (join, convert Qwen2.5-Coder and Gemma 3; scripts/eval_accuracy.py at each one's
-# maximum context, on the GPU), gsm (scripts/eval_gsm.py on Qwen2.5-Coder, on the GPU),
+# maximum context, on the GPU), passkey (scripts/eval_passkey.py at 32k for both), gsm
+# (scripts/eval_gsm.py on Qwen2.5-Coder, on the GPU),
 # profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
 # The parts: split -b 58M -d GGUF .bundle/gguf-parts/<model>/part-  (one part per call:
@@ -167,6 +168,24 @@ for s in "$@"; do
         --context 32768 --windows 1 --out "$OUT/accuracy_gpu.json" 2>&1 | grep -v "it/s\]" | tail -40
       [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     done
+    ;;
+  passkey)
+    stage passkey
+    # passkey retrieval at each model's maximum context (32,768 tokens), 8 depths
+    declare -A LABEL=([gemma]=Gemma-3-270M [qwen]=Qwen2.5-Coder-0.5B-Instruct)
+    for name in ${PASSKEY_MODELS:-gemma qwen}; do
+      join_convert "$name"
+      python3 scripts/eval_passkey.py --device cuda --model "$MODELS/$name" --model-name "${LABEL[$name]}" \
+        --context 32768 --samples 8 --out "$OUT/accuracy_gpu.json" 2>&1 | grep "passkey at\|Error" | tail -8
+      [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+    done
+    # Qwen2.5: the calibrated k-means centroid that recovered retrieval at 8k
+    if [[ " ${PASSKEY_MODELS:-gemma qwen} " == *" qwen "* ]]; then
+      python3 scripts/eval_passkey.py --device cuda --model "$MODELS/qwen" --model-name "${LABEL[qwen]}" \
+        --context 32768 --samples 8 --kmeans 16 --calib-text "$EVAL_DATA/kjv.txt" --only-extra \
+        --out "$OUT/accuracy_gpu.json" 2>&1 | grep "passkey at\|Error" | tail -4
+      [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+    fi
     ;;
   gsm)
     stage gsm

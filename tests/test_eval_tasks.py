@@ -85,16 +85,18 @@ def test_passkey_counts_only_an_exact_greedy_answer():
             super().__init__()
             self.wrong = wrong
 
-        def forward(self, ids):
+        def forward(self, ids, logits_to_keep=0):
             logits = torch.nn.functional.one_hot(ids.roll(-1, dims=1), 300).float()
             if self.wrong is not None:
                 logits[0, self.wrong] = torch.nn.functional.one_hot(torch.tensor(7), 300).float()
-            return type("Out", (), {"logits": logits})
+            return type("Out", (), {"logits": logits[:, -logits_to_keep:]})  # transformers: 0 keeps all
 
     prompt, answer = [5, 6, 7, 8], [50, 51, 52]
     assert eval_passkey.retrieved(Echo(), prompt, answer)
-    assert not eval_passkey.retrieved(Echo(wrong=4), prompt, answer)  # second answer token wrong
-    assert eval_passkey.retrieved(Echo(wrong=1), prompt, answer)  # inside the prompt: not scored
+    assert not eval_passkey.retrieved(Echo(wrong=3), prompt, answer)  # first answer token wrong
+    assert not eval_passkey.retrieved(Echo(wrong=5), prompt, answer)  # last answer token wrong
+    assert eval_passkey.retrieved(Echo(wrong=2), prompt, answer)  # inside the prompt: not scored
+    assert eval_passkey.retrieved(Echo(wrong=6), prompt, answer)  # after the answer: not scored
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -61,9 +61,9 @@ def save_results(path: str, result: dict) -> None:
 
 def _replace_rows(result: dict, rows: list, task_rows: bool, last_field: str) -> dict:
     """``rows`` replace the rows of their own kind (task or not) with the same (model, method,
-    block, rotate, ``last_field``); every other row stays."""
+    block, rotate, ``last_field``, context); every other row stays."""
     def key(r):
-        return r["model"], r["method"], r["block"], r["rotate"], r.get(last_field)
+        return r["model"], r["method"], r["block"], r["rotate"], r.get(last_field), r.get("context")
 
     mine = {key(r) for r in rows}
     result["rows"] = [r for r in result["rows"]
@@ -78,7 +78,8 @@ def merge_method_rows(result: dict, rows: list) -> dict:
 
 
 def merge_task_rows(path: str, rows: list, model_name: str, run_key: str, run: dict) -> dict:
-    """Replace this run's task rows in the results file (other rows stay); returns the file's content."""
+    """Replace this run's task rows (same task and context) in the results file (other rows
+    stay); returns the file's content."""
     result = _replace_rows(load_results(path), rows, task_rows=True, last_field="task")
     result["runs"].setdefault(model_name, {})[run_key] = run
     save_results(path, result)
