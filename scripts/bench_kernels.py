@@ -79,7 +79,8 @@ def slot_indices(slots, scattered):
     return torch.arange(slots, device="cuda", dtype=torch.int32)
 
 
-def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4, scattered=False):
+def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4, scattered=False,
+                     attention=int4_decode_attention):
     slots = batch * context
     kd, km = fmt.allocate_layer(slots, HK, D, "cuda")
     vd, vm = fmt.allocate_layer(slots, HK, D, "cuda")
@@ -96,8 +97,8 @@ def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4, scattered=F
     lse = torch.empty(batch, HQ, MAX_SPLITS, dtype=torch.float32, device="cuda")
 
     def run():
-        int4_decode_attention(q, kd, km, vd, vm, o, indptr, indices, logits, lse, splits, MAX_SPLITS,
-                              D ** -0.5, layout, **(cfg or {}))
+        attention(q, kd, km, vd, vm, o, indptr, indices, logits, lse, splits, MAX_SPLITS,
+                  D ** -0.5, layout, **(cfg or {}))
 
     moved = slots * HK * layout.bytes_per_token_head() + slots * 4 + 2 * q.numel() * 2
     return run, moved
@@ -201,6 +202,40 @@ def replot(json_path):
         plot(json.load(f), os.path.splitext(json_path)[0] + ".png")
 
 
+def ab_decode(args, rounds=3):
+    """A/B of a candidate decode kernel file against the installed one: same process, same
+    buffers, alternating A and B ``rounds`` times per shape (drift hits both alike)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("decode_candidate", args.ab_kernel)
+    candidate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(candidate)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    result = {"gpu": torch.cuda.get_device_name(0), "triton": triton.__version__, "copy_gbps": copy_bandwidth(),
+              "command": " ".join(["python"] + sys.argv), "rows": []}
+    print(f"{result['gpu']}: D2D copy {result['copy_gbps']:.0f} GB/s", flush=True)
+    for batch in (int(b) for b in args.batches.split(",")):
+        for context in (int(c) for c in args.contexts.split(",")):
+            times = {"installed": [], "candidate": []}
+            for _ in range(rounds):
+                for name, fn in (("installed", int4_decode_attention), ("candidate", candidate.int4_decode_attention)):
+                    run, moved = int4_decode_case(fmt.Int4Format(D, 128), batch, context, sms, attention=fn)
+                    times[name].append(bench(run))
+                    del run
+                    torch.cuda.empty_cache()
+            row = {"batch": batch, "context": context, "moved_bytes": moved}
+            for name, ts in times.items():
+                t = sorted(ts)[len(ts) // 2]
+                row[name] = {"time_us": t, "gbps": moved / (t * 1e-6) / 1e9, "all_us": ts}
+            result["rows"].append(row)
+            print(f"{batch:>4} x {context:>6}: installed {row['installed']['time_us']:8.1f} us "
+                  f"({row['installed']['gbps'] / result['copy_gbps']:.0%} of copy), candidate "
+                  f"{row['candidate']['time_us']:8.1f} us ({row['candidate']['gbps'] / result['copy_gbps']:.0%})",
+                  flush=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results/kernels.json")
@@ -213,9 +248,14 @@ def main():
     p.add_argument("--profile-case", metavar="BATCHxCONTEXT",
                    help="only launch INT4+BDR-128 decode on this shape (contiguous slots) a few times, "
                         "for a profiler (scripts/gpu_run.sh profile runs it under ncu)")
+    p.add_argument("--ab-kernel", metavar="FILE",
+                   help="only time INT4+BDR-128 decode (contiguous slots) of this file's int4_decode_attention "
+                        "against the package's, interleaved, on --batches x --contexts; writes --out")
     args = p.parse_args()
     if args.replot:
         return replot(args.replot)
+    if args.ab_kernel:
+        return ab_decode(args)
     if args.profile_case:
         batch, context = (int(x) for x in args.profile_case.split("x"))
         sms = torch.cuda.get_device_properties(0).multi_processor_count
