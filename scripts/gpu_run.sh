@@ -18,8 +18,8 @@
 # (scripts/eval_gsm.py on Qwen2.5-Coder, on the GPU),
 # profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
-# The parts: split -b 58M -d GGUF .bundle/gguf-parts/<model>/part-  (one part per call:
-# 64 MiB travel per call), joined in name order; <model> is smollm2, qwen or gemma.
+# The parts: split -b 61M -d GGUF .bundle/gguf-parts/<model>/part-  (one part per call: 64 MiB
+# travel per call, the work tree included), joined in name order; <model> is smollm2, qwen or gemma.
 set -uo pipefail
 OUT=${OUT:-$PWD/.out}
 BUNDLE=${BUNDLE:-.bundle/sglang-0.5.17-py312.tar.xz}
@@ -35,6 +35,8 @@ declare -A GGUF_SHA256=(
   [qwen]=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
   [gemma]=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 )
+# their names in the results rows
+declare -A MODEL_LABEL=([smollm2]=SmolLM2-135M-Instruct [qwen]=Qwen2.5-Coder-0.5B-Instruct [gemma]=Gemma-3-270M)
 mkdir -p "$OUT" "$MODELS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}
@@ -160,11 +162,10 @@ for s in "$@"; do
     # which a 2-core CPU cannot do; rows go to $OUT/accuracy_gpu.json, merged on the CPU side
     # by scripts/merge_accuracy.py
     TEXTS=(--text "kjv=$EVAL_DATA/kjv.txt" --text "austen=$EVAL_DATA/austen.txt" --text "brown=$EVAL_DATA/brown.txt")
-    declare -A LABEL=([gemma]=Gemma-3-270M [qwen]=Qwen2.5-Coder-0.5B-Instruct)
     for name in ${LONG_ACC_MODELS:-gemma qwen}; do
-      label=${LABEL[$name]}
       join_convert "$name"
-      python3 scripts/eval_accuracy.py --device cuda --no-plot --model "$MODELS/$name" --model-name "$label" "${TEXTS[@]}" \
+      python3 scripts/eval_accuracy.py --device cuda --no-plot --model "$MODELS/$name" --model-name "${MODEL_LABEL[$name]}" \
+        "${TEXTS[@]}" \
         --context 32768 --windows 1 --out "$OUT/accuracy_gpu.json" 2>&1 | grep -v "it/s\]" | tail -40
       [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     done
@@ -172,16 +173,15 @@ for s in "$@"; do
   passkey)
     stage passkey
     # passkey retrieval at each model's maximum context (32,768 tokens), 8 depths
-    declare -A LABEL=([gemma]=Gemma-3-270M [qwen]=Qwen2.5-Coder-0.5B-Instruct)
     for name in ${PASSKEY_MODELS:-gemma qwen}; do
       join_convert "$name"
-      python3 scripts/eval_passkey.py --device cuda --model "$MODELS/$name" --model-name "${LABEL[$name]}" \
+      python3 scripts/eval_passkey.py --device cuda --model "$MODELS/$name" --model-name "${MODEL_LABEL[$name]}" \
         --context 32768 --samples 8 --out "$OUT/accuracy_gpu.json" 2>&1 | grep "passkey at\|Error" | tail -8
       [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     done
     # Qwen2.5: the calibrated k-means centroid that recovered retrieval at 8k
     if [[ " ${PASSKEY_MODELS:-gemma qwen} " == *" qwen "* ]]; then
-      python3 scripts/eval_passkey.py --device cuda --model "$MODELS/qwen" --model-name "${LABEL[qwen]}" \
+      python3 scripts/eval_passkey.py --device cuda --model "$MODELS/qwen" --model-name "${MODEL_LABEL[qwen]}" \
         --context 32768 --samples 8 --kmeans 16 --calib-text "$EVAL_DATA/kjv.txt" --only-extra \
         --out "$OUT/accuracy_gpu.json" 2>&1 | grep "passkey at\|Error" | tail -4
       [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
@@ -190,7 +190,7 @@ for s in "$@"; do
   gsm)
     stage gsm
     join_convert qwen
-    python3 scripts/eval_gsm.py --device cuda --model "$MODELS/qwen" --model-name Qwen2.5-Coder-0.5B-Instruct \
+    python3 scripts/eval_gsm.py --device cuda --model "$MODELS/qwen" --model-name "${MODEL_LABEL[qwen]}" \
       --problems-file bench/logs/gsm_problems.json --batch 40 --max-new-tokens 384 \
       --out "$OUT/accuracy_gpu.json" --samples-out "$OUT/gsm_samples.jsonl" 2>&1 | tail -8
     [ "${PIPESTATUS[0]}" -ne 0 ] && status=1

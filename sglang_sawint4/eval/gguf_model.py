@@ -150,7 +150,8 @@ def build_tokenizer(reader, out: str) -> None:
     if kind == "gpt2":
         tok = byte_level_bpe(reader, tokens)
     elif kind == "llama":
-        tok = sentencepiece_bpe(tokens, list(_field(reader, "tokenizer.ggml.scores")), types)
+        tok = sentencepiece_bpe(tokens, list(_field(reader, "tokenizer.ggml.scores")), types,
+                                int(_field(reader, "tokenizer.ggml.unknown_token_id")))
     else:
         raise ValueError(f"tokenizer.ggml.model {kind!r} is not supported; supported: gpt2 (byte-level BPE), "
                          "llama (SentencePiece BPE)")
@@ -221,7 +222,7 @@ def sentencepiece_merges(tokens: list, scores: list, types: list) -> list:
     return [(a, b) for _, _, a, b in ranked]
 
 
-def sentencepiece_bpe(tokens: list, scores: list, types: list):
+def sentencepiece_bpe(tokens: list, scores: list, types: list, unk_id: int):
     """SentencePiece BPE with byte fallback (Gemma 3; ``tokenizer.ggml.model = llama``).
 
     Spaces become U+2581 and there is no pre-splitting, as in SentencePiece with
@@ -232,8 +233,7 @@ def sentencepiece_bpe(tokens: list, scores: list, types: list):
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
-    unk = next((t for t, ty in zip(tokens, types) if t == "<unk>"), None)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, scores, types), unk_token=unk,
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, scores, types), unk_token=tokens[unk_id],
                                fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
