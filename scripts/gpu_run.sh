@@ -13,8 +13,9 @@
 # gguf-part (keep this call's parts of GGUF files, .bundle/gguf-parts/<model>/part-*, and
 # the eval texts .bundle/eval-texts.tar.xz), served (join, convert SmolLM2, then
 # scripts/served_accuracy.py serve: bf16 / int4 / int4-bdr-64 greedy continuations),
-# long-acc (join, convert Qwen2.5-Coder and Gemma 3; scripts/eval_accuracy.py at each one's
-# maximum context, on the GPU), passkey (scripts/eval_passkey.py at 32k for both), gsm
+# long-acc (join, convert each of $LONG_ACC_MODELS, default Gemma 3 and Qwen2.5-Coder;
+# scripts/eval_accuracy.py at its maximum context, on the GPU), passkey (scripts/eval_passkey.py
+# likewise, $PASSKEY_MODELS), gsm
 # (scripts/eval_gsm.py on Qwen2.5-Coder, on the GPU),
 # profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
@@ -37,6 +38,8 @@ declare -A GGUF_SHA256=(
 )
 # their names in the results rows
 declare -A MODEL_LABEL=([smollm2]=SmolLM2-135M-Instruct [qwen]=Qwen2.5-Coder-0.5B-Instruct [gemma]=Gemma-3-270M)
+# and their maximum context (max_position_embeddings)
+declare -A MODEL_CONTEXT=([smollm2]=8192 [qwen]=32768 [gemma]=32768)
 mkdir -p "$OUT" "$MODELS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}
@@ -158,7 +161,7 @@ for s in "$@"; do
     ;;
   long-acc)
     stage long-acc
-    # every method at each model's maximum context (32,768 tokens: one window per text),
+    # every method at each model's maximum context (one window per text),
     # which a 2-core CPU cannot do; rows go to $OUT/accuracy_gpu.json, merged on the CPU side
     # by scripts/merge_accuracy.py
     TEXTS=(--text "kjv=$EVAL_DATA/kjv.txt" --text "austen=$EVAL_DATA/austen.txt" --text "brown=$EVAL_DATA/brown.txt")
@@ -166,17 +169,17 @@ for s in "$@"; do
       join_convert "$name"
       python3 scripts/eval_accuracy.py --device cuda --no-plot --model "$MODELS/$name" --model-name "${MODEL_LABEL[$name]}" \
         "${TEXTS[@]}" \
-        --context 32768 --windows 1 --out "$OUT/accuracy_gpu.json" 2>&1 | grep -v "it/s\]" | tail -40
+        --context "${MODEL_CONTEXT[$name]}" --windows 1 --out "$OUT/accuracy_gpu.json" 2>&1 | grep -v "it/s\]" | tail -40
       [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     done
     ;;
   passkey)
     stage passkey
-    # passkey retrieval at each model's maximum context (32,768 tokens), 8 depths
+    # passkey retrieval at each model's maximum context, 8 depths
     for name in ${PASSKEY_MODELS:-gemma qwen}; do
       join_convert "$name"
       python3 scripts/eval_passkey.py --device cuda --model "$MODELS/$name" --model-name "${MODEL_LABEL[$name]}" \
-        --context 32768 --samples 8 --out "$OUT/accuracy_gpu.json" 2>&1 | grep "passkey at\|Error" | tail -8
+        --context "${MODEL_CONTEXT[$name]}" --samples 8 --out "$OUT/accuracy_gpu.json" 2>&1 | grep "passkey at\|Error" | tail -8
       [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     done
     # Qwen2.5: the calibrated k-means centroid that recovered retrieval at 8k
