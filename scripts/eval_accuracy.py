@@ -31,6 +31,7 @@ from sglang_sawint4.eval.kv_methods import (  # noqa: E402
     load_model,
     record_kv,
     standard_methods,
+    start_tokens,
 )
 from sglang_sawint4.eval.results import load_results, merge_method_rows, run_info, save_results  # noqa: E402
 
@@ -40,9 +41,8 @@ DEFAULT_CONTEXT = 2048
 
 def windows(tokenizer, path, context, count):
     """Non-overlapping windows [context] of the text's tokens, each starting with the
-    tokens the tokenizer puts before any input (Gemma's BOS; none for SmolLM2 / Qwen2.5),
-    as a model trained that way always sees them."""
-    prefix = tokenizer("", add_special_tokens=True)["input_ids"]
+    model's start tokens (``start_tokens``)."""
+    prefix = start_tokens(tokenizer)
     with open(path, errors="replace") as f:
         ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"]
     body = context - len(prefix)

@@ -34,6 +34,7 @@ from sglang_sawint4.eval.kv_methods import (  # noqa: E402
     install,
     load_model,
     record_kv,
+    start_tokens,
     text_window,
 )
 from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row  # noqa: E402
@@ -49,7 +50,7 @@ def passkey_sample(tok, context: int, depth: float, key: int):
     """(prompt ids, answer ids): at most `context` tokens in all, the needle after
     round(depth * fillers) filler sentences."""
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prefix = tok("", add_special_tokens=True)["input_ids"]  # Gemma's BOS; none for SmolLM2 / Qwen2.5
+    prefix = start_tokens(tok)
     answer = ids(f" {key}.")
     fixed = len(prefix) + len(ids(INSTRUCTION)) + len(ids(NEEDLE.format(key=key))) + len(ids(QUESTION)) + len(answer)
     per_filler = len(ids(FILLER * 8)) / 8

@@ -223,6 +223,12 @@ def standard_methods(head_dim: int) -> list:
     return methods
 
 
+def start_tokens(tok) -> list:
+    """The ids the tokenizer puts before any input (Gemma's BOS; none for SmolLM2 /
+    Qwen2.5): a model trained that way should always see them first."""
+    return tok("", add_special_tokens=True)["input_ids"]
+
+
 def text_window(tok, path: str, tokens: int = 2048, max_chars: int = 200_000) -> torch.Tensor:
     """The first `tokens` token ids [tokens] of a text file: a calibration window."""
     with open(path, errors="replace") as f:
