@@ -52,18 +52,40 @@ def windows(tokenizer, path, context, count):
     return [torch.tensor(prefix + ids[i * body:(i + 1) * body]) for i in range(n)]
 
 
-def score(model, hidden, ref_hidden, targets, rows_per_chunk: int = 2048) -> dict:
-    """Summed NLL of ``targets`` [tokens], top-1 agreement and KL to the reference, from the
-    final hidden states [tokens, hidden] of a method and of the unquantized cache.
+class ReferenceLogProbs:
+    """Log-probabilities of the unquantized cache for one window, ``rows_per_chunk``
+    positions at a time (see ``score``).  Made once and kept when the whole window's fit
+    in ``keep_bytes`` (a 2k window: 2 GB at Gemma's 262k vocabulary), so the methods after
+    BF16 do not recompute them; a 32k window's (34 GB) are remade per method instead."""
 
-    Logits are made ``rows_per_chunk`` positions at a time: [32k, 262k] fp32 logits of a
+    def __init__(self, model, hidden, rows_per_chunk: int = 2048, keep_bytes: int = 4 << 30):
+        self.model, self.hidden, self.rows_per_chunk = model, hidden, rows_per_chunk
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.keep = hidden.shape[0] * vocab * 4 <= keep_bytes
+        self.kept = {}
+
+    def chunk(self, lo: int) -> torch.Tensor:
+        """[rows, vocab] log-probabilities of positions lo .. lo + rows_per_chunk."""
+        if lo in self.kept:
+            return self.kept[lo]
+        logp = torch.log_softmax(logits_from_hidden(self.model, self.hidden[lo: lo + self.rows_per_chunk]), -1)
+        if self.keep:
+            self.kept[lo] = logp
+        return logp
+
+
+def score(model, hidden, ref: ReferenceLogProbs, targets) -> dict:
+    """Summed NLL of ``targets`` [tokens], top-1 agreement and KL to the reference, from the
+    final hidden states [tokens, hidden] of a method and the unquantized cache's log-probs.
+
+    Logits are made ``ref.rows_per_chunk`` positions at a time: [32k, 262k] fp32 logits of a
     long Gemma window alone would be 34 GB.
     """
     rec = {"nll_sum": 0.0, "n": targets.numel(), "top1": 0.0, "kl": 0.0}
-    for lo in range(0, targets.numel(), rows_per_chunk):
-        rows = slice(lo, lo + rows_per_chunk)
+    for lo in range(0, targets.numel(), ref.rows_per_chunk):
+        rows = slice(lo, lo + ref.rows_per_chunk)
         logp = torch.log_softmax(logits_from_hidden(model, hidden[rows]), -1)
-        ref_logp = torch.log_softmax(logits_from_hidden(model, ref_hidden[rows]), -1)
+        ref_logp = ref.chunk(lo)
         rec["nll_sum"] -= logp.gather(-1, targets[rows, None]).sum().item()
         rec["top1"] += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
         rec["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
@@ -146,14 +168,14 @@ def main():
     t0 = time.time()
     for corpus, wins in data.items():
         for w in wins:
-            ref_hidden = None
+            ref = None
             for m in methods:
                 current["m"] = m
                 with torch.no_grad():
                     hidden = final_hidden(model, w)[:-1]
                     if m.name == "bf16":
-                        ref_hidden = hidden
-                    rec = score(model, hidden, ref_hidden, w[1:].to(hidden.device))
+                        ref = ReferenceLogProbs(model, hidden)
+                    rec = score(model, hidden, ref, w[1:].to(hidden.device))
                 rows.append({"corpus": corpus, "method": m, **rec})
                 bar.update(1)
     bar.close()

@@ -349,7 +349,7 @@ def test_chunked_scoring_equals_full_logits():
 
     transformers = pytest.importorskip("transformers")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from eval_accuracy import score
+    from eval_accuracy import ReferenceLogProbs, score
 
     cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32,
@@ -361,10 +361,15 @@ def test_chunked_scoring_equals_full_logits():
         full = torch.log_softmax(model(ids[None]).logits[0, :-1], -1)
         hidden = final_hidden(model, ids)[:-1]
         other = hidden + 0.3 * torch.randn_like(hidden)  # another method's hidden states
-        rec = score(model, other, hidden, ids[1:], rows_per_chunk=7)
         other_logp = torch.log_softmax(logits_from_hidden(model, other), -1)
+        # the reference kept after its first use, and remade per use when over the budget
+        for keep_bytes in (1 << 30, 0):
+            ref = ReferenceLogProbs(model, hidden, rows_per_chunk=7, keep_bytes=keep_bytes)
+            for _ in range(2):  # a second method against the same reference
+                rec = score(model, other, ref, ids[1:])
+                assert rec["n"] == 39
+                assert rec["nll_sum"] == pytest.approx(-other_logp.gather(-1, ids[1:, None]).sum().item(), rel=1e-5)
+                assert rec["top1"] == (other_logp.argmax(-1) == full.argmax(-1)).sum().item()
+                assert rec["kl"] == pytest.approx((full.exp() * (full - other_logp)).sum().item(), rel=1e-4)
+            assert len(ref.kept) == (6 if keep_bytes else 0)  # ceil(39 / 7) chunks
     assert torch.allclose(torch.log_softmax(logits_from_hidden(model, hidden), -1), full, atol=1e-5)
-    assert rec["n"] == 39
-    assert rec["nll_sum"] == pytest.approx(-other_logp.gather(-1, ids[1:, None]).sum().item(), rel=1e-5)
-    assert rec["top1"] == (other_logp.argmax(-1) == full.argmax(-1)).sum().item()
-    assert rec["kl"] == pytest.approx((full.exp() * (full - other_logp)).sum().item(), rel=1e-4)
