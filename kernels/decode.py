@@ -39,6 +39,12 @@ from sglang_sawint4.kernels.format_jit import (
 # Stage-1 tiling: the best of scripts/bench_kernels.py's sweep on an H100 (bench/results/kernels.json).
 BLOCK_N = 128
 NUM_STAGES = 3
+# Stage-1 register cap per head_dim.  At head_dim 128 the compiler takes 168 registers per
+# thread, which fits 3 programs of 4 warps on an SM; capped at 128 (no spills, checked with
+# scripts/kernel_report.py) 4 fit, and on an H100 decode ran 5-8% faster at batch >= 64 (the
+# A/B is in docs/design-notes.md).  head_dim 64 already fits in 128; head_dim 256 takes 255
+# and would spill 808 bytes at 128, so it keeps the compiler's choice.
+MAXNREG = {128: 128}
 # Output columns handled per step of the V un-rotation in stage 2.
 UNROTATE_CHUNK = 32
 
@@ -195,6 +201,7 @@ def int4_decode_attention(
     block_n: int = BLOCK_N,
     num_warps: int = 4,
     num_stages: int = NUM_STAGES,
+    maxnreg: Optional[int] = -1,
 ) -> torch.Tensor:
     """Decode attention of one query token per request over INT4 KV pages.
 
@@ -211,6 +218,8 @@ def int4_decode_attention(
         lse_out: optional [batch, num_q_heads] float32, the natural-log LSE of the
             scaled scores (for merging with another partial attention).
         block_n, num_warps, num_stages: stage-1 tiling (tokens per iteration, ...).
+        maxnreg: stage-1 register cap per thread (PTX ``.maxnreg``), which sets how many
+            programs share an SM; -1: ``MAXNREG``'s for this head_dim, None: no cap.
     Returns o.  No host synchronization: CUDA-graph safe.
     """
     if q.dim() != 3 or o.shape != q.shape:
@@ -229,6 +238,8 @@ def int4_decode_attention(
         raise ValueError("q and o must be contiguous in the last axis")
     if batch == 0:
         return o
+    if maxnreg == -1:
+        maxnreg = MAXNREG.get(d)
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))
     # (scale, offset) fp16 pairs are read as one 32-bit word per token (load_meta)
@@ -241,7 +252,7 @@ def int4_decode_attention(
         GROUP=group, BLOCK_H=block_h, BLOCK=block_n, HALF=d // 2,
         ROTATE_K=layout.rotate_k, BLOCK_ROT=layout.block_size or 1,
         USE_PTX=use_ptx(_decode_stage1, q.device),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
     )
     _decode_stage2[(batch, num_q_heads)](
         attn_logits, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),

@@ -32,7 +32,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_sawint4 import format as fmt  # noqa: E402
-from sglang_sawint4.kernels.decode import int4_decode_attention  # noqa: E402
+from sglang_sawint4.kernels.decode import MAXNREG, int4_decode_attention  # noqa: E402
 from sglang_sawint4.kernels.store import rotate_quantize_store  # noqa: E402
 
 HQ, HK, D = 32, 8, 128
@@ -70,6 +70,8 @@ TUNE = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=
         dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
         dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=4),
         dict(block_n=256, num_warps=4, num_stages=3), dict(block_n=256, num_warps=8, num_stages=3)]
+# each with the kernel's default register cap (decode.MAXNREG), and 128 x 4 x 3 also without one
+TUNE += [dict(block_n=128, num_warps=4, num_stages=3, maxnreg=None)]
 
 
 def slot_indices(slots, scattered):
@@ -202,24 +204,44 @@ def replot(json_path):
         plot(json.load(f), os.path.splitext(json_path)[0] + ".png")
 
 
+def parse_variant(text):
+    """'block_n=64,maxnreg=96,waves=2' -> ({'block_n': 64, 'maxnreg': 96}, 2): stage-1 launch
+    options of int4_decode_attention plus the split heuristic's waves (default 4)."""
+    cfg = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("block_n", "num_warps", "num_stages", "maxnreg", "waves") or not value.isdigit():
+            raise SystemExit(f"bad --ab-variants item {item!r}: want block_n/num_warps/num_stages/maxnreg/waves=INT")
+        cfg[key] = int(value)
+    return cfg, cfg.pop("waves", 4)
+
+
 def ab_decode(args, rounds=3):
-    """A/B of a candidate decode kernel file against the installed one: same process, same
-    buffers, alternating A and B ``rounds`` times per shape (drift hits both alike)."""
+    """A/B of decode kernels against the installed one: a candidate file's int4_decode_attention
+    and/or launch-option variants of the installed one; same process, alternating the kernels
+    ``rounds`` times per shape (drift hits all alike)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("decode_candidate", args.ab_kernel)
-    candidate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(candidate)
+    kernels = {"installed": (int4_decode_attention, {}, 4)}
+    if args.ab_kernel:
+        spec = importlib.util.spec_from_file_location("decode_candidate", args.ab_kernel)
+        candidate = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(candidate)
+        kernels["candidate"] = (candidate.int4_decode_attention, {}, 4)
+    for text in filter(None, (args.ab_variants or "").split(";")):
+        cfg, waves = parse_variant(text)
+        kernels[text] = (int4_decode_attention, cfg, waves)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result = {"gpu": torch.cuda.get_device_name(0), "triton": triton.__version__, "copy_gbps": copy_bandwidth(),
               "command": " ".join(["python"] + sys.argv), "rows": []}
     print(f"{result['gpu']}: D2D copy {result['copy_gbps']:.0f} GB/s", flush=True)
     for batch in (int(b) for b in args.batches.split(",")):
         for context in (int(c) for c in args.contexts.split(",")):
-            times = {"installed": [], "candidate": []}
+            times = {name: [] for name in kernels}
             for _ in range(rounds):
-                for name, fn in (("installed", int4_decode_attention), ("candidate", candidate.int4_decode_attention)):
-                    run, moved = int4_decode_case(fmt.Int4Format(D, 128), batch, context, sms, attention=fn)
+                for name, (fn, cfg, waves) in kernels.items():
+                    run, moved = int4_decode_case(fmt.Int4Format(D, 128), batch, context, sms, cfg, waves,
+                                                  attention=fn)
                     times[name].append(bench(run))
                     del run
                     torch.cuda.empty_cache()
@@ -228,10 +250,9 @@ def ab_decode(args, rounds=3):
                 t = sorted(ts)[len(ts) // 2]
                 row[name] = {"time_us": t, "gbps": moved / (t * 1e-6) / 1e9, "all_us": ts}
             result["rows"].append(row)
-            print(f"{batch:>4} x {context:>6}: installed {row['installed']['time_us']:8.1f} us "
-                  f"({row['installed']['gbps'] / result['copy_gbps']:.0%} of copy), candidate "
-                  f"{row['candidate']['time_us']:8.1f} us ({row['candidate']['gbps'] / result['copy_gbps']:.0%})",
-                  flush=True)
+            print(f"{batch:>4} x {context:>6}: " + ", ".join(
+                f"{name} {row[name]['time_us']:.1f} us ({row[name]['gbps'] / result['copy_gbps']:.0%})"
+                for name in kernels), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
@@ -251,10 +272,14 @@ def main():
     p.add_argument("--ab-kernel", metavar="FILE",
                    help="only time INT4+BDR-128 decode (contiguous slots) of this file's int4_decode_attention "
                         "against the package's, interleaved, on --batches x --contexts; writes --out")
+    p.add_argument("--ab-variants", metavar="V1;V2",
+                   help="like --ab-kernel, for launch-option variants of the package's kernel, e.g. "
+                        "'maxnreg=128;block_n=64,maxnreg=96,waves=2' (keys block_n, num_warps, num_stages, "
+                        "maxnreg, waves)")
     args = p.parse_args()
     if args.replot:
         return replot(args.replot)
-    if args.ab_kernel:
+    if args.ab_kernel or args.ab_variants:
         return ab_decode(args)
     if args.profile_case:
         batch, context = (int(x) for x in args.profile_case.split("x"))
@@ -286,13 +311,14 @@ def main():
     # Pick the stage-1 tiling and split count on one memory-bound shape, then sweep with it.
     tune = []
     for cfg in TUNE:
+        cfg = {"maxnreg": MAXNREG.get(D), **cfg}  # the cap each row ran with, on record
         for waves in (1, 2, 4):
             run, moved = int4_decode_case(fmt.Int4Format(D, 128), 32, 8192, sms, cfg, waves)
             t = bench(run)
             tune.append({**cfg, "waves": waves, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
             print(f"tune {cfg} waves={waves}: {t:.1f} us {tune[-1]['gbps']:.0f} GB/s", flush=True)
     best = min(tune, key=lambda r: r["time_us"])
-    best_cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages")}
+    best_cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages", "maxnreg") if k in best}
     result["decode_config"] = {**best_cfg, "waves": best["waves"]}
     result["tune"] = tune
     shapes = [(int(b), int(c)) for b in args.batches.split(",") for c in args.contexts.split(",")

@@ -7,8 +7,9 @@
 Triton compiles for a target (default sm_90, the H100/H200) on any machine; ptxas (shipped
 with Triton) then gives registers and spills.  The argument specializations are those of the
 served buffers (16-byte aligned pointers, strides divisible by 16, the meta tensors' head
-stride 1), so the numbers match the GPU's: at the default tiling this reports 168 registers
-and 26,112 bytes of shared memory, as ncu did on the H200.  Also reported: the shared-memory
+stride 1), so the numbers match the GPU's: at the default tiling without the register cap
+(--maxnreg 0) this reports 168 registers and 26,112 bytes of shared memory, as ncu did on the
+H200 before the cap; with the kernel's cap (decode.MAXNREG) 128 registers and no spills.  Also reported: the shared-memory
 buffers of the pipelined loads (1 = no overlap of loads and math within a program) and the
 async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
 """
@@ -37,6 +38,8 @@ def main():
     p.add_argument("--block-n", type=int, default=None)
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=None)
+    p.add_argument("--maxnreg", type=int, default=-1,
+                   help="register cap per thread (PTX .maxnreg); default: the kernel's (decode.MAXNREG), 0: none")
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128, help="Hadamard block (0: plain INT4)")
@@ -67,9 +70,11 @@ def main():
                      BLOCK_ROT=args.block or 1, USE_PTX=True)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params) if n in POINTERS or n in DIVISIBLE_BY_16}
     num_stages = args.num_stages if args.num_stages is not None else decode.NUM_STAGES
+    maxnreg = decode.MAXNREG.get(args.head_dim) if args.maxnreg == -1 else (args.maxnreg or None)
     kernel = triton.compile(ASTSource(decode._decode_stage1, signature, constants, attrs),
                             target=GPUTarget("cuda", args.arch, 32),
-                            options={"num_warps": args.num_warps, "num_stages": num_stages})
+                            options={"num_warps": args.num_warps, "num_stages": num_stages,
+                                     "maxnreg": maxnreg})
     os.makedirs(args.out_dir, exist_ok=True)
     for kind in ("ttgir", "ptx"):
         with open(os.path.join(args.out_dir, f"decode_stage1.{kind}"), "w") as f:
@@ -84,7 +89,7 @@ def main():
     buffers = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir)
     waits = re.findall(r"async_wait.*\{num = (\d+)", ttgir)
     print(f"triton {triton.__version__}, sm_{args.arch}: block_n {constants['BLOCK']}, {args.num_warps} warps, "
-          f"{num_stages} stages")
+          f"{num_stages} stages, register cap {maxnreg}")
     print(f"registers {regs.group(1) if regs else '?'}, spill stores {spills.group(1) if spills else '?'} B, "
           f"shared {kernel.metadata.shared} B")
     print(f"pipelined load buffers {buffers or 'none'}, async_wait depths {waits or 'none'}")
