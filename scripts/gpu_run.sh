@@ -14,7 +14,8 @@
 # the eval texts .bundle/eval-texts.tar.xz), served (join, convert SmolLM2, then
 # scripts/served_accuracy.py serve: bf16 / int4 / int4-bdr-64 greedy continuations),
 # long-acc (join, convert each of $LONG_ACC_MODELS, default Gemma 3 and Qwen2.5-Coder;
-# scripts/eval_accuracy.py at its maximum context, on the GPU), passkey (scripts/eval_passkey.py
+# scripts/eval_accuracy.py at its maximum context, on the GPU, with $LONG_ACC_ARGS added, e.g.
+# "--kmeans 1,16,256 --hessian 0.01 --only-calibrated"), passkey (scripts/eval_passkey.py
 # likewise, $PASSKEY_MODELS), gsm
 # (scripts/eval_gsm.py on Qwen2.5-Coder, on the GPU),
 # profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
@@ -169,7 +170,8 @@ for s in "$@"; do
       join_convert "$name"
       python3 scripts/eval_accuracy.py --device cuda --no-plot --model "$MODELS/$name" --model-name "${MODEL_LABEL[$name]}" \
         "${TEXTS[@]}" \
-        --context "${MODEL_CONTEXT[$name]}" --windows 1 --out "$OUT/accuracy_gpu.json" 2>&1 | grep -v "it/s\]" | tail -40
+        --context "${MODEL_CONTEXT[$name]}" --windows 1 ${LONG_ACC_ARGS:-} --out "$OUT/accuracy_gpu.json" 2>&1 \
+        | grep -v "it/s\]" | tail -40
       [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     done
     ;;
