@@ -224,6 +224,22 @@ def label_row(r) -> str:
     return (base if r["block"] is None else f"{base}-{r['block']}-{r['rotate']}") + suffix
 
 
+METHOD_ORDER = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr", "kmeans", "hessian"]
+
+
+def method_key(row) -> tuple:
+    return row["method"], row["block"], row["rotate"]
+
+
+def method_order(key) -> tuple:
+    """Plot order: the table's method order, per-layer-policy variants ([...]) last,
+    larger blocks first."""
+    method, block, rotate = key
+    base = method.split("[")[0]
+    family = base.split("-")[0] if base.startswith("kmeans") else base
+    return "[" in method, METHOD_ORDER.index(family), method, -(block or 0), rotate or ""
+
+
 def plot(result, path):
     import matplotlib
 
@@ -234,21 +250,26 @@ def plot(result, path):
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.2 * len(models)), squeeze=False)
     for row, model_name in enumerate(models):
         ax, ax_l = axes[row]
-        rows = [r for r in result["rows"] if r["model"] == model_name and r["corpus"] == "all"
-                and r["metric"] == "ppl" and r["context"] == DEFAULT_CONTEXT]
-        order = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr", "kmeans", "hessian"]
-        rows.sort(key=lambda r: ("[" in r["method"], order.index(r["method"].split("[")[0].split("-")[0]
-                                                                 if r["method"].startswith("kmeans")
-                                                                 else r["method"].split("[")[0]),
-                                 r["method"], -(r["block"] or 0), r["rotate"] or ""))
-        if not rows:  # a model with task rows only (eval_tasks / eval_passkey / eval_gsm)
+        ppl = [r for r in result["rows"] if r["model"] == model_name and r["corpus"] == "all"
+               and r["metric"] == "ppl" and r["context"]]
+        # two bars per method: the 2,048-token windows and the model's longest context run
+        contexts = sorted({DEFAULT_CONTEXT, max((r["context"] for r in ppl), default=DEFAULT_CONTEXT)})
+        by_context = {c: {method_key(r): r for r in ppl if r["context"] == c} for c in contexts}
+        keys = sorted({k for rows in by_context.values() for k in rows}, key=method_order)
+        if not keys:  # a model with task rows only (eval_tasks / eval_passkey / eval_gsm)
             ax.axis("off")
             ax_l.axis("off")
             continue
-        ax.bar(range(len(rows)), [r["value"] for r in rows], color="tab:red")
-        ax.set_xticks(range(len(rows)), [label_row(r) for r in rows], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(f"perplexity ({rows[0]['context']}-token windows)")
+        width = 0.8 / len(contexts)
+        for i, (c, color) in enumerate(zip(contexts, ("tab:red", "tab:blue"))):
+            xs = [x for x, k in enumerate(keys) if k in by_context[c]]
+            ax.bar([x + (i - (len(contexts) - 1) / 2) * width for x in xs],
+                   [by_context[c][keys[x]]["value"] for x in xs], width, color=color, label=f"{c}-token windows")
+        first = {k: next(by_context[c][k] for c in contexts if k in by_context[c]) for k in keys}
+        ax.set_xticks(range(len(keys)), [label_row(first[k]) for k in keys], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("perplexity")
         ax.set_yscale("log")
+        ax.legend(fontsize=8)
         ax.set_title(f"{model_name}: perplexity by KV method")
         layers = result["runs"][model_name].get("layers")
         if not layers:  # only partial runs (--only-policy / --only-calibrated) for this model so far
