@@ -42,7 +42,7 @@ BLOCK_N = 128
 NUM_STAGES = 3
 # Stage-1 register cap per head_dim.  At head_dim 128 the compiler takes 168 registers per
 # thread, which fits 3 programs of 4 warps on an SM; capped at 128 (no spills, checked with
-# scripts/kernel_report.py) 4 fit, and on an H100 decode ran 5-8% faster at batch >= 64 (the
+# scripts/kernel_report.py) 4 fit, and on an H100 decode ran 6-8% faster at batch >= 64 (the
 # A/B is in docs/design-notes.md).  head_dim 64 already fits in 128; head_dim 256 takes 255
 # and would spill 808 bytes at 128, so it keeps the compiler's choice.
 MAXNREG = {128: 128}
