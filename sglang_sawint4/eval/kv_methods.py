@@ -295,9 +295,7 @@ def install(model, method_ref: Callable[[], KVMethod], observer=None, served_pre
     quantized, as the served decode kernel does.  Off: every forward is quantized
     (teacher-forced evaluation).
     """
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
         layer = getattr(module, "layer_idx", -1)
@@ -331,12 +329,21 @@ def install(model, method_ref: Callable[[], KVMethod], observer=None, served_pre
             outs.append(out)
         return torch.cat(outs, dim=1), None  # sdpa_attention_forward returns [batch, tokens, heads, dim]
 
-    AttentionInterface.register("sawint4_kv_quant", kv_quant_attention)
+    use_attention(model, "sawint4_kv_quant", kv_quant_attention)
+
+
+def use_attention(model, name: str, fn: Callable) -> None:
+    """Register ``fn`` (SDPA's signature, ending in SDPA) as attention ``name`` and make
+    every attention module of ``model`` call it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, fn)
     # transformers builds no mask at all for an attention name it has no mask function
     # for: sliding-window layers (Gemma 3) would then attend to everything, and padded
-    # batches to their padding.  Our function ends in SDPA, so it takes SDPA's masks.
-    AttentionMaskInterface.register("sawint4_kv_quant", sdpa_mask)
-    model.config._attn_implementation = "sawint4_kv_quant"
+    # batches to their padding.  Our functions end in SDPA, so they take SDPA's masks.
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.config._attn_implementation = name
     for m in model.modules():
         if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
-            m.config._attn_implementation = "sawint4_kv_quant"
+            m.config._attn_implementation = name
