@@ -9,9 +9,9 @@ with Triton) then gives registers and spills.  The argument specializations are 
 served buffers (16-byte aligned pointers, strides divisible by 16, the meta tensors' head
 stride 1), so the numbers match the GPU's: at the default tiling without the register cap
 (--maxnreg 0) this reports 168 registers and 26,112 bytes of shared memory, as ncu did on the
-H200 before the cap; with the kernel's cap (decode.MAXNREG) 128 registers and no spills.  Also reported: the shared-memory
-buffers of the pipelined loads (1 = no overlap of loads and math within a program) and the
-async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
+H200 before the cap; with the kernel's cap (decode.MAXNREG) 128 registers and no spills.
+Also reported: the shared-memory buffers of the pipelined loads (1 = no overlap of loads and
+math within a program) and the async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
 """
 
 from __future__ import annotations
