@@ -16,7 +16,7 @@
 # long-acc (join, convert each of $LONG_ACC_MODELS, default Gemma 3 and Qwen2.5-Coder;
 # scripts/eval_accuracy.py at its maximum context, on the GPU, with $LONG_ACC_ARGS added, e.g.
 # "--kmeans 1,16,256 --hessian 0.01 --only-calibrated"), passkey (scripts/eval_passkey.py
-# likewise, $PASSKEY_MODELS), gsm
+# likewise: $PASSKEY_MODELS, $PASSKEY_KMEANS_MODELS, $PASSKEY_CONTEXT), gsm
 # (scripts/eval_gsm.py on Qwen2.5-Coder, on the GPU),
 # profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
@@ -177,20 +177,25 @@ for s in "$@"; do
     ;;
   passkey)
     stage passkey
-    # passkey retrieval at each model's maximum context, 8 depths
-    for name in ${PASSKEY_MODELS:-gemma qwen}; do
+    # passkey retrieval, 8 depths, at $PASSKEY_CONTEXT or each model's maximum context: BF16,
+    # naive INT4 and the default BDR for $PASSKEY_MODELS (set it empty to skip them), then the
+    # calibrated k-means centroid (16 clusters + the default BDR block, calibrated on KJV) for
+    # $PASSKEY_KMEANS_MODELS
+    for name in ${PASSKEY_MODELS-gemma qwen}; do
       join_convert "$name"
       python3 scripts/eval_passkey.py --device cuda --model "$MODELS/$name" --model-name "${MODEL_LABEL[$name]}" \
-        --context "${MODEL_CONTEXT[$name]}" --samples 8 --out "$OUT/accuracy_gpu.json" 2>&1 | grep "passkey at\|Error" | tail -8
+        --context "${PASSKEY_CONTEXT:-${MODEL_CONTEXT[$name]}}" --samples 8 --out "$OUT/accuracy_gpu.json" 2>&1 \
+        | grep "passkey at\|Error" | tail -8
       [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     done
-    # Qwen2.5: the calibrated k-means centroid that recovered retrieval at 8k
-    if [[ " ${PASSKEY_MODELS:-gemma qwen} " == *" qwen "* ]]; then
-      python3 scripts/eval_passkey.py --device cuda --model "$MODELS/qwen" --model-name "${MODEL_LABEL[qwen]}" \
-        --context 32768 --samples 8 --kmeans 16 --calib-text "$EVAL_DATA/kjv.txt" --only-extra \
-        --out "$OUT/accuracy_gpu.json" 2>&1 | grep "passkey at\|Error" | tail -4
+    for name in ${PASSKEY_KMEANS_MODELS-qwen}; do
+      join_convert "$name"
+      python3 scripts/eval_passkey.py --device cuda --model "$MODELS/$name" --model-name "${MODEL_LABEL[$name]}" \
+        --context "${PASSKEY_CONTEXT:-${MODEL_CONTEXT[$name]}}" --samples 8 --kmeans 16 \
+        --calib-text "$EVAL_DATA/kjv.txt" --only-extra --out "$OUT/accuracy_gpu.json" 2>&1 \
+        | grep "passkey at\|Error" | tail -4
       [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
-    fi
+    done
     ;;
   gsm)
     stage gsm

@@ -373,3 +373,26 @@ def test_chunked_scoring_equals_full_logits():
                 assert rec["kl"] == pytest.approx((full.exp() * (full - other_logp)).sum().item(), rel=1e-4)
             assert len(ref.kept) == (6 if keep_bytes else 0)  # ceil(39 / 7) chunks
     assert torch.allclose(torch.log_softmax(logits_from_hidden(model, hidden), -1), full, atol=1e-5)
+
+
+class _CharTokenizer:
+    """One id per character, and an optional BOS added only with add_special_tokens."""
+
+    def __init__(self, bos=None):
+        self.bos = bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([self.bos] if add_special_tokens and self.bos is not None else []) + ids}
+
+
+@pytest.mark.parametrize("bos", [None, 2])
+def test_text_window_starts_like_the_evaluated_windows(tmp_path, bos):
+    """Calibration windows begin with the model's start tokens (Gemma's BOS), as the
+    evaluated windows and passkey prompts do; models without one get the text alone."""
+    from sglang_sawint4.eval.kv_methods import text_window
+
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij")
+    window = text_window(_CharTokenizer(bos), str(path), tokens=5).tolist()
+    assert window == ([bos] if bos is not None else []) + [ord(c) for c in "abcdefghij"][: 5 - (bos is not None)]

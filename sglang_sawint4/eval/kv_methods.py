@@ -230,9 +230,11 @@ def start_tokens(tok) -> list:
 
 
 def text_window(tok, path: str, tokens: int = 2048, max_chars: int = 200_000) -> torch.Tensor:
-    """The first `tokens` token ids [tokens] of a text file: a calibration window."""
+    """A calibration window [tokens]: the model's start tokens, then the start of a text
+    file (calibrated K/V should come from inputs shaped like the evaluated ones)."""
     with open(path, errors="replace") as f:
-        return torch.tensor(tok(f.read()[:max_chars], add_special_tokens=False)["input_ids"][:tokens])
+        body = tok(f.read()[:max_chars], add_special_tokens=False)["input_ids"]
+    return torch.tensor((start_tokens(tok) + body)[:tokens])
 
 
 def record_kv(model, ids: torch.Tensor, current: dict) -> KVRecorder:
