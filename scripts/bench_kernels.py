@@ -32,7 +32,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_sawint4 import format as fmt  # noqa: E402
-from sglang_sawint4.kernels.decode import MAXNREG, int4_decode_attention  # noqa: E402
+from sglang_sawint4.kernels.decode import MAXNREG, default_block_h, int4_decode_attention  # noqa: E402
 from sglang_sawint4.kernels.store import rotate_quantize_store  # noqa: E402
 
 HQ, HK, D = 32, 8, 128
@@ -93,8 +93,12 @@ TUNE = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=
         dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
         dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=4),
         dict(block_n=256, num_warps=4, num_stages=3), dict(block_n=256, num_warps=8, num_stages=3)]
-# each with the kernel's default register cap (decode.MAXNREG), and 128 x 4 x 3 also without one
-TUNE += [dict(block_n=128, num_warps=4, num_stages=3, maxnreg=None)]
+# each with the kernel's default register cap (decode.MAXNREG) and query-head rows
+# (decode.default_block_h); 128 x 4 x 3 also without the cap and with 16 rows (the earlier
+# defaults), and 64 tokens x 2 warps, the runner-up of the A/Bs in docs/design-notes.md
+TUNE += [dict(block_n=128, num_warps=4, num_stages=3, maxnreg=None),
+         dict(block_n=128, num_warps=4, num_stages=3, block_h=16),
+         dict(block_n=64, num_warps=2, num_stages=3)]
 
 
 def slot_indices(slots, scattered):
@@ -227,14 +231,17 @@ def replot(json_path):
         plot(json.load(f), os.path.splitext(json_path)[0] + ".png")
 
 
+VARIANT_KEYS = ("block_n", "num_warps", "num_stages", "maxnreg", "block_h", "waves")
+
+
 def parse_variant(text):
     """'block_n=64,maxnreg=96,waves=2' -> ({'block_n': 64, 'maxnreg': 96}, 2): stage-1 launch
     options of int4_decode_attention plus the split heuristic's waves (default 4)."""
     cfg = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("block_n", "num_warps", "num_stages", "maxnreg", "waves") or not value.isdigit():
-            raise SystemExit(f"bad --ab-variants item {item!r}: want block_n/num_warps/num_stages/maxnreg/waves=INT")
+        if key not in VARIANT_KEYS or not value.isdigit():
+            raise SystemExit(f"bad --ab-variants item {item!r}: want {'/'.join(VARIANT_KEYS)}=INT")
         cfg[key] = int(value)
     return cfg, cfg.pop("waves", 4)
 
@@ -297,8 +304,7 @@ def main():
                         "against the package's, interleaved, on --batches x --contexts; writes --out")
     p.add_argument("--ab-variants", metavar="V1;V2",
                    help="like --ab-kernel, for launch-option variants of the package's kernel, e.g. "
-                        "'maxnreg=128;block_n=64,maxnreg=96,waves=2' (keys block_n, num_warps, num_stages, "
-                        "maxnreg, waves)")
+                        "'maxnreg=128;block_n=64,maxnreg=96,waves=2' (keys: " + ", ".join(VARIANT_KEYS) + ")")
     args = p.parse_args()
     if args.replot:
         return replot(args.replot)
@@ -336,14 +342,14 @@ def main():
     # Pick the stage-1 tiling and split count on one memory-bound shape, then sweep with it.
     tune = []
     for cfg in TUNE:
-        cfg = {"maxnreg": MAXNREG.get(D), **cfg}  # the cap each row ran with, on record
+        cfg = {"maxnreg": MAXNREG.get(D), "block_h": default_block_h(HQ // HK), **cfg}  # on record
         for waves in (1, 2, 4):
             run, moved = int4_decode_case(fmt.Int4Format(D, 128), 32, 8192, sms, cfg, waves)
             t = bench(run)
             tune.append({**cfg, "waves": waves, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
             print(f"tune {cfg} waves={waves}: {t:.1f} us {tune[-1]['gbps']:.0f} GB/s", flush=True)
     best = min(tune, key=lambda r: r["time_us"])
-    best_cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages", "maxnreg") if k in best}
+    best_cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages", "maxnreg", "block_h") if k in best}
     result["decode_config"] = {**best_cfg, "waves": best["waves"]}
     result["tune"] = tune
     shapes = [(int(b), int(c)) for b in args.batches.split(",") for c in args.contexts.split(",")

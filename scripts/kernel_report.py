@@ -41,6 +41,7 @@ def main():
     p.add_argument("--maxnreg", type=int, default=-1,
                    help="register cap per thread (PTX .maxnreg); default: the kernel's (decode.MAXNREG), 0: none")
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    p.add_argument("--block-h", type=int, default=None, help="query-head rows per program (default: the kernel's)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128, help="Hadamard block (0: plain INT4)")
     p.add_argument("--arch", type=int, default=90)
@@ -65,7 +66,7 @@ def main():
         else:
             signature[name] = "i32"
     constants.update({n: 1 for n in EQUAL_TO_1})
-    constants.update(GROUP=args.group, BLOCK_H=max(16, triton.next_power_of_2(args.group)),
+    constants.update(GROUP=args.group, BLOCK_H=args.block_h or decode.default_block_h(args.group),
                      BLOCK=args.block_n or decode.BLOCK_N, HALF=args.head_dim // 2, ROTATE_K=args.block > 0,
                      BLOCK_ROT=args.block or 1, USE_PTX=True)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params) if n in POINTERS or n in DIVISIBLE_BY_16}

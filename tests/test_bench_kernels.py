@@ -13,6 +13,7 @@ import bench_kernels  # noqa: E402
     ("maxnreg=128", {"maxnreg": 128}, 4),
     ("block_n=64,maxnreg=96,waves=2", {"block_n": 64, "maxnreg": 96}, 2),
     ("num_warps=8,num_stages=2", {"num_warps": 8, "num_stages": 2}, 4),
+    ("block_h=4,waves=8", {"block_h": 4}, 8),
 ])
 def test_parse_variant(text, cfg, waves):
     assert bench_kernels.parse_variant(text) == (cfg, waves)

@@ -162,10 +162,10 @@ def test_decode_matches_reference(layout, group, q_dtype, rng, device):
         assert torch.allclose(lse[b].cpu().double(), ref_lse, atol=2e-2 if q_dtype == torch.float16 else 6e-2)
 
 
-@pytest.mark.parametrize("block_n", [16, 64])
-def test_decode_tiling_variants_match_reference(block_n, rng, device):
+@pytest.mark.parametrize("block_n, block_h", [(16, None), (64, None), (64, 4), (16, 8)])
+def test_decode_tiling_variants_match_reference(block_n, block_h, rng, device):
     """Several tiles per split, partial last tiles, a split holding one token and
-    requests of length 1."""
+    requests of length 1; query-head tiles of the GQA group's height (4) too."""
     layout = fmt.Int4Format.for_method("int4-bdr", 64, 32, "k")
     heads, group, num_slots, max_splits = 2, 4, 300, 3
     _, _, _, bufs = _store(layout, num_slots, heads, num_slots, rng, device)
@@ -178,7 +178,7 @@ def test_decode_tiling_variants_match_reference(block_n, rng, device):
     lse_parts = torch.empty(batch, heads * group, max_splits, device=device)
     splits = torch.tensor([1, 3, 2, 2], dtype=torch.int32, device=device)
     int4_decode_attention(q.to(device), *bufs, o, indptr.to(device), indices.to(device), logits, lse_parts,
-                          splits, max_splits, 0.125, layout, block_n=block_n)
+                          splits, max_splits, 0.125, layout, block_n=block_n, block_h=block_h)
     ref = int4_decode_attention_reference(q, *bufs, indptr, indices, 0.125, layout)
     assert rel_err(o, ref) < 3e-3
 
@@ -201,6 +201,13 @@ def test_decode_empty_batch_and_bad_shapes(device):
     with pytest.raises(ValueError, match="head_dim"):
         int4_decode_attention(torch.zeros(1, 4, 128, device=device), *bufs, torch.zeros(1, 4, 128, device=device),
                               None, None, None, None, None, 2, 0.1, layout)
+    q = torch.zeros(1, 8, 64, device=device)  # GQA group 4 over the pool's 2 KV heads
+    for block_h in (2, 6):
+        with pytest.raises(ValueError, match="power of two >= the GQA group 4"):
+            int4_decode_attention(q, *bufs, q.clone(), torch.tensor([0, 1], dtype=torch.int32, device=device),
+                                  torch.zeros(1, dtype=torch.int32, device=device),
+                                  torch.empty(1, 8, 2, 64, device=device), torch.empty(1, 8, 2, device=device),
+                                  torch.ones(1, dtype=torch.int32, device=device), 2, 0.1, layout, block_h=block_h)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
