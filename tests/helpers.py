@@ -32,3 +32,15 @@ def tiny_llama(vocab_size, hidden_size, head_dim, num_hidden_layers=2):
                                    num_key_value_heads=1, head_dim=head_dim)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gemma(head_dim, layer_types, **config):
+    """A random-weight Gemma 3 text model (2 query heads, 1 KV head), one layer per entry
+    of ``layer_types``; ``config``: other Gemma3TextConfig fields (sliding_window, ...)."""
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
+                                        num_hidden_layers=len(layer_types), num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=head_dim, layer_types=layer_types, **config)
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(cfg).eval()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_gemma, tiny_llama
 
 from sglang_sawint4.eval.gguf_model import hf_name, unpermute_qk
 from sglang_sawint4.eval.kv_methods import KVMethod, final_hidden, install, logits_from_hidden, standard_methods
@@ -69,15 +69,11 @@ def test_install_keeps_sliding_window_and_padding_masks(monkeypatch, query_chunk
     mask at all: Gemma 3's sliding-window layers then saw every token, padded batches
     their padding.  With it, the unquantized method reproduces stock SDPA exactly, also
     when long prefills run a chunk of queries at a time (query_chunk 5)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from sglang_sawint4.eval import kv_methods
 
     monkeypatch.setattr(kv_methods, "QUERY_CHUNK", query_chunk)
-    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
-                                        layer_types=["sliding_attention", "full_attention"])
-    torch.manual_seed(0)
-    gemma = transformers.Gemma3ForCausalLM(cfg).eval()
+    gemma = tiny_gemma(32, ["sliding_attention", "full_attention"], sliding_window=4)
     llama = tiny_llama(vocab_size=64, hidden_size=128, head_dim=64)
     ids = torch.randint(1, 64, (1, 16))
     padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)  # left padding, as batched generation does
@@ -347,15 +343,11 @@ def test_chunked_scoring_equals_full_logits():
     import os
     import sys
 
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     from eval_accuracy import ReferenceLogProbs, score
 
-    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                                        final_logit_softcapping=3.0, layer_types=["full_attention"])
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    model = tiny_gemma(32, ["full_attention"], final_logit_softcapping=3.0)
     ids = torch.randint(0, 64, (40,))
     with torch.no_grad():
         full = torch.log_softmax(model(ids[None]).logits[0, :-1], -1)

@@ -8,21 +8,18 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import probe_attention_error as probe  # noqa: E402
+from helpers import tiny_gemma  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 
-def tiny_gemma(window):
-    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                                        sliding_window=window, layer_types=["sliding_attention", "full_attention"])
-    torch.manual_seed(0)
-    return transformers.Gemma3ForCausalLM(cfg).eval()
+def gemma_with_window(window):
+    return tiny_gemma(64, ["sliding_attention", "full_attention"], sliding_window=window)
 
 
 def test_probe_reports_every_method_per_layer_and_honours_sliding_windows():
     ids = torch.randint(1, 64, (16,), generator=torch.Generator().manual_seed(1))
-    wide, narrow = probe.probe_model(tiny_gemma(64), ids), probe.probe_model(tiny_gemma(4), ids)
+    wide, narrow = probe.probe_model(gemma_with_window(64), ids), probe.probe_model(gemma_with_window(4), ids)
     labels = {m.label for m in probe.probe_methods(64)}
     assert labels == {"int4", "kivi", "int4-bdr-16-k", "int4-bdr-32-k", "int4-bdr-64-k"}
     for result in (wide, narrow):
