@@ -84,8 +84,9 @@ def score(model, hidden, ref: ReferenceLogProbs, targets) -> dict:
     rec = {"nll_sum": 0.0, "n": targets.numel(), "top1": 0.0, "kl": 0.0}
     for lo in range(0, targets.numel(), ref.rows_per_chunk):
         rows = slice(lo, lo + ref.rows_per_chunk)
-        logp = torch.log_softmax(logits_from_hidden(model, hidden[rows]), -1)
         ref_logp = ref.chunk(lo)
+        # the unquantized cache's own pass: its log-probs are the reference's, not made twice
+        logp = ref_logp if hidden is ref.hidden else torch.log_softmax(logits_from_hidden(model, hidden[rows]), -1)
         rec["nll_sum"] -= logp.gather(-1, targets[rows, None]).sum().item()
         rec["top1"] += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
         rec["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum().item()

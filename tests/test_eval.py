@@ -364,6 +364,10 @@ def test_chunked_scoring_equals_full_logits():
                 assert rec["top1"] == (other_logp.argmax(-1) == full.argmax(-1)).sum().item()
                 assert rec["kl"] == pytest.approx((full.exp() * (full - other_logp)).sum().item(), rel=1e-4)
             assert len(ref.kept) == (6 if keep_bytes else 0)  # ceil(39 / 7) chunks
+            # the unquantized pass itself (scored from the reference's own log-probs)
+            rec = score(model, hidden, ref, ids[1:])
+            assert rec["nll_sum"] == pytest.approx(-full.gather(-1, ids[1:, None]).sum().item(), rel=1e-5)
+            assert rec["top1"] == 39 and rec["kl"] == pytest.approx(0.0, abs=1e-6)
     assert torch.allclose(torch.log_softmax(logits_from_hidden(model, hidden), -1), full, atol=1e-5)
 
 
