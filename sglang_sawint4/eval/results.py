@@ -59,11 +59,11 @@ def save_results(path: str, result: dict) -> None:
         json.dump(result, f, indent=1)
 
 
-def _replace_rows(result: dict, rows: list, task_rows: bool, last_field: str) -> dict:
+def _replace_rows(result: dict, rows: list, task_rows: bool) -> dict:
     """``rows`` replace the rows of their own kind (task or not) with the same (model, method,
-    block, rotate, ``last_field``, context); every other row stays."""
+    block, rotate, task, context); every other row stays."""
     def key(r):
-        return r["model"], r["method"], r["block"], r["rotate"], r.get(last_field), r.get("context")
+        return r["model"], r["method"], r["block"], r["rotate"], r.get("task"), r.get("context")
 
     mine = {key(r) for r in rows}
     result["rows"] = [r for r in result["rows"]
@@ -74,13 +74,13 @@ def _replace_rows(result: dict, rows: list, task_rows: bool, last_field: str) ->
 def merge_method_rows(result: dict, rows: list) -> dict:
     """Put an eval_accuracy run's rows into the results: they replace the rows of the same
     (model, method, block, rotate, context); task rows and every other row stay."""
-    return _replace_rows(result, rows, task_rows=False, last_field="context")
+    return _replace_rows(result, rows, task_rows=False)
 
 
 def merge_task_rows(path: str, rows: list, model_name: str, run_key: str, run: dict) -> dict:
     """Replace this run's task rows (same task and context) in the results file (other rows
     stay); returns the file's content."""
-    result = _replace_rows(load_results(path), rows, task_rows=True, last_field="task")
+    result = _replace_rows(load_results(path), rows, task_rows=True)
     result["runs"].setdefault(model_name, {})[run_key] = run
     save_results(path, result)
     return result
@@ -90,10 +90,8 @@ def merge_results(result: dict, other: dict) -> dict:
     """``other``'s rows replace the rows they would replace had their runs written into
     ``result`` (method rows by context, task rows by task); its run records are added
     per model, replacing records of the same name."""
-    method_rows = [r for r in other["rows"] if r.get("metric") != "task_acc"]
-    task_rows = [r for r in other["rows"] if r.get("metric") == "task_acc"]
-    result = _replace_rows(result, method_rows, task_rows=False, last_field="context")
-    result = _replace_rows(result, task_rows, task_rows=True, last_field="task")
+    result = merge_method_rows(result, [r for r in other["rows"] if r.get("metric") != "task_acc"])
+    result = _replace_rows(result, [r for r in other["rows"] if r.get("metric") == "task_acc"], task_rows=True)
     for model, runs in other["runs"].items():
         result["runs"].setdefault(model, {}).update(runs)
     return result
