@@ -45,7 +45,7 @@ NUM_STAGES = 3
 # scripts/kernel_report.py) 4 fit, and on an H100 decode ran 6-8% faster at batch >= 64 (the
 # A/B is in docs/design-notes.md).  head_dim 64 already fits in 128; head_dim 256 takes 255
 # and would spill 808 bytes at 128, so it keeps the compiler's choice.
-MAXNREG = {128: 128}
+MAXNREG = {64: 128, 128: 128}
 # Query-head rows per stage-1 program: the GQA group rounded up to a power of two, at least
 # MIN_BLOCK_H.  Triton pads tiles under 16 rows to the tensor cores' 16 itself; telling it
 # the real height (8 for a group of 4, instead of 16) cut stage 1's loop by 12% of its
@@ -102,10 +102,12 @@ def _decode_stage1(
         q_sum = tl.sum(q_lo_c.to(tl.float32), axis=1) + tl.sum(q_hi_c.to(tl.float32), axis=1)
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
         acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
-        acc_off = tl.zeros([BLOCK_H], dtype=tl.float32)
+        # sum(p) and the V offset term accumulate per score column and are reduced once
+        # after the loop: a row reduction crosses the warps (3 barriers per tile each)
+        off_cols = tl.zeros([BLOCK_H, BLOCK], dtype=tl.float32)
+        l_cols = tl.zeros([BLOCK_H, BLOCK], dtype=tl.float32)
 
         for start in range(split_start, split_end, BLOCK):
             offs_n = start + tl.arange(0, BLOCK)
@@ -129,15 +131,17 @@ def _decode_stage1(
             vp = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + half[None, :],
                          mask=mask_n[:, None], other=0)
             v_scale, v_off = load_meta(vm_ptr + loc * vm_st + kv_head * vm_sh, mask_n)
-            v_lo, v_hi = biased_codes(vp, dot_dtype, USE_PTX)
+            # values are the B operand of a dot over tokens: unpack row-major (see biased_codes)
+            v_lo, v_hi = biased_codes(vp, dot_dtype, USE_PTX, KEEP_LAYOUT=True)
             ps = (p * v_scale[None, :]).to(dot_dtype)
             acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, v_lo, out_dtype=tl.float32)
             acc_hi = acc_hi * alpha[:, None] + tl.dot(ps, v_hi, out_dtype=tl.float32)
             # sum_n ps_n (c_n + bias) - bias sum_n ps_n, with the rounded ps of the dot
-            acc_off = acc_off * alpha + tl.sum(p * v_off[None, :], axis=1) \
-                - bias * tl.sum(ps.to(tl.float32), axis=1)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            off_cols = off_cols * alpha[:, None] + p * v_off[None, :] - bias * ps.to(tl.float32)
+            l_cols = l_cols * alpha[:, None] + p
             m_i = m_new
+        acc_off = tl.sum(off_cols, axis=1)
+        l_i = tl.sum(l_cols, axis=1)
 
         out_base = logits_ptr + b * st_lb + heads[:, None] * st_lh + split * st_ls
         tl.store(out_base + half[None, :], (acc_lo + acc_off[:, None]) / l_i[:, None], mask=mask_h[:, None])

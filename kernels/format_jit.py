@@ -158,7 +158,7 @@ BIASED_CODES_PTX_FP16 = tl.constexpr(_BIASED_CODES_PTX.replace("BIAS", "0x640064
 
 
 @triton.jit
-def biased_codes(packed, DTYPE: tl.constexpr, USE_PTX: tl.constexpr):
+def biased_codes(packed, DTYPE: tl.constexpr, USE_PTX: tl.constexpr, KEEP_LAYOUT: tl.constexpr = False):
     """Split-half packed bytes -> (low-nibble, high-nibble) codes as ``code_bias(DTYPE) + c``.
 
     packed: uint8 tensor.  Returns two tensors of packed's shape in DTYPE whose values
@@ -166,13 +166,21 @@ def biased_codes(packed, DTYPE: tl.constexpr, USE_PTX: tl.constexpr):
     fold the bias into the per-token offset instead of subtracting it per element.
     USE_PTX selects the inline-PTX path (NVIDIA GPUs); the portable path (interpreter,
     other targets) computes the same values with Triton ops.
+
+    KEEP_LAYOUT (PTX path): unpack in the layout the bytes were loaded in.  Triton
+    otherwise moves a later tl.dot operand conversion in front of this (pure) function,
+    onto the bytes; that is what it should do when the bytes are already in the operand's
+    order (keys: a token's channels), but not when the dot reduces over tokens (values):
+    every thread then reads 4 tokens' bytes with 4 one-byte shared-memory loads and
+    reassembles them.  Marking the asm impure pins it to the loaded (row-major) bytes, and
+    Triton moves the unpacked codes with ldmatrix.trans instead.
     """
     if USE_PTX and DTYPE == tl.bfloat16:
         lo, hi = tl.inline_asm_elementwise(BIASED_CODES_PTX_BF16, "=r,=r,=r,=r,r", [packed],
-                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=not KEEP_LAYOUT, pack=4)
     elif USE_PTX and DTYPE == tl.float16:
         lo, hi = tl.inline_asm_elementwise(BIASED_CODES_PTX_FP16, "=r,=r,=r,=r,r", [packed],
-                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+                                           dtype=(tl.float16, tl.float16), is_pure=not KEEP_LAYOUT, pack=4)
     elif DTYPE == tl.bfloat16:
         lo = (unpack_lo(packed).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
         hi = (unpack_hi(packed).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)

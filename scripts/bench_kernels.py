@@ -110,24 +110,25 @@ def slot_indices(slots, scattered):
 
 def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4, scattered=False,
                      attention=int4_decode_attention):
+    d = layout.head_dim
     slots = batch * context
-    kd, km = fmt.allocate_layer(slots, HK, D, "cuda")
-    vd, vm = fmt.allocate_layer(slots, HK, D, "cuda")
+    kd, km = fmt.allocate_layer(slots, HK, d, "cuda")
+    vd, vm = fmt.allocate_layer(slots, HK, d, "cuda")
     kd.random_(0, 256)
     vd.random_(0, 256)
     km.uniform_(0.01, 0.1)
     vm.uniform_(0.01, 0.1)
-    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(batch, HQ, d, dtype=torch.bfloat16, device="cuda")
     o = torch.empty_like(q)
     indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * context
     indices = slot_indices(slots, scattered)
     splits = torch.full((batch,), num_kv_splits(batch, context, sms, waves), dtype=torch.int32, device="cuda")
-    logits = torch.empty(batch, HQ, MAX_SPLITS, D, dtype=torch.float32, device="cuda")
+    logits = torch.empty(batch, HQ, MAX_SPLITS, d, dtype=torch.float32, device="cuda")
     lse = torch.empty(batch, HQ, MAX_SPLITS, dtype=torch.float32, device="cuda")
 
     def run():
-        attention(q, kd, km, vd, vm, o, indptr, indices, logits, lse, splits, MAX_SPLITS,
-                  D ** -0.5, layout, **(cfg or {}))
+        return attention(q, kd, km, vd, vm, o, indptr, indices, logits, lse, splits, MAX_SPLITS,
+                         d ** -0.5, layout, **(cfg or {}))
 
     moved = slots * HK * layout.bytes_per_token_head() + slots * 4 + 2 * q.numel() * 2
     return run, moved
@@ -253,35 +254,49 @@ def ab_decode(args, rounds=3):
     import importlib.util
 
     kernels = {"installed": (int4_decode_attention, {}, 4)}
-    if args.ab_kernel:
-        spec = importlib.util.spec_from_file_location("decode_candidate", args.ab_kernel)
+    for text in filter(None, (args.ab_kernel or "").split(";")):
+        path, _, options = text.partition(":")
+        spec = importlib.util.spec_from_file_location("decode_candidate", path)
         candidate = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(candidate)
-        kernels["candidate"] = (candidate.int4_decode_attention, {}, 4)
+        cfg, waves = parse_variant(options)
+        name = os.path.splitext(os.path.basename(path))[0] + (f":{options}" if options else "")
+        kernels[name] = (candidate.int4_decode_attention, cfg, waves)
     for text in filter(None, (args.ab_variants or "").split(";")):
         cfg, waves = parse_variant(text)
         kernels[text] = (int4_decode_attention, cfg, waves)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result = {"gpu": torch.cuda.get_device_name(0), "triton": triton.__version__, "copy_gbps": copy_bandwidth(),
+              "head_dim": args.ab_head_dim,
               "command": " ".join(["python"] + sys.argv), "rows": []}
     print(f"{result['gpu']}: D2D copy {result['copy_gbps']:.0f} GB/s", flush=True)
     for batch in (int(b) for b in args.batches.split(",")):
         for context in (int(c) for c in args.contexts.split(",")):
             times = {name: [] for name in kernels}
-            for _ in range(rounds):
+            diffs = {}
+            for r in range(rounds):
                 for name, (fn, cfg, waves) in kernels.items():
-                    run, moved = int4_decode_case(fmt.Int4Format(D, 128), batch, context, sms, cfg, waves,
-                                                  attention=fn)
+                    torch.manual_seed(batch * 1_000_003 + context)  # the same inputs for every kernel
+                    run, moved = int4_decode_case(fmt.Int4Format(args.ab_head_dim, min(128, args.ab_head_dim)), batch, context, sms,
+                                                  cfg, waves, attention=fn)
+                    if r == 0:
+                        # a kernel that disagrees with the installed one is not a candidate
+                        out = run().float()
+                        ref = diffs.setdefault("installed_out", out)
+                        diffs[name] = ((out - ref).norm() / ref.norm()).item()
+                        del out, ref
                     times[name].append(bench(run))
                     del run
                     torch.cuda.empty_cache()
             row = {"batch": batch, "context": context, "moved_bytes": moved}
             for name, ts in times.items():
                 t = sorted(ts)[len(ts) // 2]
-                row[name] = {"time_us": t, "gbps": moved / (t * 1e-6) / 1e9, "all_us": ts}
+                row[name] = {"time_us": t, "gbps": moved / (t * 1e-6) / 1e9, "all_us": ts,
+                             "rel_diff_vs_installed": diffs[name]}
             result["rows"].append(row)
             print(f"{batch:>4} x {context:>6}: " + ", ".join(
-                f"{name} {row[name]['time_us']:.1f} us ({row[name]['gbps'] / result['copy_gbps']:.0%})"
+                f"{name} {row[name]['time_us']:.1f} us ({row[name]['gbps'] / result['copy_gbps']:.0%}"
+                f"{'' if name == 'installed' else ', diff %.1e' % row[name]['rel_diff_vs_installed']})"
                 for name in kernels), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -299,9 +314,11 @@ def main():
     p.add_argument("--profile-case", metavar="BATCHxCONTEXT",
                    help="only launch INT4+BDR-128 decode on this shape (contiguous slots) a few times, "
                         "for a profiler (scripts/gpu_run.sh profile runs it under ncu)")
-    p.add_argument("--ab-kernel", metavar="FILE",
-                   help="only time INT4+BDR-128 decode (contiguous slots) of this file's int4_decode_attention "
-                        "against the package's, interleaved, on --batches x --contexts; writes --out")
+    p.add_argument("--ab-kernel", metavar="FILE[:OPTIONS];...",
+                   help="only time INT4+BDR-128 decode (contiguous slots) of these files' int4_decode_attention "
+                        "(each with optional --ab-variants options) against the package's, interleaved, on "
+                        "--batches x --contexts; writes --out")
+    p.add_argument("--ab-head-dim", type=int, default=D, help="head_dim of the A/B shapes (INT4+BDR with the largest block up to 128)")
     p.add_argument("--ab-variants", metavar="V1;V2",
                    help="like --ab-kernel, for launch-option variants of the package's kernel, e.g. "
                         "'maxnreg=128;block_n=64,maxnreg=96,waves=2' (keys: " + ", ".join(VARIANT_KEYS) + ")")

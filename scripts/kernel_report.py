@@ -45,6 +45,9 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128, help="Hadamard block (0: plain INT4)")
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--kernel-file", metavar="FILE",
+                   help="compile this file's _decode_stage1 (a candidate, as bench_kernels.py --ab-kernel "
+                        "times) instead of the package's")
     p.add_argument("--out-dir", default="/tmp/kernel_report")
     args = p.parse_args()
 
@@ -52,7 +55,14 @@ def main():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sglang_sawint4.kernels import decode
+    if args.kernel_file:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("decode_candidate", args.kernel_file)
+        decode = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(decode)
+    else:
+        from sglang_sawint4.kernels import decode
 
     params = list(inspect.signature(decode._decode_stage1.fn).parameters)
     signature, constants = {}, {}
@@ -69,6 +79,8 @@ def main():
     constants.update(GROUP=args.group, BLOCK_H=args.block_h or decode.default_block_h(args.group),
                      BLOCK=args.block_n or decode.BLOCK_N, HALF=args.head_dim // 2, ROTATE_K=args.block > 0,
                      BLOCK_ROT=args.block or 1, USE_PTX=True)
+    if "W" in params:  # candidates that split each tile's tokens over the warps
+        constants["W"] = args.num_warps
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params) if n in POINTERS or n in DIVISIBLE_BY_16}
     num_stages = args.num_stages if args.num_stages is not None else decode.NUM_STAGES
     maxnreg = decode.MAXNREG.get(args.head_dim) if args.maxnreg == -1 else (args.maxnreg or None)

@@ -48,17 +48,18 @@ def test_pack_matches_format(rng, device):
 
 @triton.jit
 def _biased_codes_kernel(packed_ptr, lo_ptr, hi_ptr, bias_ptr, N: tl.constexpr, HALF: tl.constexpr,
-                         USE_PTX: tl.constexpr):
+                         USE_PTX: tl.constexpr, KEEP_LAYOUT: tl.constexpr):
     offs = tl.arange(0, N)[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    lo, hi = biased_codes(tl.load(packed_ptr + offs), lo_ptr.dtype.element_ty, USE_PTX)
+    lo, hi = biased_codes(tl.load(packed_ptr + offs), lo_ptr.dtype.element_ty, USE_PTX, KEEP_LAYOUT)
     tl.store(lo_ptr + offs, lo)
     tl.store(hi_ptr + offs, hi)
     tl.store(bias_ptr, code_bias(lo_ptr.dtype.element_ty))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("ptx", [False, True], ids=["portable", "ptx"])
-def test_biased_codes_are_bias_plus_code(dtype, ptx, rng, device):
+@pytest.mark.parametrize("ptx, keep_layout", [(False, False), (True, False), (True, True)],
+                         ids=["portable", "ptx", "ptx-keep-layout"])
+def test_biased_codes_are_bias_plus_code(dtype, ptx, keep_layout, rng, device):
     if ptx and not use_ptx(_biased_codes_kernel, torch.device(device)):
         pytest.skip("inline PTX runs only in compiled kernels on NVIDIA GPUs")
     codes = torch.randint(0, 16, (32, 128), generator=rng, dtype=torch.uint8)
@@ -66,7 +67,7 @@ def test_biased_codes_are_bias_plus_code(dtype, ptx, rng, device):
     lo = torch.empty((32, 64), dtype=dtype, device=device)
     hi = torch.empty_like(lo)
     bias = torch.empty(1, dtype=torch.float32, device=device)
-    _biased_codes_kernel[(1,)](packed, lo, hi, bias, N=32, HALF=64, USE_PTX=ptx)
+    _biased_codes_kernel[(1,)](packed, lo, hi, bias, N=32, HALF=64, USE_PTX=ptx, KEEP_LAYOUT=keep_layout)
     expected_bias = {torch.bfloat16: 128.0, torch.float16: 1024.0, torch.float32: 0.0}[dtype]
     assert bias.item() == expected_bias
     assert torch.equal(torch.cat([lo, hi], -1).cpu().double() - expected_bias, codes.double())
