@@ -33,10 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_sawint4 import format as fmt  # noqa: E402
 from sglang_sawint4.kernels.decode import MAXNREG, default_block_h, int4_decode_attention  # noqa: E402
+from sglang_sawint4.kernels.splits import num_kv_splits_reference  # noqa: E402
 from sglang_sawint4.kernels.store import rotate_quantize_store  # noqa: E402
 
 HQ, HK, D = 32, 8, 128
-MAX_SPLITS = 16
+MAX_SPLITS = 16  # split scratch capacity; waves-rule A/Bs may use up to this many
+SERVED_MAX_SPLITS = 8  # SGLang's default --triton-attention-num-kv-splits, the served rule's cap
 
 
 def progress(it, total, label):
@@ -83,8 +85,13 @@ def copy_bandwidth(gib=2):
     return 2 * n / (t * 1e-6) / 1e9
 
 
-def num_kv_splits(batch, context, sms, waves=4):
-    """Enough (batch x kv_head x split) programs for `waves` per SM, >= 512 tokens/split."""
+def num_kv_splits(batch, context, sms, waves=None, head_dim=D):
+    """Splits per request: the served rule (kernels/splits.py, capped at SGLang's default
+    --triton-attention-num-kv-splits) unless `waves` is given, in which case enough
+    (batch x kv_head x split) programs for `waves` per SM, >= 512 tokens/split (the rule of
+    the A/Bs before the served rule existed)."""
+    if waves is None:
+        return num_kv_splits_reference([context] * batch, HK, SERVED_MAX_SPLITS, head_dim, sms)[0]
     want = math.ceil(waves * sms / (batch * HK))
     return max(1, min(MAX_SPLITS, want, math.ceil(context / 512)))
 
@@ -108,7 +115,7 @@ def slot_indices(slots, scattered):
     return torch.arange(slots, device="cuda", dtype=torch.int32)
 
 
-def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4, scattered=False,
+def int4_decode_case(layout, batch, context, sms, cfg=None, waves=None, scattered=False,
                      attention=int4_decode_attention):
     d = layout.head_dim
     slots = batch * context
@@ -122,7 +129,7 @@ def int4_decode_case(layout, batch, context, sms, cfg=None, waves=4, scattered=F
     o = torch.empty_like(q)
     indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * context
     indices = slot_indices(slots, scattered)
-    splits = torch.full((batch,), num_kv_splits(batch, context, sms, waves), dtype=torch.int32, device="cuda")
+    splits = torch.full((batch,), num_kv_splits(batch, context, sms, waves, d), dtype=torch.int32, device="cuda")
     logits = torch.empty(batch, HQ, MAX_SPLITS, d, dtype=torch.float32, device="cuda")
     lse = torch.empty(batch, HQ, MAX_SPLITS, dtype=torch.float32, device="cuda")
 
@@ -237,14 +244,15 @@ VARIANT_KEYS = ("block_n", "num_warps", "num_stages", "maxnreg", "block_h", "wav
 
 def parse_variant(text):
     """'block_n=64,maxnreg=96,waves=2' -> ({'block_n': 64, 'maxnreg': 96}, 2): stage-1 launch
-    options of int4_decode_attention plus the split heuristic's waves (default 4)."""
+    options of int4_decode_attention plus the split heuristic's waves (default None: the
+    served rule)."""
     cfg = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in VARIANT_KEYS or not value.isdigit():
             raise SystemExit(f"bad --ab-variants item {item!r}: want {'/'.join(VARIANT_KEYS)}=INT")
         cfg[key] = int(value)
-    return cfg, cfg.pop("waves", 4)
+    return cfg, cfg.pop("waves", None)
 
 
 def ab_decode(args, rounds=3):
@@ -253,7 +261,7 @@ def ab_decode(args, rounds=3):
     ``rounds`` times per shape (drift hits all alike)."""
     import importlib.util
 
-    kernels = {"installed": (int4_decode_attention, {}, 4)}
+    kernels = {"installed": (int4_decode_attention, {}, None)}
     for text in filter(None, (args.ab_kernel or "").split(";")):
         path, _, options = text.partition(":")
         spec = importlib.util.spec_from_file_location("decode_candidate", path)
@@ -356,18 +364,19 @@ def main():
         print(f"FlashInfer unavailable ({e}); BF16 rows skipped", flush=True)
         have_fi = False
 
-    # Pick the stage-1 tiling and split count on one memory-bound shape, then sweep with it.
+    # Pick the stage-1 tiling on one memory-bound shape, then sweep with it; splits are the
+    # served rule's throughout (kernels/splits.py), as the server runs them.
     tune = []
     for cfg in TUNE:
         cfg = {"maxnreg": MAXNREG.get(D), "block_h": default_block_h(HQ // HK), **cfg}  # on record
-        for waves in (1, 2, 4):
-            run, moved = int4_decode_case(fmt.Int4Format(D, 128), 32, 8192, sms, cfg, waves)
-            t = bench(run)
-            tune.append({**cfg, "waves": waves, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
-            print(f"tune {cfg} waves={waves}: {t:.1f} us {tune[-1]['gbps']:.0f} GB/s", flush=True)
+        run, moved = int4_decode_case(fmt.Int4Format(D, 128), 32, 8192, sms, cfg)
+        t = bench(run)
+        tune.append({**cfg, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})
+        print(f"tune {cfg}: {t:.1f} us {tune[-1]['gbps']:.0f} GB/s", flush=True)
     best = min(tune, key=lambda r: r["time_us"])
     best_cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages", "maxnreg", "block_h") if k in best}
-    result["decode_config"] = {**best_cfg, "waves": best["waves"]}
+    result["decode_config"] = {**best_cfg, "splits": "served rule (sglang_sawint4.kernels.splits), "
+                                                    f"at most {SERVED_MAX_SPLITS}"}
     result["tune"] = tune
     shapes = [(int(b), int(c)) for b in args.batches.split(",") for c in args.contexts.split(",")
               if int(b) * int(c) * HK * D * 4 <= args.max_kv_gib * (1 << 30)]
@@ -375,7 +384,7 @@ def main():
     runs = [(b, c, False) for b, c in shapes] + [(b, c, True) for b, c in shapes if b >= 32 and c >= 8192]
     for batch, context, scattered in progress(runs, len(runs), "decode"):
         cases = ([("bf16", None, lambda: bf16_decode_case(batch, context, scattered))] if have_fi else []) + [
-            (m, b, (lambda l=l: int4_decode_case(l, batch, context, sms, best_cfg, best["waves"], scattered)))
+            (m, b, (lambda l=l: int4_decode_case(l, batch, context, sms, best_cfg, None, scattered)))
             for m, b, l in layouts]
         for method, block, make in cases:
             run, moved = make()

@@ -5,10 +5,12 @@ metadata is already what our kernels take (``kv_indptr`` / ``kv_indices`` over
 token slots, per-request ``num_kv_splits`` and persistent split-KV scratch that
 CUDA-graph capture reuses), while FlashInfer keeps its indices inside planned
 wrappers whose kernels cannot read INT4.  Subclassing keeps SGLang's own metadata
-and CUDA-graph code unchanged; only the two attention calls are replaced:
+and CUDA-graph code unchanged; only the two attention calls (and the split count) are
+replaced:
 
 * decode: store the new token (fused rotate-quantize-store), then
-  ``int4_decode_attention`` over all of the request's pages;
+  ``int4_decode_attention`` over all of the request's pages, split by our kernel's own
+  split-count rule (``get_num_kv_splits``);
 * extend/prefill: store the new tokens, dequantize only the cached prefix
   (radix-cache hits, earlier chunks) into a BF16 scratch, and run SGLang's stock
   extend kernel on it, so attention among the new tokens stays exact.
@@ -23,6 +25,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang_sawint4.attention_check import AttentionChecker, int4_attention_reference
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
+from sglang_sawint4.kernels.splits import int4_num_kv_splits
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
 
 
@@ -47,6 +50,15 @@ class Int4TritonAttnBackend(TritonAttnBackend):
                 raise Int4KVAccessError(f"INT4 KV cache does not support {why}")
         self._prefix_identity = torch.arange(0, dtype=torch.int64, device=self.device)
         self._checker = AttentionChecker.from_env()  # None unless --kv-quant-debug-check-attention
+
+    def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor):
+        """Our kernel's split rule (kernels/splits.py) instead of the one SGLang sizes for its
+        own decode kernel; --triton-attention-num-kv-splits stays the cap, and a static
+        split count (or no SM count) keeps SGLang's behaviour."""
+        if self.static_kv_splits or self.device_core_count <= 0:
+            return super().get_num_kv_splits(num_kv_splits, seq_lens)
+        int4_num_kv_splits(num_kv_splits, seq_lens, self.num_kv_head, self.max_kv_splits,
+                           self.int4_format.head_dim, self.device_core_count)
 
     @staticmethod
     def _check_layer(layer, sinks, score_mod):

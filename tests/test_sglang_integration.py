@@ -230,3 +230,22 @@ def test_debug_poison_marks_freed_slots_and_reads_of_them_turn_nan(sgl, device, 
     # the radix cache frees int32 segments of req_to_token (found by the soak on the H100)
     alloc.free_segment(again.to(torch.int32), start_pos=0)
     assert torch.isnan(km[again]).all()
+
+
+def test_backend_split_count_is_ours_unless_static(device):
+    """Int4TritonAttnBackend.get_num_kv_splits: our rule (kernels/splits.py) on the
+    backend's KV heads, cap and SM count; SGLang's static split count when asked for."""
+    from sglang_sawint4.backend import Int4TritonAttnBackend
+    from sglang_sawint4.kernels.splits import num_kv_splits_reference
+
+    backend = object.__new__(Int4TritonAttnBackend)  # the method reads these attributes only
+    backend.static_kv_splits, backend.device_core_count = False, 132
+    backend.num_kv_head, backend.max_kv_splits = 8, 16
+    backend.enable_deterministic, backend.int4_format = False, fmt.Int4Format(128, 128)
+    seq_lens = torch.tensor([8192] * 32, device=device)
+    splits = torch.zeros(32, dtype=torch.int32, device=device)
+    backend.get_num_kv_splits(splits, seq_lens)
+    assert splits.tolist() == num_kv_splits_reference([8192] * 32, 8, 16, 128, 132) == [2] * 32
+    backend.static_kv_splits = True
+    backend.get_num_kv_splits(splits, seq_lens)
+    assert splits.tolist() == [16] * 32
