@@ -311,12 +311,24 @@ def random_token_ids(rng, vocab, n):
 
 
 def check_radix_reuse(port, vocab, rng):
+    """One prompt sent three times; the second and third reuse its cached prefix.
+
+    Passes when both repeats hit the cache (>= 1024 cached tokens) and give the same
+    greedy tokens.  Their tokens are not required to equal the first, uncached pass's:
+    with INT4 pages a hit is numerically different from it (the recomputed last prompt
+    token attends to the INT4 prefix, where the first pass gave it its chunk's exact K/V),
+    and a random-weight model's greedy tokens can flip on that difference.  How far they
+    agree is recorded; the cached-prefix attention itself is checked against a reference
+    inside the server (--kv-quant-debug-check-attention, mode extend_prefix).
+    """
     prefix = random_token_ids(rng, vocab, 1500)
-    first = generate_ids(port, prefix + [11, 12, 13], 24)
-    second = generate_ids(port, prefix + [11, 12, 13], 24)
-    cached = second.get("meta_info", {}).get("cached_tokens", 0)
-    return {"ok": first["output_ids"] == second["output_ids"] and cached >= 1024, "cached_tokens": cached,
-            "same_output": first["output_ids"] == second["output_ids"]}
+    first, second, third = (generate_ids(port, prefix + [11, 12, 13], 24) for _ in range(3))
+    cached = [r.get("meta_info", {}).get("cached_tokens", 0) for r in (second, third)]
+    ids = [r["output_ids"] for r in (first, second, third)]
+    leading = next((i for i, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b), min(len(ids[0]), len(ids[1])))
+    return {"ok": min(cached) >= 1024 and ids[1] == ids[2], "cached_tokens": cached[0],
+            "repeats_agree": ids[1] == ids[2], "same_output": ids[0] == ids[1],
+            "leading_tokens_equal_to_uncached": leading, "tokens": len(ids[0])}
 
 
 def check_chunked_prefill(port, vocab, rng, chunk):
