@@ -8,7 +8,11 @@ query heads of one KV head to a contiguous slice of the request's tokens:
 * keys are never dequantized to a [N, D] float tile: with k = s * c + o,
   q'.k = s * (q'.c) + o * sum(q'), so the tensor cores multiply q' by the raw
   4-bit codes (exact in bf16/fp16) and the scale/offset are applied per token;
-* values likewise: sum_n p_n (s_n c_n + o_n) = (p * s) @ c + (p . o);
+* values likewise: sum_n p_n (s_n c_n + o_n) = (p * s) @ c + (p . o); their codes are
+  unpacked in the row-major order they were loaded in (``biased_codes``' KEEP_LAYOUT),
+  because the p @ c product reduces over tokens, not over the stored channel order;
+* sum(p) and the value offset term are accumulated per score column and reduced once after
+  the loop, instead of a cross-warp row reduction per tile;
 * the codes reach the tensor cores as bias + c (bias 128 in bf16, 1024 in fp16: one
   bit operation per code, see ``biased_codes``); the bias is removed once per token
   through the offset terms, computed from the same rounded operands the tensor cores
@@ -43,8 +47,9 @@ NUM_STAGES = 3
 # Stage-1 register cap per head_dim.  At head_dim 128 the compiler takes 168 registers per
 # thread, which fits 3 programs of 4 warps on an SM; capped at 128 (no spills, checked with
 # scripts/kernel_report.py) 4 fit, and on an H100 decode ran 6-8% faster at batch >= 64 (the
-# A/B is in docs/design-notes.md).  head_dim 64 already fits in 128; head_dim 256 takes 255
-# and would spill 808 bytes at 128, so it keeps the compiler's choice.
+# A/B is in docs/design-notes.md).  head_dim 64 takes 164 since values are unpacked row-major
+# (v6) and 128 without spills; head_dim 256 takes 255 and would spill 808 bytes at 128, so it
+# keeps the compiler's choice.  kernels/splits.py sizes splits by the programs this leaves per SM.
 MAXNREG = {64: 128, 128: 128}
 # Query-head rows per stage-1 program: the GQA group rounded up to a power of two, at least
 # MIN_BLOCK_H.  Triton pads tiles under 16 rows to the tensor cores' 16 itself; telling it

@@ -6,7 +6,7 @@ ours that overshoots: stage 1 holds ``RESIDENT_PROGRAMS_PER_SM`` programs per SM
 once, and a launch of (batch x KV heads x splits) programs runs best when they all fit
 in one such wave.  At batch 32 x 8k (32 q / 8 KV heads, head_dim 128, 132 SMs) SGLang's
 rule gives 4 splits (1,024 programs); on an H200, 2 splits (512 programs, one wave of
-528) ran 11% faster than 3 (bench/logs/decode_ab_vlayout_tiling_h200.json).
+528) took 132 us where 3 took 148 (bench/logs/decode_ab_vlayout_tiling_h200.json).
 
 The rule, per decode step (device-side, so CUDA graphs capture it):
 

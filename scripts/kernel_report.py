@@ -7,9 +7,11 @@
 Triton compiles for a target (default sm_90, the H100/H200) on any machine; ptxas (shipped
 with Triton) then gives registers and spills.  The argument specializations are those of the
 served buffers (16-byte aligned pointers, strides divisible by 16, the meta tensors' head
-stride 1), so the numbers match the GPU's: at the default tiling without the register cap
-(--maxnreg 0) this reports 168 registers and 26,112 bytes of shared memory, as ncu did on the
-H200 before the cap; with the kernel's cap (decode.MAXNREG) 128 registers and no spills.
+stride 1), so the numbers match the GPU's: for the v4 kernel without the register cap it
+reported 168 registers and 26,112 bytes of shared memory, as ncu did on the H200; the v6 kernel
+at the default tiling: 168 registers uncapped (--maxnreg 0), 128 and no spills with the
+kernel's cap (decode.MAXNREG), 54,784 bytes of shared memory.  --kernel-file compiles a
+candidate's stage 1 instead (as bench_kernels.py --ab-kernel times it).
 Also reported: the shared-memory buffers of the pipelined loads (1 = no overlap of loads and
 math within a program) and the async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
 """
