@@ -278,21 +278,21 @@ def ab_decode(args, rounds=3):
               "head_dim": args.ab_head_dim,
               "command": " ".join(["python"] + sys.argv), "rows": []}
     print(f"{result['gpu']}: D2D copy {result['copy_gbps']:.0f} GB/s", flush=True)
+    layout = fmt.Int4Format(args.ab_head_dim, min(128, args.ab_head_dim))
     for batch in (int(b) for b in args.batches.split(",")):
         for context in (int(c) for c in args.contexts.split(",")):
             times = {name: [] for name in kernels}
-            diffs = {}
+            installed_out, diffs = None, {}
             for r in range(rounds):
                 for name, (fn, cfg, waves) in kernels.items():
                     torch.manual_seed(batch * 1_000_003 + context)  # the same inputs for every kernel
-                    run, moved = int4_decode_case(fmt.Int4Format(args.ab_head_dim, min(128, args.ab_head_dim)), batch, context, sms,
-                                                  cfg, waves, attention=fn)
+                    run, moved = int4_decode_case(layout, batch, context, sms, cfg, waves, attention=fn)
                     if r == 0:
-                        # a kernel that disagrees with the installed one is not a candidate
+                        # a kernel that disagrees with the installed one (timed first) is no candidate
                         out = run().float()
-                        ref = diffs.setdefault("installed_out", out)
-                        diffs[name] = ((out - ref).norm() / ref.norm()).item()
-                        del out, ref
+                        installed_out = out if installed_out is None else installed_out
+                        diffs[name] = ((out - installed_out).norm() / installed_out.norm()).item()
+                        del out
                     times[name].append(bench(run))
                     del run
                     torch.cuda.empty_cache()
@@ -326,7 +326,8 @@ def main():
                    help="only time INT4+BDR-128 decode (contiguous slots) of these files' int4_decode_attention "
                         "(each with optional --ab-variants options) against the package's, interleaved, on "
                         "--batches x --contexts; writes --out")
-    p.add_argument("--ab-head-dim", type=int, default=D, help="head_dim of the A/B shapes (INT4+BDR with the largest block up to 128)")
+    p.add_argument("--ab-head-dim", type=int, default=D,
+                   help="head_dim of the A/B shapes (INT4+BDR with the largest block up to 128)")
     p.add_argument("--ab-variants", metavar="V1;V2",
                    help="like --ab-kernel, for launch-option variants of the package's kernel, e.g. "
                         "'maxnreg=128;block_n=64,maxnreg=96,waves=2' (keys: " + ", ".join(VARIANT_KEYS) + ")")
