@@ -11,7 +11,8 @@ stride 1), so the numbers match the GPU's: for the v4 kernel without the registe
 reported 168 registers and 26,112 bytes of shared memory, as ncu did on the H200; the v6 kernel
 at the default tiling: 168 registers uncapped (--maxnreg 0), 128 and no spills with the
 kernel's cap (decode.MAXNREG), 54,784 bytes of shared memory.  --kernel-file compiles a
-candidate's stage 1 instead (as bench_kernels.py --ab-kernel times it).
+candidate's stage 1 instead (as bench_kernels.py --ab-kernel times it); --by-line N counts the
+token loop's PTX instructions per opcode and per source line (v6: 817 per tile per thread).
 Also reported: the shared-memory buffers of the pipelined loads (1 = no overlap of loads and
 math within a program) and the async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
 """
@@ -50,6 +51,9 @@ def main():
     p.add_argument("--kernel-file", metavar="FILE",
                    help="compile this file's _decode_stage1 (a candidate, as bench_kernels.py --ab-kernel "
                         "times) instead of the package's")
+    p.add_argument("--by-line", type=int, default=0, metavar="N",
+                   help="also count the token loop's PTX instructions: the N most frequent opcodes and the N "
+                        "source lines with the most instructions (where a tile's work goes)")
     p.add_argument("--out-dir", default="/tmp/kernel_report")
     args = p.parse_args()
 
@@ -108,7 +112,44 @@ def main():
     print(f"registers {regs.group(1) if regs else '?'}, spill stores {spills.group(1) if spills else '?'} B, "
           f"shared {kernel.metadata.shared} B")
     print(f"pipelined load buffers {buffers or 'none'}, async_wait depths {waits or 'none'}")
+    if args.by_line:
+        report_token_loop(kernel.asm["ptx"], args.by_line)
     print(f"TTGIR and PTX in {args.out_dir}")
+
+
+def token_loop(ptx: str) -> list:
+    """The PTX lines of stage 1's token loop: from LLVM's loop-header label to its back branch."""
+    lines = ptx.splitlines()
+    head = next(i for i, l in enumerate(lines) if "Inner Loop Header" in l)
+    label = lines[head].split(":")[0].strip()
+    back = next(i for i in range(len(lines) - 1, head, -1) if re.search(rf"bra(\.uni)?\s+{re.escape(label)};", lines[i]))
+    return lines[head:back + 1]
+
+
+def instructions_by_source(loop: list) -> tuple:
+    """(opcode counts, counts per source location) of a PTX fragment; a location is the `.loc`
+    comment's text, inlined call sites included (e.g. "format_jit.py:171:83 @[ decode.py:139:53 ]")."""
+    opcodes, sources, where = {}, {}, "?"
+    for line in loop:
+        text = line.strip()
+        if text.startswith(".loc"):
+            where = text.split("//", 1)[1].strip() if "//" in text else where
+            continue
+        if not text or text.startswith(("//", "$", "{", "}", ".reg")):
+            continue
+        op = re.sub(r"^@!?%p\d+\s+", "", text).split()[0].rstrip(";")
+        opcodes[op] = opcodes.get(op, 0) + 1
+        sources[where] = sources.get(where, 0) + 1
+    return opcodes, sources
+
+
+def report_token_loop(ptx: str, top: int) -> None:
+    opcodes, sources = instructions_by_source(token_loop(ptx))
+    total = sum(opcodes.values())
+    print(f"token loop: {total} PTX instructions per tile per thread; "
+          + ", ".join(f"{k} {v}" for k, v in sorted(opcodes.items(), key=lambda kv: -kv[1])[:top]))
+    for where, n in sorted(sources.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {n:5d}  {where}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""kernel_report's token-loop instruction count, on a hand-written PTX fragment."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import kernel_report  # noqa: E402
+
+PTX = """
+	mov.b32 	%r1, 0;
+$L__BB0_2:                              // =>This Inner Loop Header: Depth=1
+	.loc	1 120 33                        // decode.py:120:33
+	ld.shared.b8 	%rs1, [%r2];
+	ld.shared.b8 	%rs2, [%r2+64];
+	.loc	2 179 83                        // format_jit.py:179:83 @[ decode.py:140:53 ]
+	// begin inline asm
+	{
+	.reg .b32 z;
+	prmt.b32 	%r3, %r4, %r5, 16704;
+	}
+	// end inline asm
+	@%p7 bra 	$L__BB0_9;
+$L__BB0_9:
+	@!%p3 mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 	{%f1}, {%r1}, {%r2}, {%f1};
+	setp.lt.s32 	%p42, %r9, %r10;
+	@%p42 bra 	$L__BB0_2;
+	ret;
+"""
+
+
+def test_token_loop_counts_instructions_by_opcode_and_source_line():
+    loop = kernel_report.token_loop(PTX)
+    assert "Inner Loop Header" in loop[0] and loop[-1].strip() == "@%p42 bra \t$L__BB0_2;"
+    opcodes, sources = kernel_report.instructions_by_source(loop)
+    assert opcodes == {"ld.shared.b8": 2, "prmt.b32": 1, "bra": 2,
+                       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32": 1, "setp.lt.s32": 1}
+    assert sources == {"decode.py:120:33": 2, "format_jit.py:179:83 @[ decode.py:140:53 ]": 5}
