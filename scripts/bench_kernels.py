@@ -358,9 +358,10 @@ def main():
     layouts = [("int4", None, fmt.Int4Format(D))] + [
         ("int4-bdr", int(b), fmt.Int4Format(D, int(b))) for b in args.bdr_blocks.split(",")]
     try:
-        import flashinfer  # noqa: F401
+        import flashinfer
 
         have_fi = True
+        result["flashinfer"] = getattr(flashinfer, "__version__", "unknown")  # behind the BF16 rows
     except ImportError as e:
         print(f"FlashInfer unavailable ({e}); BF16 rows skipped", flush=True)
         have_fi = False
