@@ -122,7 +122,8 @@ def token_loop(ptx: str) -> list:
     lines = ptx.splitlines()
     head = next(i for i, l in enumerate(lines) if "Inner Loop Header" in l)
     label = lines[head].split(":")[0].strip()
-    back = next(i for i in range(len(lines) - 1, head, -1) if re.search(rf"bra(\.uni)?\s+{re.escape(label)};", lines[i]))
+    branch = re.compile(rf"bra(\.uni)?\s+{re.escape(label)};")
+    back = next(i for i in range(len(lines) - 1, head, -1) if branch.search(lines[i]))
     return lines[head:back + 1]
 
 
