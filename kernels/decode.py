@@ -8,11 +8,17 @@ query heads of one KV head to a contiguous slice of the request's tokens:
 * keys are never dequantized to a [N, D] float tile: with k = s * c + o,
   q'.k = s * (q'.c) + o * sum(q'), so the tensor cores multiply q' by the raw
   4-bit codes (exact in bf16/fp16) and the scale/offset are applied per token;
-* values likewise: sum_n p_n (s_n c_n + o_n) = (p * s) @ c + (p . o); their codes are
-  unpacked in the row-major order they were loaded in (``biased_codes``' KEEP_LAYOUT),
-  because the p @ c product reduces over tokens, not over the stored channel order;
-* sum(p) and the value offset term are accumulated per score column and reduced once after
-  the loop, instead of a cross-warp row reduction per tile;
+* values likewise: sum_n p_n (s_n c_n + o_n) = (p * s) @ c + (p . o);
+* pages are read as 16-bit words (``format.packed_words``), which ``biased_code_quads``
+  turns into four nibble planes (channels 2j, 2j + 1, H + 2j, H + 2j + 1, H = D / 2):
+  Triton then loads them from shared memory straight into the tensor cores' operand
+  registers with ldmatrix, for keys (reduced over channels) and values (over tokens)
+  alike, and every dot runs per plane.  q is split into the same planes in the prologue
+  and the output planes are interleaved back in the epilogue.  At head_dim 64 a value
+  plane (16 channels) is narrower than 4 warps' tensor-core tiles, which would then
+  repeat its unpacking; there values are read as bytes (``biased_codes``, KEEP_LAYOUT);
+* sum(p) and the value offset term are accumulated per score column and reduced once
+  after the loop, instead of a cross-warp row reduction per tile;
 * the codes reach the tensor cores as bias + c (bias 128 in bf16, 1024 in fp16: one
   bit operation per code, see ``biased_codes``); the bias is removed once per token
   through the offset terms, computed from the same rounded operands the tensor cores
@@ -32,6 +38,7 @@ import triton.language as tl
 from sglang_sawint4 import format as fmt
 from sglang_sawint4.kernels.launch import check_layer_buffers, row_head_args, use_ptx
 from sglang_sawint4.kernels.format_jit import (
+    biased_code_quads,
     biased_codes,
     code_bias,
     hadamard_tile,
@@ -40,16 +47,18 @@ from sglang_sawint4.kernels.format_jit import (
     rotation_norm,
 )
 
-# Stage-1 tiling: the best of scripts/bench_kernels.py's sweep on an H100 (bench/results/kernels.json;
-# 3 and 4 stages within 0.1% there).
+# Stage-1 tiling: the best of scripts/bench_kernels.py's sweep (on an H100 for v4/v5, kept
+# through v6 and v7 on an H200: bench/logs/decode_ab_vlayout_tiling_h200.json).
 BLOCK_N = 128
 NUM_STAGES = 3
-# Stage-1 register cap per head_dim.  At head_dim 128 the compiler takes 168 registers per
-# thread, which fits 3 programs of 4 warps on an SM; capped at 128 (no spills, checked with
-# scripts/kernel_report.py) 4 fit, and on an H100 decode ran 6-8% faster at batch >= 64 (the
-# A/B is in docs/design-notes.md).  head_dim 64 takes 164 since values are unpacked row-major
-# (v6) and 128 without spills; head_dim 256 takes 255 and would spill 808 bytes at 128, so it
-# keeps the compiler's choice.  kernels/splits.py sizes splits by the programs this leaves per SM.
+# Stage-1 register cap per head_dim (v7, scripts/kernel_report.py).  head_dim 128 takes 137
+# registers uncapped, which fits 3 programs of 4 warps on an SM; at 128 (no spills) 4 fit,
+# which on an H100 ran 6-8% faster at batch >= 64 (v4's A/B, docs/design-notes.md).
+# head_dim 64 takes 127.  head_dim 256 takes 211 (2 programs per SM); capped at 168 (no
+# spills, 3 per SM) it ran 10-13% faster at batch >= 128 but 1-23% slower at batch 32-64 on an
+# H200, where 256-512 programs leave some SMs 3 and others none
+# (bench/logs/decode_ab_v7_vs_v6_hd256_h200.json), so it keeps the compiler's choice.
+# kernels/splits.py sizes splits by the programs this leaves per SM.
 MAXNREG = {64: 128, 128: 128}
 # Query-head rows per stage-1 program: the GQA group rounded up to a power of two, at least
 # MIN_BLOCK_H.  Triton pads tiles under 16 rows to the tensor cores' 16 itself; telling it
@@ -63,15 +72,22 @@ UNROTATE_CHUNK = 32
 
 
 @triton.jit
+def _interleave(even, odd):
+    """[R, C] even and odd columns -> [R, 2C] (column 2j from even[:, j], 2j + 1 from odd[:, j])."""
+    return tl.reshape(tl.join(even, odd), [even.shape[0], 2 * even.shape[1]])
+
+
+@triton.jit
 def _decode_stage1(
     q_ptr, stride_qb, stride_qh,
-    kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh,
+    kw_ptr, kw_st, kw_sh, km_ptr, km_st, km_sh,
     vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh,
     kv_indptr, kv_indices, num_kv_splits,
     logits_ptr, st_lb, st_lh, st_ls, lse_ptr, st_eb, st_eh,
     sm_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
     HALF: tl.constexpr, ROTATE_K: tl.constexpr, BLOCK_ROT: tl.constexpr, USE_PTX: tl.constexpr,
+    V_WORDS: tl.constexpr,
 ):
     # KV head is the fastest grid axis: the programs of one token block's heads run
     # together and read the same token rows (kv_heads x 68 B at d=128) at about the
@@ -88,10 +104,12 @@ def _decode_stage1(
     split_end = tl.minimum(split_start + per_split, seq_len)
 
     if split_end > split_start:
+        QUART: tl.constexpr = HALF // 2
         offs_h = tl.arange(0, BLOCK_H)
         mask_h = offs_h < GROUP
         heads = kv_head * GROUP + offs_h
         half = tl.arange(0, HALF)
+        quart = tl.arange(0, QUART)
         q_base = q_ptr + b * stride_qb + heads[:, None] * stride_qh
         q_lo = tl.load(q_base + half[None, :], mask=mask_h[:, None], other=0.0)
         q_hi = tl.load(q_base + HALF + half[None, :], mask=mask_h[:, None], other=0.0)
@@ -105,10 +123,19 @@ def _decode_stage1(
         q_hi_c = q_hi.to(dot_dtype)
         # sum of the rounded q the tensor cores multiply: the key bias cancels exactly
         q_sum = tl.sum(q_lo_c.to(tl.float32), axis=1) + tl.sum(q_hi_c.to(tl.float32), axis=1)
+        # q in the key planes' channel order (biased_code_quads)
+        q_even, q_odd = tl.split(tl.reshape(q_lo_c, [BLOCK_H, QUART, 2]))
+        q_high_even, q_high_odd = tl.split(tl.reshape(q_hi_c, [BLOCK_H, QUART, 2]))
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-        acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
-        acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+        if V_WORDS:
+            acc_even = tl.zeros([BLOCK_H, QUART], dtype=tl.float32)
+            acc_odd = tl.zeros([BLOCK_H, QUART], dtype=tl.float32)
+            acc_high_even = tl.zeros([BLOCK_H, QUART], dtype=tl.float32)
+            acc_high_odd = tl.zeros([BLOCK_H, QUART], dtype=tl.float32)
+        else:
+            acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+            acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
         # sum(p) and the V offset term accumulate per score column and are reduced once
         # after the loop: a row reduction crosses the warps (3 barriers per tile each)
         off_cols = tl.zeros([BLOCK_H, BLOCK], dtype=tl.float32)
@@ -119,12 +146,14 @@ def _decode_stage1(
             mask_n = offs_n < split_end
             loc = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
 
-            kp = tl.load(kd_ptr + loc[:, None] * kd_st + kv_head * kd_sh + half[None, :],
+            kw = tl.load(kw_ptr + loc[:, None] * kw_st + kv_head * kw_sh + quart[None, :],
                          mask=mask_n[:, None], other=0)
             k_scale, k_off = load_meta(km_ptr + loc * km_st + kv_head * km_sh, mask_n)
-            k_lo, k_hi = biased_codes(kp, dot_dtype, USE_PTX)
-            qc = tl.dot(q_lo_c, tl.trans(k_lo), out_dtype=tl.float32)
-            qc += tl.dot(q_hi_c, tl.trans(k_hi), out_dtype=tl.float32)
+            k_even, k_odd, k_high_even, k_high_odd = biased_code_quads(kw, dot_dtype, USE_PTX)
+            qc = tl.dot(q_even, tl.trans(k_even), out_dtype=tl.float32)
+            qc += tl.dot(q_odd, tl.trans(k_odd), out_dtype=tl.float32)
+            qc += tl.dot(q_high_even, tl.trans(k_high_even), out_dtype=tl.float32)
+            qc += tl.dot(q_high_odd, tl.trans(k_high_odd), out_dtype=tl.float32)
             # q.(s (c + bias) + o - bias s) = s q.(c + bias) + (o - bias s) sum(q)
             s = (qc * k_scale[None, :] + q_sum[:, None] * (k_off - bias * k_scale)[None, :]) * sm_scale
             s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -133,20 +162,35 @@ def _decode_stage1(
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
 
-            vp = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + half[None, :],
-                         mask=mask_n[:, None], other=0)
+            if V_WORDS:
+                vw = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + quart[None, :],
+                             mask=mask_n[:, None], other=0)
+            else:
+                vp = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + half[None, :],
+                             mask=mask_n[:, None], other=0)
             v_scale, v_off = load_meta(vm_ptr + loc * vm_st + kv_head * vm_sh, mask_n)
-            # values are the B operand of a dot over tokens: unpack row-major (see biased_codes)
-            v_lo, v_hi = biased_codes(vp, dot_dtype, USE_PTX, KEEP_LAYOUT=True)
-            ps = (p * v_scale[None, :]).to(dot_dtype)
-            acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, v_lo, out_dtype=tl.float32)
-            acc_hi = acc_hi * alpha[:, None] + tl.dot(ps, v_hi, out_dtype=tl.float32)
+            if V_WORDS:
+                v_even, v_odd, v_high_even, v_high_odd = biased_code_quads(vw, dot_dtype, USE_PTX)
+                ps = (p * v_scale[None, :]).to(dot_dtype)
+                acc_even = acc_even * alpha[:, None] + tl.dot(ps, v_even, out_dtype=tl.float32)
+                acc_odd = acc_odd * alpha[:, None] + tl.dot(ps, v_odd, out_dtype=tl.float32)
+                acc_high_even = acc_high_even * alpha[:, None] + tl.dot(ps, v_high_even, out_dtype=tl.float32)
+                acc_high_odd = acc_high_odd * alpha[:, None] + tl.dot(ps, v_high_odd, out_dtype=tl.float32)
+            else:
+                # the p @ c product reduces over tokens: unpack row-major (see biased_codes)
+                v_lo, v_hi = biased_codes(vp, dot_dtype, USE_PTX, KEEP_LAYOUT=True)
+                ps = (p * v_scale[None, :]).to(dot_dtype)
+                acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, v_lo, out_dtype=tl.float32)
+                acc_hi = acc_hi * alpha[:, None] + tl.dot(ps, v_hi, out_dtype=tl.float32)
             # sum_n ps_n (c_n + bias) - bias sum_n ps_n, with the rounded ps of the dot
             off_cols = off_cols * alpha[:, None] + p * v_off[None, :] - bias * ps.to(tl.float32)
             l_cols = l_cols * alpha[:, None] + p
             m_i = m_new
         acc_off = tl.sum(off_cols, axis=1)
         l_i = tl.sum(l_cols, axis=1)
+        if V_WORDS:
+            acc_lo = _interleave(acc_even, acc_odd)
+            acc_hi = _interleave(acc_high_even, acc_high_odd)
 
         out_base = logits_ptr + b * st_lb + heads[:, None] * st_lh + split * st_ls
         tl.store(out_base + half[None, :], (acc_lo + acc_off[:, None]) / l_i[:, None], mask=mask_h[:, None])
@@ -267,14 +311,16 @@ def int4_decode_attention(
         raise ValueError(f"block_h {block_h} must be a power of two >= the GQA group {group}")
     # (scale, offset) fp16 pairs are read as one 32-bit word per token (load_meta)
     km32, vm32 = meta_words(k_meta), meta_words(v_meta)
+    v_words = value_words(d, num_warps)
     _decode_stage1[(num_kv_heads, batch, max_kv_splits)](
-        *row_head_args(q, k_data, km32, v_data, vm32), kv_indptr, kv_indices, num_kv_splits,
+        *row_head_args(q, fmt.packed_words(k_data), km32, fmt.packed_words(v_data) if v_words else v_data, vm32),
+        kv_indptr, kv_indices, num_kv_splits,
         attn_logits, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
         attn_lse, attn_lse.stride(0), attn_lse.stride(1),
         sm_scale,
         GROUP=group, BLOCK_H=block_h, BLOCK=block_n, HALF=d // 2,
         ROTATE_K=layout.rotate_k, BLOCK_ROT=layout.block_size or 1,
-        USE_PTX=use_ptx(_decode_stage1, q.device),
+        USE_PTX=use_ptx(_decode_stage1, q.device), V_WORDS=v_words,
         num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
     )
     _decode_stage2[(batch, num_q_heads)](
@@ -292,6 +338,15 @@ def int4_decode_attention(
 def default_block_h(group: int) -> int:
     """Stage-1 query-head rows for a GQA group of ``group`` query heads per KV head."""
     return max(MIN_BLOCK_H, triton.next_power_of_2(group))
+
+
+def value_words(head_dim: int, num_warps: int) -> bool:
+    """Whether stage 1 reads values as 16-bit words (four planes of head_dim / 4 channels).
+
+    Only when a plane spans every warp's 8-column tensor-core tile: narrower planes
+    (head_dim 64 at 4 warps) would make warps repeat each other's unpacking.
+    """
+    return head_dim // 4 >= 8 * num_warps
 
 
 def meta_words(meta: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,12 @@ Triton compiles for a target (default sm_90, the H100/H200) on any machine; ptxa
 with Triton) then gives registers and spills.  The argument specializations are those of the
 served buffers (16-byte aligned pointers, strides divisible by 16, the meta tensors' head
 stride 1), so the numbers match the GPU's: for the v4 kernel without the register cap it
-reported 168 registers and 26,112 bytes of shared memory, as ncu did on the H200; the v6 kernel
-at the default tiling: 168 registers uncapped (--maxnreg 0), 128 and no spills with the
-kernel's cap (decode.MAXNREG), 54,784 bytes of shared memory.  --kernel-file compiles a
-candidate's stage 1 instead (as bench_kernels.py --ab-kernel times it); --by-line N counts the
-token loop's PTX instructions per opcode and per source line (v6: 817 per tile per thread).
+reported 168 registers and 26,112 bytes of shared memory, as ncu did on the H200; the v7 kernel
+at the default tiling and head_dim 128: 137 registers uncapped (--maxnreg 0), 128 and no spills
+with the kernel's cap (decode.MAXNREG), 22,016 bytes of shared memory.  --kernel-file compiles
+a candidate's stage 1 instead (as bench_kernels.py --ab-kernel times it; candidates that read
+keys as bytes name them kd_ptr, as v6 and earlier did); --by-line N counts the token loop's PTX
+instructions per opcode and per source line (per tile per thread: v6 817, v7 733).
 Also reported: the shared-memory buffers of the pipelined loads (1 = no overlap of loads and
 math within a program) and the async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
 """
@@ -28,11 +29,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-POINTERS = {"q_ptr": "*bf16", "kd_ptr": "*u8", "km_ptr": "*i32", "vd_ptr": "*u8", "vm_ptr": "*i32",
-            "kv_indptr": "*i32", "kv_indices": "*i32", "num_kv_splits": "*i32", "logits_ptr": "*fp32",
+POINTERS = {"q_ptr": "*bf16", "kw_ptr": "*i16", "kd_ptr": "*u8", "km_ptr": "*i32", "vd_ptr": "*u8",
+            "vm_ptr": "*i32", "kv_indptr": "*i32", "kv_indices": "*i32", "num_kv_splits": "*i32", "logits_ptr": "*fp32",
             "lse_ptr": "*fp32"}
-DIVISIBLE_BY_16 = {"stride_qb", "stride_qh", "kd_st", "kd_sh", "vd_st", "vd_sh", "st_lb", "st_lh", "st_ls",
-                   "st_eb", "st_eh"}
+DIVISIBLE_BY_16 = {"stride_qb", "stride_qh", "kw_st", "kw_sh", "kd_st", "kd_sh", "vd_st", "vd_sh", "st_lb",
+                   "st_lh", "st_ls", "st_eb", "st_eh"}
 EQUAL_TO_1 = {"km_sh", "vm_sh"}  # [slots, heads] int32 meta words: Triton specializes a 1 into a constant
 
 
@@ -85,6 +86,9 @@ def main():
     constants.update(GROUP=args.group, BLOCK_H=args.block_h or decode.default_block_h(args.group),
                      BLOCK=args.block_n or decode.BLOCK_N, HALF=args.head_dim // 2, ROTATE_K=args.block > 0,
                      BLOCK_ROT=args.block or 1, USE_PTX=True)
+    if "V_WORDS" in params:  # values read as 16-bit words (decode.value_words) or as bytes
+        constants["V_WORDS"] = decode.value_words(args.head_dim, args.num_warps)
+        signature["vd_ptr"] = "*i16" if constants["V_WORDS"] else "*u8"
     if "W" in params:  # candidates that split each tile's tokens over the warps
         constants["W"] = args.num_warps
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(params) if n in POINTERS or n in DIVISIBLE_BY_16}

@@ -248,6 +248,19 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([lo, hi], dim=-1)
 
 
+def packed_words(data: torch.Tensor) -> torch.Tensor:
+    """[..., d // 2] uint8 packed data -> [..., d // 4] int16 view of the same bytes.
+
+    Word j holds bytes 2j (low half, on the little-endian GPUs and CPUs torch runs on)
+    and 2j + 1: the codes of channels 2j, 2j + 1 (low nibbles) and d/2 + 2j, d/2 + 2j + 1
+    (high nibbles).  Kernels read pages this way (``format_jit.biased_code_quads``).
+    """
+    if data.dtype != DATA_DTYPE or data.shape[-1] % 2 or data.stride(-1) != 1:
+        raise FormatError(f"packed data must be uint8, contiguous in an even last axis; got {tuple(data.shape)} "
+                          f"{data.dtype} with strides {data.stride()}")
+    return data.view(torch.int16)
+
+
 def encode(x: torch.Tensor, fmt: Int4Format, is_value: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate (per ``fmt``), quantize and pack one K or V tensor.
 

@@ -6,7 +6,15 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.format_jit import biased_codes, code_bias, hadamard_tile, pack_nibbles, unpack_hi, unpack_lo
+from sglang_sawint4.kernels.format_jit import (
+    biased_code_quads,
+    biased_codes,
+    code_bias,
+    hadamard_tile,
+    pack_nibbles,
+    unpack_hi,
+    unpack_lo,
+)
 from sglang_sawint4.kernels.launch import use_ptx
 
 
@@ -71,3 +79,40 @@ def test_biased_codes_are_bias_plus_code(dtype, ptx, keep_layout, rng, device):
     expected_bias = {torch.bfloat16: 128.0, torch.float16: 1024.0, torch.float32: 0.0}[dtype]
     assert bias.item() == expected_bias
     assert torch.equal(torch.cat([lo, hi], -1).cpu().double() - expected_bias, codes.double())
+
+
+@triton.jit
+def _biased_code_quads_kernel(words_ptr, out_ptr, N: tl.constexpr, W: tl.constexpr, USE_PTX: tl.constexpr):
+    rows = tl.arange(0, N)[:, None]
+    cols = tl.arange(0, W)[None, :]
+    planes = biased_code_quads(tl.load(words_ptr + rows * W + cols), out_ptr.dtype.element_ty, USE_PTX)
+    for i in tl.static_range(4):
+        tl.store(out_ptr + i * N * W + rows * W + cols, planes[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("ptx", [False, True], ids=["portable", "ptx"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_biased_code_quads_are_the_channel_planes(dtype, ptx, d, rng, device):
+    if ptx and not use_ptx(_biased_code_quads_kernel, torch.device(device)):
+        pytest.skip("inline PTX runs only in compiled kernels on NVIDIA GPUs")
+    if ptx and dtype == torch.float32:
+        pytest.skip("no PTX path for float32 operands")
+    n, half = 16, d // 2
+    codes = torch.randint(0, 16, (n, d), generator=rng, dtype=torch.uint8)
+    words = fmt.packed_words(fmt.pack(codes)).to(device)
+    out = torch.empty((4, n, d // 4), dtype=dtype, device=device)
+    _biased_code_quads_kernel[(1,)](words, out, N=n, W=d // 4, USE_PTX=ptx)
+    even = torch.arange(0, half, 2)
+    expected = torch.stack([codes[:, even], codes[:, even + 1], codes[:, half + even], codes[:, half + even + 1]])
+    bias = {torch.bfloat16: 128.0, torch.float16: 1024.0, torch.float32: 0.0}[dtype]
+    assert torch.equal(out.cpu().double() - bias, expected.double())
+
+
+def test_packed_words_refuses_what_it_cannot_view():
+    with pytest.raises(fmt.FormatError, match="uint8"):
+        fmt.packed_words(torch.zeros(4, 2, 32, dtype=torch.int16))
+    with pytest.raises(fmt.FormatError, match="even"):
+        fmt.packed_words(torch.zeros(4, 2, 33, dtype=torch.uint8))
+    with pytest.raises(fmt.FormatError, match="contiguous"):
+        fmt.packed_words(torch.zeros(4, 32, 2, dtype=torch.uint8).transpose(1, 2))
