@@ -19,6 +19,12 @@ query heads of one KV head to a contiguous slice of the request's tokens:
   repeat its unpacking; there values are read as bytes (``biased_codes``, KEEP_LAYOUT);
 * sum(p) and the value offset term are accumulated per score column and reduced once
   after the loop, instead of a cross-warp row reduction per tile;
+* each tile's p @ c product starts from zero and is added to the running accumulator in
+  registers (tl.fma, which Triton does not fold into the dot): the accumulators carry
+  bias * sum(p * scale), far above the output when values have a near-zero mean, and the
+  tensor cores' fp32 sums truncate, so accumulating across tiles inside them drifted with
+  the split length (5% relative error at 32k tokens in one split, 35% at 128k; now bf16
+  rounding's, tests/test_kernels.py::test_decode_long_splits_stay_at_bf16_error);
 * the codes reach the tensor cores as bias + c (bias 128 in bf16, 1024 in fp16: one
   bit operation per code, see ``biased_codes``); the bias is removed once per token
   through the offset terms, computed from the same rounded operands the tensor cores
@@ -172,16 +178,16 @@ def _decode_stage1(
             if V_WORDS:
                 v_even, v_odd, v_high_even, v_high_odd = biased_code_quads(vw, dot_dtype, USE_PTX)
                 ps = (p * v_scale[None, :]).to(dot_dtype)
-                acc_even = acc_even * alpha[:, None] + tl.dot(ps, v_even, out_dtype=tl.float32)
-                acc_odd = acc_odd * alpha[:, None] + tl.dot(ps, v_odd, out_dtype=tl.float32)
-                acc_high_even = acc_high_even * alpha[:, None] + tl.dot(ps, v_high_even, out_dtype=tl.float32)
-                acc_high_odd = acc_high_odd * alpha[:, None] + tl.dot(ps, v_high_odd, out_dtype=tl.float32)
+                acc_even = tl.fma(acc_even, alpha[:, None], tl.dot(ps, v_even, out_dtype=tl.float32))
+                acc_odd = tl.fma(acc_odd, alpha[:, None], tl.dot(ps, v_odd, out_dtype=tl.float32))
+                acc_high_even = tl.fma(acc_high_even, alpha[:, None], tl.dot(ps, v_high_even, out_dtype=tl.float32))
+                acc_high_odd = tl.fma(acc_high_odd, alpha[:, None], tl.dot(ps, v_high_odd, out_dtype=tl.float32))
             else:
                 # the p @ c product reduces over tokens: unpack row-major (see biased_codes)
                 v_lo, v_hi = biased_codes(vp, dot_dtype, USE_PTX, KEEP_LAYOUT=True)
                 ps = (p * v_scale[None, :]).to(dot_dtype)
-                acc_lo = acc_lo * alpha[:, None] + tl.dot(ps, v_lo, out_dtype=tl.float32)
-                acc_hi = acc_hi * alpha[:, None] + tl.dot(ps, v_hi, out_dtype=tl.float32)
+                acc_lo = tl.fma(acc_lo, alpha[:, None], tl.dot(ps, v_lo, out_dtype=tl.float32))
+                acc_hi = tl.fma(acc_hi, alpha[:, None], tl.dot(ps, v_hi, out_dtype=tl.float32))
             # sum_n ps_n (c_n + bias) - bias sum_n ps_n, with the rounded ps of the dot
             off_cols = off_cols * alpha[:, None] + p * v_off[None, :] - bias * ps.to(tl.float32)
             l_cols = l_cols * alpha[:, None] + p
