@@ -21,10 +21,11 @@ query heads of one KV head to a contiguous slice of the request's tokens:
   after the loop, instead of a cross-warp row reduction per tile;
 * each tile's p @ c product starts from zero and is added to the running accumulator in
   registers (tl.fma, which Triton does not fold into the dot): the accumulators carry
-  bias * sum(p * scale), far above the output when values have a near-zero mean, and the
-  tensor cores' fp32 sums truncate, so accumulating across tiles inside them drifted with
-  the split length (5% relative error at 32k tokens in one split, 35% at 128k; now bf16
-  rounding's, tests/test_kernels.py::test_decode_long_splits_stay_at_bf16_error);
+  bias * sum(p * scale), far above the output when values have a near-zero mean, and
+  accumulated across tiles inside the tensor cores (whose fp32 additions are not IEEE
+  round-to-nearest) they drifted linearly with the split length: 5% relative error at 32k
+  tokens in one split, 35% at 128k on an H200 (scripts/decode_long_context_error.py); now
+  bf16 rounding's (tests/test_kernels.py::test_decode_long_splits_stay_at_bf16_error);
 * the codes reach the tensor cores as bias + c (bias 128 in bf16, 1024 in fp16: one
   bit operation per code, see ``biased_codes``); the bias is removed once per token
   through the offset terms, computed from the same rounded operands the tensor cores

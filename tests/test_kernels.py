@@ -190,8 +190,8 @@ def test_decode_tiling_variants_match_reference(block_n, block_h, num_warps, rng
 def test_decode_long_splits_stay_at_bf16_error(splits, device):
     """32k tokens in 1 or 8 splits, values of near-zero mean (offset ~ -7.5 scale): the
     value accumulators carry code_bias * sum(p * scale), far above the output.  Accumulated
-    inside the tensor cores (whose fp32 sums truncate) across 256 tiles, that drifted to a 5%
-    error at 1 split (35% at 128k); added in registers per tile, the error is bf16 rounding's."""
+    inside the tensor cores across 256 tiles, that drifted to a 5% error at 1 split (35% at
+    128k); added in registers per tile, the error is bf16 rounding's."""
     torch.manual_seed(0)
     layout, ctx, heads, group, d = fmt.Int4Format(128, 128), 32768, 2, 4, 128
     kd, km = fmt.allocate_layer(ctx, heads, d, device)
