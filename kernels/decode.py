@@ -61,10 +61,11 @@ NUM_STAGES = 3
 # Stage-1 register cap per head_dim (v7, scripts/kernel_report.py).  head_dim 128 takes 137
 # registers uncapped, which fits 3 programs of 4 warps on an SM; at 128 (no spills) 4 fit,
 # which on an H100 ran 6-8% faster at batch >= 64 (v4's A/B, docs/design-notes.md).
-# head_dim 64 takes 127.  head_dim 256 takes 211 (2 programs per SM); capped at 168 (no
-# spills, 3 per SM) it ran 10-13% faster at batch >= 128 but 1-23% slower at batch 32-64 on an
-# H200, where 256-512 programs leave some SMs 3 and others none
-# (bench/logs/decode_ab_v7_vs_v6_hd256_h200.json), so it keeps the compiler's choice.
+# head_dim 64 takes 128.  head_dim 256 takes 187 (2 programs per SM; 211 before values were
+# accumulated per tile); capped at 168 (no spills, 3 per SM) that version ran 10-13% faster at
+# batch >= 128 but 1-23% slower at batch 32-64 on an H200, where 256-512 programs leave some SMs
+# 3 and others none (bench/logs/decode_ab_v7_vs_v6_hd256_h200.json), so it keeps the
+# compiler's choice.
 # kernels/splits.py sizes splits by the programs this leaves per SM.
 MAXNREG = {64: 128, 128: 128}
 # Query-head rows per stage-1 program: the GQA group rounded up to a power of two, at least

@@ -23,7 +23,7 @@ import triton.language as tl
 
 # Stage-1 programs an SM holds at once, per head_dim: 65,536 registers / (registers per
 # thread x 128 threads), and the shared memory per program (scripts/kernel_report.py, v7:
-# 128 registers and 29 KB / 22 KB at head_dim 64 / 128 with decode.MAXNREG; 211 registers
+# 128 registers and 29 KB / 22 KB at head_dim 64 / 128 with decode.MAXNREG; 187 registers
 # and 40 KB at 256).  Other head_dims: 2.
 RESIDENT_PROGRAMS_PER_SM = {64: 4, 128: 4, 256: 2}
 # Fewest tokens a split is given (two 128-token tiles): shorter splits cost more in

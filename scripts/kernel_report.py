@@ -13,7 +13,7 @@ at the default tiling and head_dim 128: 137 registers uncapped (--maxnreg 0), 12
 with the kernel's cap (decode.MAXNREG), 22,016 bytes of shared memory.  --kernel-file compiles
 a candidate's stage 1 instead (as bench_kernels.py --ab-kernel times it; candidates that read
 keys as bytes name them kd_ptr, as v6 and earlier did); --by-line N counts the token loop's PTX
-instructions per opcode and per source line (per tile per thread: v6 817, v7 733).
+instructions per opcode and per source line (per tile per thread: v6 817, v7 749).
 Also reported: the shared-memory buffers of the pipelined loads (1 = no overlap of loads and
 math within a program) and the async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
 """
