@@ -135,6 +135,19 @@ def code_bias(DTYPE: tl.constexpr):
         return 0.0
 
 
+@triton.jit
+def _bias_plus(codes, DTYPE: tl.constexpr):
+    """Integer codes in [0, 15] -> code_bias(DTYPE) + codes in DTYPE, built as the PTX paths
+    build them: the code OR-ed into the mantissa of the bias (bf16 0x4300 = 128, fp16
+    0x6400 = 1024); float32 has no bias."""
+    if DTYPE == tl.bfloat16:
+        return (codes.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+    elif DTYPE == tl.float16:
+        return (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        return codes.to(DTYPE)
+
+
 # PTX for biased_codes' fast path: 4 packed bytes in, 8 codes out as bias + code
 # (bf16x2 / f16x2 words).  prmt spreads bytes b0,b1 (b2,b3) into the low bytes of the
 # two half-words; one lop3 then keeps a nibble and ORs in the bias exponent: about
@@ -181,15 +194,9 @@ def biased_codes(packed, DTYPE: tl.constexpr, USE_PTX: tl.constexpr, KEEP_LAYOUT
     elif USE_PTX and DTYPE == tl.float16:
         lo, hi = tl.inline_asm_elementwise(BIASED_CODES_PTX_FP16, "=r,=r,=r,=r,r", [packed],
                                            dtype=(tl.float16, tl.float16), is_pure=not KEEP_LAYOUT, pack=4)
-    elif DTYPE == tl.bfloat16:
-        lo = (unpack_lo(packed).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        hi = (unpack_hi(packed).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-    elif DTYPE == tl.float16:
-        lo = (unpack_lo(packed).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-        hi = (unpack_hi(packed).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
     else:
-        lo = unpack_lo(packed).to(DTYPE)
-        hi = unpack_hi(packed).to(DTYPE)
+        lo = _bias_plus(unpack_lo(packed), DTYPE)
+        hi = _bias_plus(unpack_hi(packed), DTYPE)
     return lo, hi
 
 
@@ -216,13 +223,7 @@ BIASED_CODE_QUADS_PTX_FP16 = tl.constexpr(_BIASED_CODE_QUADS_PTX.replace("BIAS",
 @triton.jit
 def _nibble_codes(words, SHIFT: tl.constexpr, DTYPE: tl.constexpr):
     """Portable path of biased_code_quads: one nibble of each 16-bit word as bias + code."""
-    c = (words.to(tl.uint16, bitcast=True) >> SHIFT) & 0xF
-    if DTYPE == tl.bfloat16:
-        return (c | 0x4300).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    elif DTYPE == tl.float16:
-        return (c | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
-    else:
-        return c.to(DTYPE)
+    return _bias_plus((words.to(tl.uint16, bitcast=True) >> SHIFT) & 0xF, DTYPE)
 
 
 @triton.jit

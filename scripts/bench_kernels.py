@@ -401,7 +401,7 @@ def main():
         # every method of a shape timed in turn, --rounds times: a slow spell of the GPU then
         # lands on one round of each, not on one method's whole measurement
         made = [(method, block, *make()) for method, block, make in cases]
-        times = {method_block: [] for method_block in ((m, b) for m, b, _, _ in made)}
+        times = {(method, block): [] for method, block, _, _ in made}
         for _ in range(args.rounds):
             for method, block, run, _ in made:
                 times[(method, block)].append(bench(run))
