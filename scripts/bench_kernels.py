@@ -259,14 +259,12 @@ def ab_decode(args, rounds=3):
     """A/B of decode kernels against the installed one: a candidate file's int4_decode_attention
     and/or launch-option variants of the installed one; same process, alternating the kernels
     ``rounds`` times per shape (drift hits all alike)."""
-    import importlib.util
+    from kernel_report import load_decode_candidate
 
     kernels = {"installed": (int4_decode_attention, {}, None)}
     for text in filter(None, (args.ab_kernel or "").split(";")):
         path, _, options = text.partition(":")
-        spec = importlib.util.spec_from_file_location("decode_candidate", path)
-        candidate = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(candidate)
+        candidate = load_decode_candidate(path)
         cfg, waves = parse_variant(options)
         name = os.path.splitext(os.path.basename(path))[0] + (f":{options}" if options else "")
         kernels[name] = (candidate.int4_decode_attention, cfg, waves)

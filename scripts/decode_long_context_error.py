@@ -11,7 +11,6 @@ candidate files' (as bench_kernels.py --ab-kernel loads them), and of torch atte
 fp32 over bf16-rounded K/V (the rounding floor).
 """
 
-import importlib.util
 import os
 import sys
 
@@ -20,15 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sglang_sawint4 import format as fmt  # noqa: E402
 from sglang_sawint4.kernels.decode import int4_decode_attention  # noqa: E402
+from kernel_report import load_decode_candidate  # noqa: E402  (scripts/, this file's folder)
 
 HQ, HK, D = 32, 8, 128
-
-
-def load_candidate(path):
-    spec = importlib.util.spec_from_file_location("decode_candidate", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.int4_decode_attention
 
 
 def random_meta(slots):
@@ -50,7 +43,7 @@ def attention(q, k, v, ctx, dtype):
 
 def main():
     kernels = {"package": int4_decode_attention}
-    kernels.update({os.path.basename(p): load_candidate(p) for p in sys.argv[1:]})
+    kernels.update({os.path.basename(p): load_decode_candidate(p).int4_decode_attention for p in sys.argv[1:]})
     torch.manual_seed(0)
     layout = fmt.Int4Format(D, 128)
     print(f"{torch.cuda.get_device_name(0)}; relative error vs float64, s<N> = N splits")

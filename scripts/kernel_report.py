@@ -37,6 +37,17 @@ DIVISIBLE_BY_16 = {"stride_qb", "stride_qh", "kw_st", "kw_sh", "kd_st", "kd_sh",
 EQUAL_TO_1 = {"km_sh", "vm_sh"}  # [slots, heads] int32 meta words: Triton specializes a 1 into a constant
 
 
+def load_decode_candidate(path: str):
+    """A candidate decode kernel file (a modified copy of kernels/decode.py) as a module; also
+    how bench_kernels.py --ab-kernel and decode_long_context_error.py load candidates."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("decode_candidate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--block-n", type=int, default=None)
@@ -63,11 +74,7 @@ def main():
     from triton.compiler import ASTSource
 
     if args.kernel_file:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("decode_candidate", args.kernel_file)
-        decode = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(decode)
+        decode = load_decode_candidate(args.kernel_file)
     else:
         from sglang_sawint4.kernels import decode
 
