@@ -9,16 +9,27 @@ query heads of one KV head to a contiguous slice of the request's tokens:
   q'.k = s * (q'.c) + o * sum(q'), so the tensor cores multiply q' by the raw
   4-bit codes (exact in bf16/fp16) and the scale/offset are applied per token;
 * values likewise: sum_n p_n (s_n c_n + o_n) = (p * s) @ c + (p . o);
+* every product is computed transposed: scores as [tokens, query heads] = K q^T and the
+  output as [channels, query heads] = V^T p, so tokens and channels sit on the tensor
+  cores' M (16 rows) and the GQA group on N (8 columns).  Untransposed, the group (4
+  query heads for most models) filled 4 of 16 rows and each thread held two copies of
+  every score element; now the softmax and its rescaling run on half as many elements;
 * pages are read as 16-bit words (``format.packed_words``), which ``biased_code_quads``
   turns into four nibble planes (channels 2j, 2j + 1, H + 2j, H + 2j + 1, H = D / 2):
-  Triton then loads them from shared memory straight into the tensor cores' operand
-  registers with ldmatrix, for keys (reduced over channels) and values (over tokens)
-  alike, and every dot runs per plane.  q is split into the same planes in the prologue
-  and the output planes are interleaved back in the epilogue.  At head_dim 64 a value
-  plane (16 channels) is narrower than 4 warps' tensor-core tiles, which would then
-  repeat its unpacking; there values are read as bytes (``biased_codes``, KEEP_LAYOUT);
-* sum(p) and the value offset term are accumulated per score column and reduced once
-  after the loop, instead of a cross-warp row reduction per tile;
+  Triton loads the words from shared memory straight into the tensor cores' operand
+  registers with ldmatrix (keys as [tokens, words], values loaded as [words, tokens]
+  with ldmatrix.trans), the unpack runs on those registers in place, and every dot runs
+  per plane.  q is split into the same planes in the prologue and the output planes are
+  interleaved back in the epilogue.  A value plane spans head_dim / 4 rows of M; where
+  that is fewer than the warps' 16-row tiles (head_dim 64 at 2 warps) the warps would
+  repeat each other's unpacking, and values are read as bytes (``biased_codes``);
+* 2 warps per program (64-token tiles): Triton gives all dots of one loop the same warp
+  layout, warps along M here.  A [32 channels, 8] value plane (head_dim 128) spans
+  exactly 2 warps' 16-row tiles; 4 warps would compute it twice.  Twice as many programs
+  fit on an SM (kernels/splits.py);
+* exp2, with sm_scale * log2(e) folded into the per-token score terms;
+* sum(p) and the value offset term are accumulated per score element and reduced over
+  tokens once after the loop, instead of a cross-warp reduction per tile;
 * each tile's p @ c product starts from zero and is added to the running accumulator in
   registers (tl.fma, which Triton does not fold into the dot): the accumulators carry
   bias * sum(p * scale), far above the output when values have a near-zero mean, and
@@ -54,26 +65,21 @@ from sglang_sawint4.kernels.format_jit import (
     rotation_norm,
 )
 
-# Stage-1 tiling: the best of scripts/bench_kernels.py's sweep (on an H100 for v4/v5, kept
-# through v6 and v7 on an H200: bench/logs/decode_ab_vlayout_tiling_h200.json).
-BLOCK_N = 128
+# Stage-1 tiling (v8, transposed products): 64-token tiles, 2 warps, 3 stages.  Interleaved
+# on an H200 against v7 (128 x 4 x 3, untransposed), INT4+BDR-128, with splits for the
+# programs that fit: 18-23% less time at batch 32-256 x 8k-32k (head_dim 128), 10-12% at 64,
+# 26-30% at 256 (bench/logs/decode_ab_v8w2*_h200.json, docs/design-notes.md).
+BLOCK_N = 64
+NUM_WARPS = 2
 NUM_STAGES = 3
-# Stage-1 register cap per head_dim (v7, scripts/kernel_report.py).  head_dim 128 takes 137
-# registers uncapped, which fits 3 programs of 4 warps on an SM; at 128 (no spills) 4 fit,
-# which on an H100 ran 6-8% faster at batch >= 64 (v4's A/B, docs/design-notes.md).
-# head_dim 64 takes 128.  head_dim 256 takes 187 (2 programs per SM; 211 before values were
-# accumulated per tile); capped at 168 (no spills, 3 per SM) that version ran 10-13% faster at
-# batch >= 128 but 1-23% slower at batch 32-64 on an H200, where 256-512 programs leave some SMs
-# 3 and others none (bench/logs/decode_ab_v7_vs_v6_hd256_h200.json), so it keeps the
-# compiler's choice.
-# kernels/splits.py sizes splits by the programs this leaves per SM.
+# Stage-1 register cap per head_dim (scripts/kernel_report.py): head_dim 128 takes 143
+# registers uncapped and 128 with the cap (no spills), so 8 programs of 2 warps fit on an SM
+# instead of 7; head_dim 64 takes 128; head_dim 256 takes 210 (4 programs per SM), uncapped
+# (128 would spill 532 B).  kernels/splits.py sizes splits by the programs this leaves per SM.
 MAXNREG = {64: 128, 128: 128}
-# Query-head rows per stage-1 program: the GQA group rounded up to a power of two, at least
-# MIN_BLOCK_H.  Triton pads tiles under 16 rows to the tensor cores' 16 itself; telling it
-# the real height (8 for a group of 4, instead of 16) cut stage 1's loop by 12% of its
-# instructions and 4 KB of shared memory, and decode ran 5-9% faster on an H100 at batch
-# 32-256 x 8k-32k (bench/logs/decode_ab_blockh*_h100.json); 8 and 4 rows within 3% (8 ahead
-# at 7 of 8 shapes).
+# Query-head columns per stage-1 program (the N of the score and output tiles): the GQA
+# group rounded up to a power of two, at least MIN_BLOCK_H, the tensor cores' 8 columns
+# (Triton pads narrower tiles itself).
 MIN_BLOCK_H = 8
 # Output columns handled per step of the V un-rotation in stage 2.
 UNROTATE_CHUNK = 32
@@ -131,23 +137,28 @@ def _decode_stage1(
         q_hi_c = q_hi.to(dot_dtype)
         # sum of the rounded q the tensor cores multiply: the key bias cancels exactly
         q_sum = tl.sum(q_lo_c.to(tl.float32), axis=1) + tl.sum(q_hi_c.to(tl.float32), axis=1)
-        # q in the key planes' channel order (biased_code_quads)
+        # q in the key planes' channel order (biased_code_quads), as [channels / 4, heads]
+        # operands of the transposed score product
         q_even, q_odd = tl.split(tl.reshape(q_lo_c, [BLOCK_H, QUART, 2]))
         q_high_even, q_high_odd = tl.split(tl.reshape(q_hi_c, [BLOCK_H, QUART, 2]))
+        q_even_t, q_odd_t = tl.trans(q_even), tl.trans(q_odd)
+        q_high_even_t, q_high_odd_t = tl.trans(q_high_even), tl.trans(q_high_odd)
+        # scores in the log2 domain: exp2 needs no multiply per element
+        LOG2E: tl.constexpr = 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        # output accumulators [channels, heads]; sum(p) and the V offset term per [token, head]
         if V_WORDS:
-            acc_even = tl.zeros([BLOCK_H, QUART], dtype=tl.float32)
-            acc_odd = tl.zeros([BLOCK_H, QUART], dtype=tl.float32)
-            acc_high_even = tl.zeros([BLOCK_H, QUART], dtype=tl.float32)
-            acc_high_odd = tl.zeros([BLOCK_H, QUART], dtype=tl.float32)
+            acc_even = tl.zeros([QUART, BLOCK_H], dtype=tl.float32)
+            acc_odd = tl.zeros([QUART, BLOCK_H], dtype=tl.float32)
+            acc_high_even = tl.zeros([QUART, BLOCK_H], dtype=tl.float32)
+            acc_high_odd = tl.zeros([QUART, BLOCK_H], dtype=tl.float32)
         else:
-            acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
-            acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
-        # sum(p) and the V offset term accumulate per score column and are reduced once
-        # after the loop: a row reduction crosses the warps (3 barriers per tile each)
-        off_cols = tl.zeros([BLOCK_H, BLOCK], dtype=tl.float32)
-        l_cols = tl.zeros([BLOCK_H, BLOCK], dtype=tl.float32)
+            acc_lo = tl.zeros([HALF, BLOCK_H], dtype=tl.float32)
+            acc_hi = tl.zeros([HALF, BLOCK_H], dtype=tl.float32)
+        off_cols = tl.zeros([BLOCK, BLOCK_H], dtype=tl.float32)
+        l_cols = tl.zeros([BLOCK, BLOCK_H], dtype=tl.float32)
 
         for start in range(split_start, split_end, BLOCK):
             offs_n = start + tl.arange(0, BLOCK)
@@ -158,55 +169,63 @@ def _decode_stage1(
                          mask=mask_n[:, None], other=0)
             k_scale, k_off = load_meta(km_ptr + loc * km_st + kv_head * km_sh, mask_n)
             k_even, k_odd, k_high_even, k_high_odd = biased_code_quads(kw, dot_dtype, USE_PTX)
-            qc = tl.dot(q_even, tl.trans(k_even), out_dtype=tl.float32)
-            qc += tl.dot(q_odd, tl.trans(k_odd), out_dtype=tl.float32)
-            qc += tl.dot(q_high_even, tl.trans(k_high_even), out_dtype=tl.float32)
-            qc += tl.dot(q_high_odd, tl.trans(k_high_odd), out_dtype=tl.float32)
-            # q.(s (c + bias) + o - bias s) = s q.(c + bias) + (o - bias s) sum(q)
-            s = (qc * k_scale[None, :] + q_sum[:, None] * (k_off - bias * k_scale)[None, :]) * sm_scale
-            s = tl.where(mask_n[None, :], s, float("-inf"))
+            qc = tl.dot(k_even, q_even_t, out_dtype=tl.float32)
+            qc += tl.dot(k_odd, q_odd_t, out_dtype=tl.float32)
+            qc += tl.dot(k_high_even, q_high_even_t, out_dtype=tl.float32)
+            qc += tl.dot(k_high_odd, q_high_odd_t, out_dtype=tl.float32)
+            # q.(s (c + bias) + o - bias s) = s q.(c + bias) + (o - bias s) sum(q), per token
+            k_mul = k_scale * qk_scale
+            k_add = (k_off - bias * k_scale) * qk_scale
+            s = qc * k_mul[:, None] + k_add[:, None] * q_sum[None, :]
+            s = tl.where(mask_n[:, None], s, float("-inf"))
 
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[None, :])
 
-            # value bytes are loaded before the value meta, and both before the unpack: with the
-            # meta first, decode at head_dim 64 took 7-9% longer on an H200 (why was not
+            # value data are loaded before the value meta, and both before the unpack: with the
+            # meta first, v7 at head_dim 64 took 7-9% longer on an H200 (why was not
             # separated), hence two branches on V_WORDS here, not one
             if V_WORDS:
-                vw = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + quart[None, :],
-                             mask=mask_n[:, None], other=0)
+                # loaded as [words, tokens], the operand's own shape: Triton then fills the
+                # operand registers with ldmatrix.trans and the unpack runs on them in place
+                # (loaded as [tokens, words] and transposed after the unpack, the unpacked
+                # planes made a round trip through shared memory)
+                vw = tl.load(vd_ptr + loc[None, :] * vd_st + kv_head * vd_sh + quart[:, None],
+                             mask=mask_n[None, :], other=0)
             else:
                 vp = tl.load(vd_ptr + loc[:, None] * vd_st + kv_head * vd_sh + half[None, :],
                              mask=mask_n[:, None], other=0)
             v_scale, v_off = load_meta(vm_ptr + loc * vm_st + kv_head * vm_sh, mask_n)
+            ps = (p * v_scale[:, None]).to(dot_dtype)
             if V_WORDS:
                 v_even, v_odd, v_high_even, v_high_odd = biased_code_quads(vw, dot_dtype, USE_PTX)
-                ps = (p * v_scale[None, :]).to(dot_dtype)
-                acc_even = tl.fma(acc_even, alpha[:, None], tl.dot(ps, v_even, out_dtype=tl.float32))
-                acc_odd = tl.fma(acc_odd, alpha[:, None], tl.dot(ps, v_odd, out_dtype=tl.float32))
-                acc_high_even = tl.fma(acc_high_even, alpha[:, None], tl.dot(ps, v_high_even, out_dtype=tl.float32))
-                acc_high_odd = tl.fma(acc_high_odd, alpha[:, None], tl.dot(ps, v_high_odd, out_dtype=tl.float32))
+                acc_even = tl.fma(acc_even, alpha[None, :], tl.dot(v_even, ps, out_dtype=tl.float32))
+                acc_odd = tl.fma(acc_odd, alpha[None, :], tl.dot(v_odd, ps, out_dtype=tl.float32))
+                acc_high_even = tl.fma(acc_high_even, alpha[None, :], tl.dot(v_high_even, ps, out_dtype=tl.float32))
+                acc_high_odd = tl.fma(acc_high_odd, alpha[None, :], tl.dot(v_high_odd, ps, out_dtype=tl.float32))
             else:
-                # the p @ c product reduces over tokens: unpack row-major (see biased_codes)
+                # unpacked as loaded, then moved to the operand layout (see biased_codes)
                 v_lo, v_hi = biased_codes(vp, dot_dtype, USE_PTX, KEEP_LAYOUT=True)
-                ps = (p * v_scale[None, :]).to(dot_dtype)
-                acc_lo = tl.fma(acc_lo, alpha[:, None], tl.dot(ps, v_lo, out_dtype=tl.float32))
-                acc_hi = tl.fma(acc_hi, alpha[:, None], tl.dot(ps, v_hi, out_dtype=tl.float32))
+                acc_lo = tl.fma(acc_lo, alpha[None, :], tl.dot(tl.trans(v_lo), ps, out_dtype=tl.float32))
+                acc_hi = tl.fma(acc_hi, alpha[None, :], tl.dot(tl.trans(v_hi), ps, out_dtype=tl.float32))
             # sum_n ps_n (c_n + bias) - bias sum_n ps_n, with the rounded ps of the dot
-            off_cols = off_cols * alpha[:, None] + p * v_off[None, :] - bias * ps.to(tl.float32)
-            l_cols = l_cols * alpha[:, None] + p
+            off_cols = off_cols * alpha[None, :] + p * v_off[:, None] - bias * ps.to(tl.float32)
+            l_cols = l_cols * alpha[None, :] + p
             m_i = m_new
-        acc_off = tl.sum(off_cols, axis=1)
-        l_i = tl.sum(l_cols, axis=1)
+        acc_off = tl.sum(off_cols, axis=0)
+        l_i = tl.sum(l_cols, axis=0)
         if V_WORDS:
-            acc_lo = _interleave(acc_even, acc_odd)
-            acc_hi = _interleave(acc_high_even, acc_high_odd)
+            acc_lo = _interleave(tl.trans(acc_even), tl.trans(acc_odd))
+            acc_hi = _interleave(tl.trans(acc_high_even), tl.trans(acc_high_odd))
+        else:
+            acc_lo = tl.trans(acc_lo)
+            acc_hi = tl.trans(acc_hi)
 
         out_base = logits_ptr + b * st_lb + heads[:, None] * st_lh + split * st_ls
         tl.store(out_base + half[None, :], (acc_lo + acc_off[:, None]) / l_i[:, None], mask=mask_h[:, None])
         tl.store(out_base + HALF + half[None, :], (acc_hi + acc_off[:, None]) / l_i[:, None], mask=mask_h[:, None])
-        tl.store(lse_ptr + b * st_eb + heads * st_eh + split, m_i + tl.log(l_i), mask=mask_h)
+        tl.store(lse_ptr + b * st_eb + heads * st_eh + split, m_i / LOG2E + tl.log(l_i), mask=mask_h)
 
 
 @triton.jit
@@ -271,7 +290,7 @@ def int4_decode_attention(
     layout: fmt.Int4Format,
     lse_out: Optional[torch.Tensor] = None,
     block_n: int = BLOCK_N,
-    num_warps: int = 4,
+    num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     maxnreg: Optional[int] = -1,
     block_h: Optional[int] = None,
@@ -357,7 +376,7 @@ def value_words(head_dim: int, num_warps: int) -> bool:
     Only when a plane spans every warp's 8-column tensor-core tile: narrower planes
     (head_dim 64 at 4 warps) would make warps repeat each other's unpacking.
     """
-    return head_dim // 4 >= 8 * num_warps
+    return head_dim // 4 >= 16 * num_warps
 
 
 def meta_words(meta: torch.Tensor) -> torch.Tensor:

@@ -96,16 +96,17 @@ def num_kv_splits(batch, context, sms, waves=None, head_dim=D):
     return max(1, min(MAX_SPLITS, want, math.ceil(context / 512)))
 
 
-TUNE = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=4, num_stages=3),
-        dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=128, num_warps=8, num_stages=2),
-        dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=4),
-        dict(block_n=256, num_warps=4, num_stages=3), dict(block_n=256, num_warps=8, num_stages=3)]
-# each with the kernel's default register cap (decode.MAXNREG) and query-head rows
-# (decode.default_block_h); 128 x 4 x 3 also without the cap and with 16 rows (the earlier
-# defaults), and 64 tokens x 2 warps, the runner-up of the A/Bs in docs/design-notes.md
-TUNE += [dict(block_n=128, num_warps=4, num_stages=3, maxnreg=None),
-         dict(block_n=128, num_warps=4, num_stages=3, block_h=16),
-         dict(block_n=64, num_warps=2, num_stages=3)]
+TUNE = [dict(block_n=64, num_warps=2, num_stages=3), dict(block_n=64, num_warps=2, num_stages=2),
+        dict(block_n=64, num_warps=2, num_stages=4), dict(block_n=32, num_warps=2, num_stages=3),
+        dict(block_n=32, num_warps=1, num_stages=3), dict(block_n=64, num_warps=4, num_stages=3),
+        dict(block_n=128, num_warps=4, num_stages=3)]
+# each with the kernel's default register cap (decode.MAXNREG) and query-head columns
+# (decode.default_block_h); 64 x 2 x 3 (the default) also without the cap and with 16 columns,
+# and 64 tokens at 1 warp uncapped (238 registers: 128 would spill).  The split rule
+# (kernels/splits.py) counts the default's programs per SM, so 4-warp rows get 2 waves.
+TUNE += [dict(block_n=64, num_warps=2, num_stages=3, maxnreg=None),
+         dict(block_n=64, num_warps=2, num_stages=3, block_h=16),
+         dict(block_n=64, num_warps=1, num_stages=3, maxnreg=None)]
 
 
 def slot_indices(slots, scattered):

@@ -8,12 +8,14 @@ Triton compiles for a target (default sm_90, the H100/H200) on any machine; ptxa
 with Triton) then gives registers and spills.  The argument specializations are those of the
 served buffers (16-byte aligned pointers, strides divisible by 16, the meta tensors' head
 stride 1), so the numbers match the GPU's: for the v4 kernel without the register cap it
-reported 168 registers and 26,112 bytes of shared memory, as ncu did on the H200; the v7 kernel
-at the default tiling and head_dim 128: 137 registers uncapped (--maxnreg 0), 128 and no spills
-with the kernel's cap (decode.MAXNREG), 22,016 bytes of shared memory.  --kernel-file compiles
-a candidate's stage 1 instead (as bench_kernels.py --ab-kernel times it; candidates that read
-keys as bytes name them kd_ptr, as v6 and earlier did); --by-line N counts the token loop's PTX
-instructions per opcode and per source line (per tile per thread: v6 817, v7 749).
+reported 168 registers and 26,112 bytes of shared memory, as ncu did on the H200; the v8 kernel
+at the default tiling (64 tokens, 2 warps) and head_dim 128: 143 registers uncapped (--maxnreg
+0), 128 and no spills with the kernel's cap (decode.MAXNREG), 12,032 bytes of shared memory.
+--kernel-file compiles a candidate's stage 1 instead (as bench_kernels.py --ab-kernel times it;
+candidates that read keys as bytes name them kd_ptr, as v6 and earlier did; files without
+NUM_WARPS compile at 4 warps); --by-line N counts the token loop's PTX instructions per opcode
+and per source line (per tile per thread: v6 817 and v7 749 at 128 tokens x 4 warps, v8 595 at
+64 tokens x 2 warps, i.e. per token and thread 749 -> 595).
 Also reported: the shared-memory buffers of the pipelined loads (1 = no overlap of loads and
 math within a program) and the async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
 """
@@ -51,7 +53,7 @@ def load_decode_candidate(path: str):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--block-n", type=int, default=None)
-    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--num-warps", type=int, default=None, help="default: the kernel's (decode.NUM_WARPS)")
     p.add_argument("--num-stages", type=int, default=None)
     p.add_argument("--maxnreg", type=int, default=-1,
                    help="register cap per thread (PTX .maxnreg); default: the kernel's (decode.MAXNREG), 0: none")
@@ -78,6 +80,8 @@ def main():
     else:
         from sglang_sawint4.kernels import decode
 
+    if args.num_warps is None:
+        args.num_warps = getattr(decode, "NUM_WARPS", 4)  # candidates before v8 ran 4 warps
     params = list(inspect.signature(decode._decode_stage1.fn).parameters)
     signature, constants = {}, {}
     for name in params:
@@ -129,13 +133,15 @@ def main():
 
 
 def token_loop(ptx: str) -> list:
-    """The PTX lines of stage 1's token loop: from LLVM's loop-header label to its back branch."""
+    """The PTX lines of stage 1's token loop: the span of its backward branch, from the
+    branch's target label to the branch (LLVM may place the latch block before the header,
+    so the widest backward branch is taken rather than the one to the "Loop Header" label)."""
     lines = ptx.splitlines()
-    head = next(i for i, l in enumerate(lines) if "Inner Loop Header" in l)
-    label = lines[head].split(":")[0].strip()
-    branch = re.compile(rf"bra(\.uni)?\s+{re.escape(label)};")
-    back = next(i for i in range(len(lines) - 1, head, -1) if branch.search(lines[i]))
-    return lines[head:back + 1]
+    labels = {m.group(1): i for i, l in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", l))}
+    spans = [(labels[m.group(1)], i) for i, l in enumerate(lines)
+             if (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", l)) and labels.get(m.group(1), i) < i]
+    start, end = max(spans, key=lambda span: span[1] - span[0])
+    return lines[start:end + 1]
 
 
 def instructions_by_source(loop: list) -> tuple:

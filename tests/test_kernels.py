@@ -162,12 +162,12 @@ def test_decode_matches_reference(layout, group, q_dtype, rng, device):
         assert torch.allclose(lse[b].cpu().double(), ref_lse, atol=2e-2 if q_dtype == torch.float16 else 6e-2)
 
 
-@pytest.mark.parametrize("block_n, block_h, num_warps", [(16, None, 4), (64, None, 4), (64, 4, 4), (16, 8, 4),
-                                                        (64, None, 2)])
+@pytest.mark.parametrize("block_n, block_h, num_warps", [(16, None, 2), (64, None, 2), (64, 4, 2), (16, 8, 4),
+                                                        (64, None, 4), (32, None, 1)])
 def test_decode_tiling_variants_match_reference(block_n, block_h, num_warps, rng, device):
     """Several tiles per split, partial last tiles, a split holding one token and
-    requests of length 1; query-head tiles of the GQA group's height (4) too; at 2 warps
-    head_dim 64 reads values as words (decode.value_words), at 4 as bytes."""
+    requests of length 1; query-head tiles of the GQA group's width (4) too; at 1 warp
+    head_dim 64 reads values as words (decode.value_words), at 2 and 4 as bytes."""
     layout = fmt.Int4Format.for_method("int4-bdr", 64, 32, "k")
     heads, group, num_slots, max_splits = 2, 4, 300, 3
     _, _, _, bufs = _store(layout, num_slots, heads, num_slots, rng, device)

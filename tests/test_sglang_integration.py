@@ -245,7 +245,7 @@ def test_backend_split_count_is_ours_unless_static(device):
     seq_lens = torch.tensor([8192] * 32, device=device)
     splits = torch.zeros(32, dtype=torch.int32, device=device)
     backend.get_num_kv_splits(splits, seq_lens)
-    assert splits.tolist() == num_kv_splits_reference([8192] * 32, 8, 16, 128, 132) == [2] * 32
+    assert splits.tolist() == num_kv_splits_reference([8192] * 32, 8, 16, 128, 132) == [4] * 32
     backend.static_kv_splits = True
     backend.get_num_kv_splits(splits, seq_lens)
     assert splits.tolist() == [16] * 32

@@ -17,7 +17,7 @@ def _kernel(lens, num_kv_heads=8, max_kv_splits=16, head_dim=128, sm_count=H100_
 
 
 @pytest.mark.parametrize("lens, heads, max_splits, head_dim, group", [
-    ([8192] * 32, 8, 16, 128, 1),             # one wave of 528 programs: 2 splits
+    ([8192] * 32, 8, 16, 128, 1),             # one wave of 1,056 programs: 4 splits
     ([8192] * 64, 8, 16, 128, 1),
     ([8192] * 300, 8, 16, 128, 1),            # more requests than the scheduling floor (256)
     ([1024], 8, 8, 128, 1),                   # short: MIN_SPLIT_TOKENS caps it
@@ -32,14 +32,15 @@ def test_kernel_matches_reference(lens, heads, max_splits, head_dim, group, devi
 
 
 def test_rule_fills_one_wave_of_resident_programs():
-    # 32 requests x 8 KV heads on 132 SMs x 4 programs: 2 splits fill 512 of 528 slots
-    assert num_kv_splits_reference([8192] * 32, 8, 16, 128, H100_SMS) == [2] * 32
-    assert num_kv_splits_reference([8192] * 16, 8, 16, 128, H100_SMS) == [4] * 16
+    # 32 requests x 8 KV heads on 132 SMs x 8 programs: 4 splits fill 1,024 of 1,056 slots
+    assert num_kv_splits_reference([8192] * 32, 8, 16, 128, H100_SMS) == [4] * 32
+    assert num_kv_splits_reference([8192] * 16, 8, 16, 128, H100_SMS) == [8] * 16
+    assert num_kv_splits_reference([8192] * 64, 8, 16, 128, H100_SMS) == [2] * 64
     # a full wave without splitting, and beyond it: never fewer than 1
-    assert num_kv_splits_reference([8192] * 64, 8, 16, 128, H100_SMS) == [1] * 64
+    assert num_kv_splits_reference([8192] * 128, 8, 16, 128, H100_SMS) == [1] * 128
     assert num_kv_splits_reference([8192] * 256, 8, 16, 128, H100_SMS) == [1] * 256
-    # head_dim 256 holds 2 programs per SM: half the splits
-    assert num_kv_splits_reference([8192] * 16, 8, 16, 256, H100_SMS) == [2] * 16
+    # head_dim 256 holds 4 programs per SM: half the splits
+    assert num_kv_splits_reference([8192] * 16, 8, 16, 256, H100_SMS) == [4] * 16
     # capped by max_kv_splits and by MIN_SPLIT_TOKENS (256)
     assert num_kv_splits_reference([32768], 8, 8, 128, H100_SMS) == [8]
     assert num_kv_splits_reference([600], 8, 16, 128, H100_SMS) == [3]
@@ -47,9 +48,9 @@ def test_rule_fills_one_wave_of_resident_programs():
 
 def test_rule_balances_unequal_lengths():
     # one long request among short ones is split about len / shortest times
-    # (64 requests fill the SMs already, so the fill rule alone would give 1 each)
-    splits = num_kv_splits_reference([1000] * 63 + [8000], 8, 16, 128, H100_SMS)
-    assert splits == [1] * 63 + [8]
+    # (128 requests fill the SMs already, so the fill rule alone would give 1 each)
+    splits = num_kv_splits_reference([1000] * 127 + [8000], 8, 16, 128, H100_SMS)
+    assert splits == [1] * 127 + [8]
 
 
 def test_bad_input_is_refused():
