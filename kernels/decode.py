@@ -23,10 +23,12 @@ query heads of one KV head to a contiguous slice of the request's tokens:
   interleaved back in the epilogue.  A value plane spans head_dim / 4 rows of M; where
   that is fewer than the warps' 16-row tiles (head_dim 64 at 2 warps) the warps would
   repeat each other's unpacking, and values are read as bytes (``biased_codes``);
-* 2 warps per program (64-token tiles): Triton gives all dots of one loop the same warp
-  layout, warps along M here.  A [32 channels, 8] value plane (head_dim 128) spans
-  exactly 2 warps' 16-row tiles; 4 warps would compute it twice.  Twice as many programs
-  fit on an SM (kernels/splits.py);
+* one warp per program at head_dim 64 and 128, two at 256 (``NUM_WARPS``), 64-token
+  tiles.  Triton gives all dots of one loop the same warp layout (warps along M here);
+  with one warp the softmax's maximum and the sums after the loop need no cross-warp
+  reduction (no barriers), and no plane is narrower than the warps' 16-row tiles.  At
+  head_dim 256 one warp would need more than 255 registers; two warps split each
+  64-channel value plane exactly.  More, smaller programs fit on an SM (kernels/splits.py);
 * exp2, with sm_scale * log2(e) folded into the per-token score terms;
 * sum(p) and the value offset term are accumulated per score element and reduced over
   tokens once after the loop, instead of a cross-warp reduction per tile;
@@ -65,18 +67,21 @@ from sglang_sawint4.kernels.format_jit import (
     rotation_norm,
 )
 
-# Stage-1 tiling (v8, transposed products): 64-token tiles, 2 warps, 3 stages.  Interleaved
-# on an H200 against v7 (128 x 4 x 3, untransposed), INT4+BDR-128, with splits for the
-# programs that fit: 18-23% less time at batch 32-256 x 8k-32k (head_dim 128), 10-12% at 64,
-# 26-30% at 256 (bench/logs/decode_ab_v8w2*_h200.json, docs/design-notes.md).
+# Stage-1 tiling (v8, transposed products): 64-token tiles, 3 stages, warps per head_dim
+# (others: 2).  Interleaved on an H200 against v7 (128 tokens x 4 warps, untransposed),
+# INT4+BDR, with splits for the programs that fit: at 2 warps 18-23% less time at batch 32-256
+# x 8k-32k (head_dim 128), 26-30% at 256 (bench/logs/decode_ab_v8w2*_h200.json); 1 warp against
+# 2, head_dim 128: -3% to +12% less time (-3% at 32 x 8k only), head_dim 64: 13-19% less
+# (bench/logs/decode_ab_v8_warps*_h200.json; docs/design-notes.md).
 BLOCK_N = 64
-NUM_WARPS = 2
+NUM_WARPS = {64: 1, 128: 1, 256: 2}
 NUM_STAGES = 3
-# Stage-1 register cap per head_dim (scripts/kernel_report.py): head_dim 128 takes 143
-# registers uncapped and 128 with the cap (no spills), so 8 programs of 2 warps fit on an SM
-# instead of 7; head_dim 64 takes 128; head_dim 256 takes 210 (4 programs per SM), uncapped
-# (128 would spill 532 B).  kernels/splits.py sizes splits by the programs this leaves per SM.
-MAXNREG = {64: 128, 128: 128}
+# Stage-1 register cap per head_dim (PTX .maxnreg; scripts/kernel_report.py), none at present:
+# one warp takes 167 registers at head_dim 64 and 238 at 128 (12 and 8 programs per SM; capped
+# at 128, head_dim 128 would spill 500 B), two warps at 256 take 210 (4 per SM; 1 warp would
+# spill 608 B at 255).  v7 (4 warps) ran 6-8% faster on an H100 with a cap of 128 at head_dim
+# 128 (a fourth program per SM).  kernels/splits.py sizes splits by the programs per SM.
+MAXNREG = {}
 # Query-head columns per stage-1 program (the N of the score and output tiles): the GQA
 # group rounded up to a power of two, at least MIN_BLOCK_H, the tensor cores' 8 columns
 # (Triton pads narrower tiles itself).
@@ -290,7 +295,7 @@ def int4_decode_attention(
     layout: fmt.Int4Format,
     lse_out: Optional[torch.Tensor] = None,
     block_n: int = BLOCK_N,
-    num_warps: int = NUM_WARPS,
+    num_warps: Optional[int] = None,
     num_stages: int = NUM_STAGES,
     maxnreg: Optional[int] = -1,
     block_h: Optional[int] = None,
@@ -309,7 +314,8 @@ def int4_decode_attention(
         num_kv_splits: [>= batch] int32, splits used per request (1..max_kv_splits).
         lse_out: optional [batch, num_q_heads] float32, the natural-log LSE of the
             scaled scores (for merging with another partial attention).
-        block_n, num_warps, num_stages: stage-1 tiling (tokens per iteration, ...).
+        block_n, num_warps, num_stages: stage-1 tiling (tokens per iteration, ...);
+            num_warps None: ``NUM_WARPS``'s for this head_dim.
         maxnreg: stage-1 register cap per thread (PTX ``.maxnreg``), which sets how many
             programs share an SM; -1: ``MAXNREG``'s for this head_dim, None: no cap.
         block_h: query-head rows per stage-1 program, a power of two >= the GQA group
@@ -334,6 +340,8 @@ def int4_decode_attention(
         return o
     if maxnreg == -1:
         maxnreg = MAXNREG.get(d)
+    if num_warps is None:
+        num_warps = default_num_warps(d)
     group = num_q_heads // num_kv_heads
     if block_h is None:
         block_h = default_block_h(group)
@@ -370,11 +378,17 @@ def default_block_h(group: int) -> int:
     return max(MIN_BLOCK_H, triton.next_power_of_2(group))
 
 
+def default_num_warps(head_dim: int) -> int:
+    """Stage-1 warps per program for head_dim (``NUM_WARPS``, else 2)."""
+    return NUM_WARPS.get(head_dim, 2)
+
+
 def value_words(head_dim: int, num_warps: int) -> bool:
     """Whether stage 1 reads values as 16-bit words (four planes of head_dim / 4 channels).
 
-    Only when a plane spans every warp's 8-column tensor-core tile: narrower planes
-    (head_dim 64 at 4 warps) would make warps repeat each other's unpacking.
+    Only when a plane spans every warp's 16-row tensor-core tile (planes are the M of the
+    transposed output product): narrower planes (head_dim 64 at 2 warps) would make warps
+    repeat each other's unpacking, and values are read as bytes.
     """
     return head_dim // 4 >= 16 * num_warps
 

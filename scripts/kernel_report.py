@@ -9,13 +9,13 @@ with Triton) then gives registers and spills.  The argument specializations are 
 served buffers (16-byte aligned pointers, strides divisible by 16, the meta tensors' head
 stride 1), so the numbers match the GPU's: for the v4 kernel without the register cap it
 reported 168 registers and 26,112 bytes of shared memory, as ncu did on the H200; the v8 kernel
-at the default tiling (64 tokens, 2 warps) and head_dim 128: 143 registers uncapped (--maxnreg
-0), 128 and no spills with the kernel's cap (decode.MAXNREG), 12,032 bytes of shared memory.
---kernel-file compiles a candidate's stage 1 instead (as bench_kernels.py --ab-kernel times it;
-candidates that read keys as bytes name them kd_ptr, as v6 and earlier did; files without
-NUM_WARPS compile at 4 warps); --by-line N counts the token loop's PTX instructions per opcode
-and per source line (per tile per thread: v6 817 and v7 749 at 128 tokens x 4 warps, v8 595 at
-64 tokens x 2 warps, i.e. per token and thread 749 -> 595).
+at the default tiling (64 tokens, 1 warp at head_dim 128): 238 registers, no spills, 11,008
+bytes of shared memory.  --kernel-file compiles a candidate's stage 1 instead (as
+bench_kernels.py --ab-kernel times it; candidates that read keys as bytes name them kd_ptr, as
+v6 and earlier did; files without default_num_warps compile at 4 warps); --by-line N counts
+the token loop's PTX instructions per opcode and per source line.  Per tile per thread at head_dim
+128: v6 817 and v7 749 (128 tokens x 4 warps), v8 595 at 64 tokens x 2 warps and 1,144 at
+64 x 1; per token, summed over threads: 749 (v7), 595 (v8, 2 warps), 572 (v8, 1 warp).
 Also reported: the shared-memory buffers of the pipelined loads (1 = no overlap of loads and
 math within a program) and the async-wait depths.  Writes the TTGIR and PTX under --out-dir for reading.
 """
@@ -53,7 +53,7 @@ def load_decode_candidate(path: str):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--block-n", type=int, default=None)
-    p.add_argument("--num-warps", type=int, default=None, help="default: the kernel's (decode.NUM_WARPS)")
+    p.add_argument("--num-warps", type=int, default=None, help="default: the kernel's for --head-dim (decode.NUM_WARPS)")
     p.add_argument("--num-stages", type=int, default=None)
     p.add_argument("--maxnreg", type=int, default=-1,
                    help="register cap per thread (PTX .maxnreg); default: the kernel's (decode.MAXNREG), 0: none")
@@ -80,8 +80,8 @@ def main():
     else:
         from sglang_sawint4.kernels import decode
 
-    if args.num_warps is None:
-        args.num_warps = getattr(decode, "NUM_WARPS", 4)  # candidates before v8 ran 4 warps
+    if args.num_warps is None:  # candidates before v8 ran 4 warps
+        args.num_warps = decode.default_num_warps(args.head_dim) if hasattr(decode, "default_num_warps") else 4
     params = list(inspect.signature(decode._decode_stage1.fn).parameters)
     signature, constants = {}, {}
     for name in params:
