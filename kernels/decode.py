@@ -26,7 +26,7 @@ query heads of one KV head to a contiguous slice of the request's tokens:
 * one warp per program at head_dim 64 and 128, two at 256 (``NUM_WARPS``), 64-token
   tiles.  Triton gives all dots of one loop the same warp layout (warps along M here);
   with one warp the softmax's maximum and the sums after the loop need no cross-warp
-  reduction (no barriers), and no plane is narrower than the warps' 16-row tiles.  At
+  reduction (nor its barriers), and no plane is narrower than the warps' 16-row tiles.  At
   head_dim 256 one warp would need more than 255 registers; two warps split each
   64-channel value plane exactly.  More, smaller programs fit on an SM (kernels/splits.py);
 * exp2, with sm_scale * log2(e) folded into the per-token score terms;
@@ -69,9 +69,9 @@ from sglang_sawint4.kernels.format_jit import (
 
 # Stage-1 tiling (v8, transposed products): 64-token tiles, 3 stages, warps per head_dim
 # (others: 2).  Interleaved on an H200 against v7 (128 tokens x 4 warps, untransposed),
-# INT4+BDR, with splits for the programs that fit: at 2 warps 18-23% less time at batch 32-256
+# INT4+BDR, with splits for the programs that fit: at 2 warps 13-21% less time at batch 32-256
 # x 8k-32k (head_dim 128), 26-30% at 256 (bench/logs/decode_ab_v8w2*_h200.json); 1 warp against
-# 2, head_dim 128: -3% to +12% less time (-3% at 32 x 8k only), head_dim 64: 13-19% less
+# 2, head_dim 128: up to 12% less time, 3% more at 32 x 8k; head_dim 64: 12-19% less
 # (bench/logs/decode_ab_v8_warps*_h200.json; docs/design-notes.md).
 BLOCK_N = 64
 NUM_WARPS = {64: 1, 128: 1, 256: 2}
