@@ -12,7 +12,7 @@ query heads of one KV head to a contiguous slice of the request's tokens:
 * every product is computed transposed: scores as [tokens, query heads] = K q^T and the
   output as [channels, query heads] = V^T p, so tokens and channels sit on the tensor
   cores' M (16 rows) and the GQA group on N (8 columns).  Untransposed, the group (4
-  query heads for most models) filled 4 of 16 rows and each thread held two copies of
+  query heads in Llama-3-8B's shape) filled 4 of 16 rows and each thread held two copies of
   every score element; now the softmax and its rescaling run on half as many elements;
 * pages are read as 16-bit words (``format.packed_words``), which ``biased_code_quads``
   turns into four nibble planes (channels 2j, 2j + 1, H + 2j, H + 2j + 1, H = D / 2):
@@ -318,7 +318,7 @@ def int4_decode_attention(
             num_warps None: ``NUM_WARPS``'s for this head_dim.
         maxnreg: stage-1 register cap per thread (PTX ``.maxnreg``), which sets how many
             programs share an SM; -1: ``MAXNREG``'s for this head_dim, None: no cap.
-        block_h: query-head rows per stage-1 program, a power of two >= the GQA group
+        block_h: query-head columns per stage-1 program, a power of two >= the GQA group
             (None: ``default_block_h``).
     Returns o.  No host synchronization: CUDA-graph safe.
     """
@@ -374,7 +374,7 @@ def int4_decode_attention(
 
 
 def default_block_h(group: int) -> int:
-    """Stage-1 query-head rows for a GQA group of ``group`` query heads per KV head."""
+    """Stage-1 query-head columns for a GQA group of ``group`` query heads per KV head."""
     return max(MIN_BLOCK_H, triton.next_power_of_2(group))
 
 

@@ -58,7 +58,7 @@ def main():
     p.add_argument("--maxnreg", type=int, default=-1,
                    help="register cap per thread (PTX .maxnreg); default: the kernel's (decode.MAXNREG), 0: none")
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
-    p.add_argument("--block-h", type=int, default=None, help="query-head rows per program (default: the kernel's)")
+    p.add_argument("--block-h", type=int, default=None, help="query-head columns per program (default: the kernel's)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128, help="Hadamard block (0: plain INT4)")
     p.add_argument("--arch", type=int, default=90)
