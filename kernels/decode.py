@@ -49,6 +49,7 @@ log-sum-exp and, when V was stored rotated, applies H^T once to the result.
 Buffers follow SGLang's Triton backend, so CUDA graphs can capture it.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -82,6 +83,16 @@ NUM_STAGES = 3
 # spill 608 B at 255).  v7 (4 warps) ran 6-8% faster on an H100 with a cap of 128 at head_dim
 # 128 (a fourth program per SM).  kernels/splits.py sizes splits by the programs per SM.
 MAXNREG = {}
+# Few (request, KV head) pairs, e.g. one long request: the split count is capped (SGLang's
+# --triton-attention-num-kv-splits, default 8), so one-warp programs leave most of the GPU
+# idle.  Up to LOW_PARALLELISM_PAIRS_PER_SM pairs per SM, stage 1 runs this head_dim's
+# tiling here instead.  H200, head_dim 128, 8 KV heads, 8 splits, CUDA-graph timing
+# (bench/logs/decode_ab_v8_small_batch_tilings_h200.json): 128 tokens x 4 warps took 50 / 226
+# us at batch 1 x 32k / 128k where one warp took 103 / 450 (v7: 60 / 250), 94 / 346 at batch 4
+# (121 / 456), 150 / 547 at batch 8 (163 / 628); at batch 16 (~1 pair per SM) one warp is
+# faster, 176 / 686 against 249 / 940.  Not measured at other head_dims: their default holds.
+LOW_PARALLELISM_PAIRS_PER_SM = 0.5
+LOW_PARALLELISM_TILING = {128: (128, 4)}  # head_dim: (block_n, num_warps)
 # Query-head columns per stage-1 program (the N of the score and output tiles): the GQA
 # group rounded up to a power of two, at least MIN_BLOCK_H, the tensor cores' 8 columns
 # (Triton pads narrower tiles itself).
@@ -294,7 +305,7 @@ def int4_decode_attention(
     sm_scale: float,
     layout: fmt.Int4Format,
     lse_out: Optional[torch.Tensor] = None,
-    block_n: int = BLOCK_N,
+    block_n: Optional[int] = None,
     num_warps: Optional[int] = None,
     num_stages: int = NUM_STAGES,
     maxnreg: Optional[int] = -1,
@@ -315,7 +326,7 @@ def int4_decode_attention(
         lse_out: optional [batch, num_q_heads] float32, the natural-log LSE of the
             scaled scores (for merging with another partial attention).
         block_n, num_warps, num_stages: stage-1 tiling (tokens per iteration, ...);
-            num_warps None: ``NUM_WARPS``'s for this head_dim.
+            block_n / num_warps None: ``default_tiling``'s for this launch.
         maxnreg: stage-1 register cap per thread (PTX ``.maxnreg``), which sets how many
             programs share an SM; -1: ``MAXNREG``'s for this head_dim, None: no cap.
         block_h: query-head columns per stage-1 program, a power of two >= the GQA group
@@ -340,8 +351,10 @@ def int4_decode_attention(
         return o
     if maxnreg == -1:
         maxnreg = MAXNREG.get(d)
-    if num_warps is None:
-        num_warps = default_num_warps(d)
+    if block_n is None or num_warps is None:
+        auto_block_n, auto_warps = default_tiling(d, batch * num_kv_heads, q.device)
+        block_n = auto_block_n if block_n is None else block_n
+        num_warps = auto_warps if num_warps is None else num_warps
     group = num_q_heads // num_kv_heads
     if block_h is None:
         block_h = default_block_h(group)
@@ -381,6 +394,22 @@ def default_block_h(group: int) -> int:
 def default_num_warps(head_dim: int) -> int:
     """Stage-1 warps per program for head_dim (``NUM_WARPS``, else 2)."""
     return NUM_WARPS.get(head_dim, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_tiling(head_dim: int, pairs: int, device: torch.device) -> tuple:
+    """(block_n, num_warps) of stage 1 for ``pairs`` (request, KV head) pairs on ``device``:
+    ``LOW_PARALLELISM_TILING`` when they are at most ``LOW_PARALLELISM_PAIRS_PER_SM`` per SM
+    (CUDA devices), else ``BLOCK_N`` and ``default_num_warps``.  Host-side and fixed per
+    batch size, so each captured CUDA graph keeps one tiling."""
+    low = LOW_PARALLELISM_TILING.get(head_dim)
+    if low is not None and device.type == "cuda" and pairs <= LOW_PARALLELISM_PAIRS_PER_SM * _sm_count(device):
+        return low
+    return BLOCK_N, default_num_warps(head_dim)
 
 
 def value_words(head_dim: int, num_warps: int) -> bool:

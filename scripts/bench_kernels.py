@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_sawint4 import format as fmt  # noqa: E402
 from sglang_sawint4.kernels.decode import (  # noqa: E402
-    BLOCK_N, MAXNREG, NUM_STAGES, default_block_h, default_num_warps, int4_decode_attention)
+    BLOCK_N, LOW_PARALLELISM_PAIRS_PER_SM, LOW_PARALLELISM_TILING, MAXNREG, NUM_STAGES, default_block_h,
+    default_num_warps, int4_decode_attention)
 from sglang_sawint4.kernels.splits import num_kv_splits_reference  # noqa: E402
 from sglang_sawint4.kernels.store import rotate_quantize_store  # noqa: E402
 
@@ -396,8 +397,8 @@ def main():
         print(f"FlashInfer unavailable ({e}); BF16 rows skipped", flush=True)
         have_fi = False
 
-    # The rows run the package's stage-1 tiling (what the server runs), with the served split
-    # rule (kernels/splits.py).  On record beside them: a sweep of other tilings on one shape,
+    # The rows run the package's stage-1 tiling (what the server runs: decode.default_tiling,
+    # which changes it for few requests), with the served split rule (kernels/splits.py).  On record beside them: a sweep of other tilings on one shape,
     # every tiling run once untimed first (compilation, clocks), then TUNE_ROUNDS rounds
     # interleaved; a tiling faster than the default by more than the spread between runs of
     # the A/B (bench_kernels.py --ab-variants) is a lead for a new default, not taken here.
@@ -418,8 +419,11 @@ def main():
         tune.append({**cfg, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9, "all_us": times})
         print(f"tune {cfg}: {t:.1f} us {tune[-1]['gbps']:.0f} GB/s", flush=True)
     del tune_runs, run
-    result["decode_config"] = {**default_cfg, "splits": "served rule (sglang_sawint4.kernels.splits), "
-                                                       f"at most {SERVED_MAX_SPLITS}"}
+    low_block_n, low_warps = LOW_PARALLELISM_TILING.get(D, (None, None))
+    result["decode_config"] = {
+        **default_cfg, "splits": f"served rule (sglang_sawint4.kernels.splits), at most {SERVED_MAX_SPLITS}",
+        "tiling": f"decode.default_tiling: the above; {low_block_n} tokens x {low_warps} warps at <= "
+                  f"{LOW_PARALLELISM_PAIRS_PER_SM} (request, KV head) pairs per SM"}
     result["tune"] = tune
     shapes = [(int(b), int(c)) for b in args.batches.split(",") for c in args.contexts.split(",")
               if int(b) * int(c) * HK * D * 4 <= args.max_kv_gib * (1 << 30)]
@@ -428,7 +432,7 @@ def main():
     runs = [(b, c, False) for b, c in shapes] + [(b, c, True) for b, c in shapes if b >= 32 and c >= 8192]
     for batch, context, scattered in progress(runs, len(runs), "decode"):
         cases = ([("bf16", None, lambda: bf16_decode_case(batch, context, scattered))] if have_fi else []) + [
-            (m, b, (lambda l=l: int4_decode_case(l, batch, context, sms, default_cfg, None, scattered)))
+            (m, b, (lambda l=l: int4_decode_case(l, batch, context, sms, None, None, scattered)))
             for m, b, l in layouts]
         # every method of a shape timed in turn, --rounds times: a slow spell of the GPU then
         # lands on one round of each, not on one method's whole measurement

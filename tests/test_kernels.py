@@ -5,6 +5,7 @@ import torch
 
 from helpers import keys_with_outliers, rel_err
 from sglang_sawint4 import format as fmt
+from sglang_sawint4.kernels import decode
 from sglang_sawint4.kernels.decode import (
     decode_attention_reference,
     int4_decode_attention,
@@ -183,6 +184,38 @@ def test_decode_tiling_variants_match_reference(block_n, block_h, num_warps, rng
                           splits, max_splits, 0.125, layout, block_n=block_n, block_h=block_h, num_warps=num_warps)
     ref = int4_decode_attention_reference(q, *bufs, indptr, indices, 0.125, layout)
     assert rel_err(o, ref) < 3e-3
+
+
+def test_decode_low_parallelism_tiling_matches_reference(rng, device):
+    """The tiling decode.default_tiling picks for few (request, KV head) pairs at head_dim
+    128 (128 tokens x 4 warps: values read as bytes, value_words) against the reference."""
+    layout = fmt.Int4Format.for_method("int4-bdr", 128, 128, "kv")
+    block_n, num_warps = decode.LOW_PARALLELISM_TILING[128]
+    assert not decode.value_words(128, num_warps)
+    heads, group, num_slots, max_splits = 2, 4, 400, 2
+    _, _, _, bufs = _store(layout, num_slots, heads, num_slots, rng, device)
+    lens = [300, 1]
+    indptr, indices = _requests(rng, num_slots, lens)
+    q = torch.randn(len(lens), heads * group, 128, generator=rng).to(torch.float16)  # _q_dtypes: fp16 on a CPU
+    o = torch.full_like(q, float("nan")).to(device)
+    logits = torch.empty(len(lens), heads * group, max_splits, 128, device=device)
+    lse_parts = torch.empty(len(lens), heads * group, max_splits, device=device)
+    splits = torch.tensor([2, 1], dtype=torch.int32, device=device)
+    int4_decode_attention(q.to(device), *bufs, o, indptr.to(device), indices.to(device), logits, lse_parts,
+                          splits, max_splits, 128 ** -0.5, layout, block_n=block_n, num_warps=num_warps)
+    ref = int4_decode_attention_reference(q, *bufs, indptr, indices, 128 ** -0.5, layout)
+    assert rel_err(o, ref) < 3e-3
+
+
+def test_default_tiling_switches_for_few_request_head_pairs(monkeypatch):
+    monkeypatch.setattr(decode, "_sm_count", lambda device: 132)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    default_128 = (decode.BLOCK_N, decode.default_num_warps(128))
+    assert decode.default_tiling(128, 1 * 8, cuda) == decode.LOW_PARALLELISM_TILING[128]
+    assert decode.default_tiling(128, 8 * 8, cuda) == decode.LOW_PARALLELISM_TILING[128]  # 64 <= 0.5 x 132
+    assert decode.default_tiling(128, 16 * 8, cuda) == default_128
+    assert decode.default_tiling(128, 8, cpu) == default_128  # the interpreter: no SM count
+    assert decode.default_tiling(64, 8, cuda) == (decode.BLOCK_N, decode.default_num_warps(64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tensor-core accumulation: a GPU property")
