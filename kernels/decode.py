@@ -28,7 +28,9 @@ query heads of one KV head to a contiguous slice of the request's tokens:
   with one warp the softmax's maximum and the sums after the loop need no cross-warp
   reduction (nor its barriers), and no plane is narrower than the warps' 16-row tiles.  At
   head_dim 256 one warp would need more than 255 registers; two warps split each
-  64-channel value plane exactly.  More, smaller programs fit on an SM (kernels/splits.py);
+  64-channel value plane exactly.  More, smaller programs fit on an SM (kernels/splits.py).
+  For few requests, whose capped split counts leave SMs idle, ``default_tiling`` takes
+  128-token tiles at 4 warps instead (values then as bytes);
 * exp2, with sm_scale * log2(e) folded into the per-token score terms;
 * sum(p) and the value offset term are accumulated per score element and reduced over
   tokens once after the loop, instead of a cross-warp reduction per tile;
