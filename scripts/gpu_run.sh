@@ -18,7 +18,8 @@
 # "--kmeans 1,16,256 --hessian 0.01 --only-calibrated"), passkey (scripts/eval_passkey.py
 # likewise: $PASSKEY_MODELS, $PASSKEY_KMEANS_MODELS, $PASSKEY_CONTEXT), gsm
 # (scripts/eval_gsm.py on Qwen2.5-Coder, on the GPU),
-# profile (ncu on the decode kernel, 32 x 8k).  Needs the bundle at $BUNDLE
+# profile (ncu on the decode kernel, 32 x 8k), stalls (ncu stall reasons at $CASE, default
+# 64x32768).  Needs the bundle at $BUNDLE
 # (default .bundle/sglang-0.5.17-py312.tar.xz, built by scripts/bundle.py build).
 # The parts: split -b 61M -d GGUF .bundle/gguf-parts/<model>/part-  (one part per call: 64 MiB
 # travel per call, the work tree included), joined in name order; <model> is smollm2, qwen or gemma.
@@ -213,6 +214,16 @@ for s in "$@"; do
       --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
       python3 scripts/bench_kernels.py --profile-case 32x8192 > "$OUT/ncu_decode.txt" 2>&1 || status=1
     tail -80 "$OUT/ncu_decode.txt"
+    ;;
+  stalls)
+    stage stalls
+    # stall reasons per issued instruction, issue and pipe use, shared-memory wavefronts of
+    # decode stage 1 at ${CASE:-64x32768} (bench/logs/ncu_stalls_v7_h200.txt came from this command,
+    # ncu_stalls_v8tt_h200.txt from it with that candidate copied over kernels/decode.py)
+    ncu --clock-control none --kernel-name regex:_decode_stage1 --launch-skip 3 --launch-count 1 \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio',smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__warps_eligible.avg.per_cycle_active \
+      python3 scripts/bench_kernels.py --profile-case "${CASE:-64x32768}" > "$OUT/ncu_stalls.txt" 2>&1 || status=1
+    grep -E "profile case|stalled|inst_executed|issue_active|hmma|wavefronts|dram__|duration" "$OUT/ncu_stalls.txt"
     ;;
   *) echo "unknown stage $s"; status=2 ;;
   esac
