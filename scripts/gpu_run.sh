@@ -221,7 +221,7 @@ for s in "$@"; do
     # decode stage 1 at ${CASE:-64x32768} (bench/logs/ncu_stalls_v7_h200.txt came from this command,
     # ncu_stalls_v8tt_h200.txt from it with that candidate copied over kernels/decode.py)
     ncu --clock-control none --kernel-name regex:_decode_stage1 --launch-skip 3 --launch-count 1 \
-      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio',smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__warps_eligible.avg.per_cycle_active \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio',smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__warps_eligible.avg.per_cycle_active,sm__throughput.avg.pct_of_peak_sustained_active,l1tex__throughput.avg.pct_of_peak_sustained_active \
       python3 scripts/bench_kernels.py --profile-case "${CASE:-64x32768}" > "$OUT/ncu_stalls.txt" 2>&1 || status=1
     grep -E "profile case|stalled|inst_executed|issue_active|hmma|wavefronts|dram__|duration" "$OUT/ncu_stalls.txt"
     ;;
