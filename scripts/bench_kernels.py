@@ -52,6 +52,11 @@ def progress(it, total, label):
         return it
 
 
+def upper_median(values):
+    """The middle value of a list (the upper one of the two middles for an even length)."""
+    return sorted(values)[len(values) // 2]
+
+
 def bench(fn, reps=50):
     return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median") * 1e3  # us
 
@@ -96,7 +101,7 @@ def bench_graph(fn, calls=20, replays=25):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+    return upper_median(times)
 
 
 def copy_bandwidth(gib=2):
@@ -325,7 +330,7 @@ def ab_decode(args, rounds=3):
                     torch.cuda.empty_cache()
             row = {"batch": batch, "context": context, "moved_bytes": moved}
             for name, ts in times.items():
-                t = sorted(ts)[len(ts) // 2]
+                t = upper_median(ts)
                 row[name] = {"time_us": t, "gbps": moved / (t * 1e-6) / 1e9, "all_us": ts,
                              "rel_diff_vs_installed": diffs[name]}
             result["rows"].append(row)
@@ -398,10 +403,11 @@ def main():
         have_fi = False
 
     # The rows run the package's stage-1 tiling (what the server runs: decode.default_tiling,
-    # which changes it for few requests), with the served split rule (kernels/splits.py).  On record beside them: a sweep of other tilings on one shape,
-    # every tiling run once untimed first (compilation, clocks), then TUNE_ROUNDS rounds
-    # interleaved; a tiling faster than the default by more than the spread between runs of
-    # the A/B (bench_kernels.py --ab-variants) is a lead for a new default, not taken here.
+    # which changes it for few requests), with the served split rule (kernels/splits.py).  On
+    # record beside them: a sweep of other tilings on one shape, every tiling run once untimed
+    # first (compilation, clocks), then TUNE_ROUNDS rounds interleaved; a tiling faster than
+    # the default by more than the spread between runs of the A/B (bench_kernels.py
+    # --ab-variants) is a lead for a new default, not taken here.
     default_cfg = {"block_n": BLOCK_N, "num_warps": default_num_warps(D), "num_stages": NUM_STAGES,
                    "maxnreg": MAXNREG.get(D), "block_h": default_block_h(HQ // HK)}
     tune_cfgs = [default_cfg] + [{**default_cfg, **cfg} for cfg in TUNE]
@@ -415,7 +421,7 @@ def main():
             times.append(bench_decode(run)[0])
     tune = []
     for cfg, run, times in tune_runs:
-        t = sorted(times)[len(times) // 2]
+        t = upper_median(times)
         tune.append({**cfg, "time_us": t, "gbps": moved / (t * 1e-6) / 1e9, "all_us": times})
         print(f"tune {cfg}: {t:.1f} us {tune[-1]['gbps']:.0f} GB/s", flush=True)
     del tune_runs, run
@@ -444,7 +450,7 @@ def main():
                 times[(method, block)].append(t)
                 timing_modes.setdefault(method, set()).add(mode)
         for method, block, run, moved in made:
-            t = sorted(times[(method, block)])[len(times[(method, block)]) // 2]
+            t = upper_median(times[(method, block)])
             result["rows_scattered_slots" if scattered else "rows"].append(
                 {"kernel": "decode", "method": method, "block": block, "batch": batch, "context": context,
                  "time_us": t, "gbps": moved / (t * 1e-6) / 1e9})

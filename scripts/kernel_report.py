@@ -53,7 +53,8 @@ def load_decode_candidate(path: str):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--block-n", type=int, default=None)
-    p.add_argument("--num-warps", type=int, default=None, help="default: the kernel's for --head-dim (decode.NUM_WARPS)")
+    p.add_argument("--num-warps", type=int, default=None,
+                   help="default: the kernel's for --head-dim (decode.NUM_WARPS)")
     p.add_argument("--num-stages", type=int, default=None)
     p.add_argument("--maxnreg", type=int, default=-1,
                    help="register cap per thread (PTX .maxnreg); default: the kernel's (decode.MAXNREG), 0: none")
