@@ -8,12 +8,14 @@ handed to SGLang's stock extend kernel with an identity index map.  See
 ``docs/design-notes.md`` for why this beats a dedicated INT4 extend kernel here.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.launch import check_layer_buffers, row_head_args
+from sglang_sawint4.kernels.launch import check_center, check_layer_buffers, row_head_args
 from sglang_sawint4.kernels.format_jit import META_OFFSET, META_SCALE, hadamard_tile, rotation_norm, unpack_hi, unpack_lo
 
 BLOCK_T = 16
@@ -21,8 +23,8 @@ BLOCK_T = 16
 
 @triton.jit
 def _dequant_rows(data_ptr, d_st, d_sh, meta_ptr, m_st, m_sh, out_ptr, o_st, o_sh,
-                  kv_indices, t0, head, n, UNROTATE: tl.constexpr, BLOCK_ROT: tl.constexpr,
-                  BLOCK: tl.constexpr, HALF: tl.constexpr):
+                  kv_indices, center_ptr, t0, head, n, UNROTATE: tl.constexpr, BLOCK_ROT: tl.constexpr,
+                  CENTER: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
     offs_t = t0 + tl.arange(0, BLOCK)
     mask_t = offs_t < n
     loc = tl.load(kv_indices + offs_t, mask=mask_t, other=0).to(tl.int64)
@@ -58,13 +60,15 @@ def _dequant_rows(data_ptr, d_st, d_sh, meta_ptr, m_st, m_sh, out_ptr, o_st, o_s
         hb = tl.dot(b, sign.to(tl.float16), out_dtype=tl.float32)
         x_lo = (scale[:, None] * ha + off_a * h1) * inv
         x_hi = (scale[:, None] * hb + off_b * h1) * inv
-        tl.store(out_row + half[None, :], x_lo.to(out_ty), mask=mask_t[:, None])
-        tl.store(out_row + HALF + half[None, :], x_hi.to(out_ty), mask=mask_t[:, None])
     else:
-        lo = unpack_lo(packed).to(tl.float32) * scale[:, None] + offset[:, None]
-        hi = unpack_hi(packed).to(tl.float32) * scale[:, None] + offset[:, None]
-        tl.store(out_row + half[None, :], lo.to(out_ty), mask=mask_t[:, None])
-        tl.store(out_row + HALF + half[None, :], hi.to(out_ty), mask=mask_t[:, None])
+        x_lo = unpack_lo(packed).to(tl.float32) * scale[:, None] + offset[:, None]
+        x_hi = unpack_hi(packed).to(tl.float32) * scale[:, None] + offset[:, None]
+    if CENTER:  # keys stored centered: the extend kernel mixes them with exact new keys
+        c = center_ptr + head * (2 * HALF)
+        x_lo = x_lo + tl.load(c + half)[None, :]
+        x_hi = x_hi + tl.load(c + HALF + half)[None, :]
+    tl.store(out_row + half[None, :], x_lo.to(out_ty), mask=mask_t[:, None])
+    tl.store(out_row + HALF + half[None, :], x_hi.to(out_ty), mask=mask_t[:, None])
 
 
 @triton.jit
@@ -72,18 +76,18 @@ def _dequantize_pages_kernel(
     kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh,
     vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh,
     ko_ptr, ko_st, ko_sh, vo_ptr, vo_st, vo_sh,
-    kv_indices, n,
-    ROTATE_K: tl.constexpr, ROTATE_V: tl.constexpr, BLOCK_ROT: tl.constexpr,
+    kv_indices, k_center_ptr, n,
+    ROTATE_K: tl.constexpr, ROTATE_V: tl.constexpr, BLOCK_ROT: tl.constexpr, CENTER_K: tl.constexpr,
     BLOCK: tl.constexpr, HALF: tl.constexpr,
 ):
     t0 = tl.program_id(0) * BLOCK
     head = tl.program_id(1)
     if tl.program_id(2) == 0:
         _dequant_rows(kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh, ko_ptr, ko_st, ko_sh,
-                      kv_indices, t0, head, n, ROTATE_K, BLOCK_ROT, BLOCK, HALF)
+                      kv_indices, k_center_ptr, t0, head, n, ROTATE_K, BLOCK_ROT, CENTER_K, BLOCK, HALF)
     else:
         _dequant_rows(vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh, vo_ptr, vo_st, vo_sh,
-                      kv_indices, t0, head, n, ROTATE_V, BLOCK_ROT, BLOCK, HALF)
+                      kv_indices, k_center_ptr, t0, head, n, ROTATE_V, BLOCK_ROT, False, BLOCK, HALF)
 
 
 def dequantize_pages(
@@ -95,6 +99,7 @@ def dequantize_pages(
     k_out: torch.Tensor,
     v_out: torch.Tensor,
     layout: fmt.Int4Format,
+    k_center: Optional[torch.Tensor] = None,
 ) -> None:
     """Gather and dequantize rows ``kv_indices`` of one layer into dense K/V.
 
@@ -104,6 +109,8 @@ def dequantize_pages(
         kv_indices: [n] int32/int64 slot ids.
         k_out, v_out: [>= n, num_kv_heads, head_dim] bf16/fp16/fp32; row i receives
             slot kv_indices[i] in the original (un-rotated) space.
+        k_center: None, or [num_kv_heads, head_dim] float32 contiguous: the layer's key
+            center in the original space, added back to every key row.
     """
     d = layout.head_dim
     num_heads = k_data.shape[1]
@@ -113,19 +120,23 @@ def dequantize_pages(
     for name, out in (("k_out", k_out), ("v_out", v_out)):
         if out.dim() != 3 or out.shape[0] < n or out.shape[1:] != (num_heads, d) or out.stride(-1) != 1:
             raise ValueError(f"{name} must be [>= {n}, {num_heads}, {d}] with unit channel stride, got {tuple(out.shape)}")
+    check_center(k_center, num_heads, d)
     if n == 0:
         return
     grid = (triton.cdiv(n, BLOCK_T), num_heads, 2)
     _dequantize_pages_kernel[grid](
-        *row_head_args(k_data, k_meta, v_data, v_meta, k_out, v_out), kv_indices, n,
+        *row_head_args(k_data, k_meta, v_data, v_meta, k_out, v_out), kv_indices,
+        k_center if k_center is not None else kv_indices, n,
         ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v, BLOCK_ROT=layout.block_size or 1,
+        CENTER_K=k_center is not None,
         BLOCK=BLOCK_T, HALF=d // 2, num_warps=4,
     )
 
 
-def dequantize_pages_reference(k_data, k_meta, v_data, v_meta, kv_indices, layout: fmt.Int4Format):
+def dequantize_pages_reference(k_data, k_meta, v_data, v_meta, kv_indices, layout: fmt.Int4Format, k_center=None):
     """Float64 reference: (k, v) [n, num_kv_heads, head_dim] in the original space."""
     idx = kv_indices.long().cpu()
-    k = fmt.decode(k_data.cpu()[idx], k_meta.cpu()[idx], layout, is_value=False)
+    k = fmt.decode(k_data.cpu()[idx], k_meta.cpu()[idx], layout, is_value=False,
+                   center=None if k_center is None else k_center.cpu())
     v = fmt.decode(v_data.cpu()[idx], v_meta.cpu()[idx], layout, is_value=True)
     return k, v

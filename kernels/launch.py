@@ -19,6 +19,16 @@ def check_layer_buffers(data: torch.Tensor, meta: torch.Tensor, num_heads: int, 
         raise ValueError(f"{name} buffers must be contiguous in the last axis")
 
 
+def check_center(center, num_heads: int, head_dim: int) -> None:
+    """Raise unless ``center`` is None or one layer's key center: [num_heads, head_dim]
+    float32, contiguous (kernels read it as head * head_dim + channel)."""
+    if center is None:
+        return
+    if center.dtype != torch.float32 or center.shape != (num_heads, head_dim) or not center.is_contiguous():
+        raise ValueError(f"key center must be [{num_heads}, {head_dim}] float32 contiguous, "
+                         f"got {tuple(center.shape)} {center.dtype}")
+
+
 def row_head_args(*tensors: torch.Tensor) -> tuple:
     """(tensor, row stride, head stride) for each [rows, heads, ...] tensor, flattened."""
     return tuple(x for t in tensors for x in (t, t.stride(0), t.stride(1)))

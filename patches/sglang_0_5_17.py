@@ -7,9 +7,9 @@ version-checked (SGLang's internals move between releases; these were read off
 the plugin entry point (``sglang_sawint4.plugin``).
 
 Patch points (see ../shared/docs/sglang.md):
-    KVCacheConfigurator._build_mha_kv_pool   -> build Int4TokenToKVPool
+    KVCacheConfigurator._build_mha_kv_pool   -> build Int4TokenToKVPool with the served KV policy
     KVCacheConfigurator._build_token_to_kv_pool -> refuse pool families we do not support
-    DefaultPoolConfigurator._compute_cell_size -> true INT4 bytes/token for the profiler
+    DefaultPoolConfigurator._compute_cell_size -> the policy's true bytes/token for the profiler
     DefaultPoolConfigurator.calculate_pool_sizes -> log INT4 vs BF16 capacity
     ATTENTION_BACKENDS["triton"]             -> Int4TritonAttnBackend; other backends refuse
     models.utils.enable_fused_set_kv_buffer   -> False: fused RoPE+store writes BF16 rows
@@ -74,6 +74,27 @@ def _mark(fn, original):
     return fn
 
 
+def _model_facts(model_config):
+    from sglang_sawint4.policy import ModelFacts
+
+    return ModelFacts(int(model_config.num_hidden_layers), int(model_config.get_total_num_kv_heads()),
+                      int(model_config.head_dim))
+
+
+def served_policy(config: KVQuantConfig, model_config):
+    """The KV policy this worker serves (``policy.served_policy``), logged once per process."""
+    from sglang_sawint4.policy import served_policy as resolve
+
+    policy = resolve(config, _model_facts(model_config))
+    if policy not in _logged_policies:
+        _logged_policies.add(policy)
+        logger.info("sglang-sawint4: KV policy: %s", policy.describe())
+    return policy
+
+
+_logged_policies = set()
+
+
 def _patch_pool_builder(config: KVQuantConfig) -> None:
     from sglang.srt.mem_cache import kv_cache_configurator as kcc
 
@@ -84,12 +105,16 @@ def _patch_pool_builder(config: KVQuantConfig) -> None:
 
     @functools.wraps(build_mha)
     def _build_mha_kv_pool(self, *, max_total_num_tokens, mha_pool_class, quant_method=None):
+        from sglang.srt.runtime_context import get_parallel
+
         if mha_pool_class is not kcc.MHATokenToKVPool or quant_method is not None:
             raise ConfigError(
                 "--kv-quant cannot be combined with another KV layout or KV quantization "
                 f"({getattr(mha_pool_class, '__name__', mha_pool_class)}, {quant_method})")
-        layout = config.layout(self.model_config.head_dim)
-        int4_pool = functools.partial(Int4TokenToKVPool, int4_format=layout)
+        policy = served_policy(config, self.model_config)
+        parallel = get_parallel()
+        int4_pool = functools.partial(Int4TokenToKVPool, int4_format=policy.layout(), bf16_layers=policy.bf16_layers,
+                                      key_centers=policy.rank_key_centers(parallel.attn_tp_rank, parallel.attn_tp_size))
         return build_mha(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=int4_pool)
 
     @functools.wraps(build_any)
@@ -108,8 +133,6 @@ def _patch_pool_builder(config: KVQuantConfig) -> None:
 def _patch_cell_size(config: KVQuantConfig) -> None:
     from sglang.srt.model_executor import pool_configurator as pc
 
-    from sglang_sawint4.pool import int4_cell_size_bytes
-
     cls = pc.DefaultPoolConfigurator
     compute, calculate = cls._compute_cell_size, cls.calculate_pool_sizes
     logged_cells = set()
@@ -119,15 +142,18 @@ def _patch_cell_size(config: KVQuantConfig) -> None:
         bf16_cell = compute(self, kvc, num_layers)
         if kvc.use_mla_backend:
             raise ConfigError(f"--kv-quant {config.method} does not support MLA models")
-        layout = config.layout(kvc.model_config.head_dim)
-        # the same per-rank KV head count SGLang's own formula used
+        policy = served_policy(config, kvc.model_config)
+        # the same per-rank KV head count and layers SGLang's own formula used
         heads = kvc.model_config.get_num_kv_heads(pc.get_parallel().attn_tp_size)
-        cell = int4_cell_size_bytes(heads, num_layers, layout)
+        info = getattr(kvc, "layer_info", None)
+        start = info.start_layer if info is not None else 0
+        cell = policy.bytes_per_token(range(start, start + num_layers), heads)
         # SGLang 0.5.17 builds the configurator twice per start: log each distinct size once
         if (cell, bf16_cell) not in logged_cells:
             logged_cells.add((cell, bf16_cell))
-            logger.info("sglang-sawint4: KV bytes/token %d (INT4, %s) vs %d (%s): %.2fx",
-                        cell, layout, bf16_cell, kvc.kv_cache_dtype, bf16_cell / cell)
+            logger.info("sglang-sawint4: KV bytes/token %d (%s; BF16 layers %s) vs %d (%s): %.2fx",
+                        cell, policy.layout(), list(policy.bf16_layers) or "none", bf16_cell,
+                        kvc.kv_cache_dtype, bf16_cell / cell)
         self._sawint4_bf16_cell_size = bf16_cell
         return cell
 

@@ -13,6 +13,7 @@ of --context tokens from each text; the reference ("bf16") keeps K/V unquantized
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -122,6 +123,12 @@ def main():
                         "the same held-out window as --kmeans; the paper's setting is 0.01")
     p.add_argument("--only-calibrated", action="store_true",
                    help="with --kmeans / --hessian: evaluate only bf16 and the calibrated methods")
+    p.add_argument("--policy", default=None, metavar="FILE",
+                   help="a KV policy file (python -m sglang_sawint4.policy resolve, what the launcher serves by "
+                        "default): adds its rows as method 'served-default'")
+    p.add_argument("--fallback-policy", action="store_true",
+                   help="adds the policy the launcher falls back to when a model cannot be calibrated "
+                        "('policy-fallback' rows)")
     args = p.parse_args()
     from tqdm import tqdm
 
@@ -141,6 +148,7 @@ def main():
 
     install(model, lambda: current["m"], observer)
     methods = standard_methods(head_dim) if args.methods == "standard" else default_methods(head_dim)
+    methods += policy_methods(args.policy, args.fallback_policy, model.config)
     if args.bf16_layers:
         keep = tuple(int(x) for x in args.bf16_layers.split(","))
         policy = [KVMethod(m.name, m.block, m.rotate, keep) for m in methods
@@ -188,6 +196,8 @@ def main():
             n = sum(r["n"] for r in sel)
             base = {"model": args.model_name, "method": m.row_name, "block": m.block, "rotate": m.rotate,
                     "context": args.context, "n": n, "corpus": corpus or "all"}
+            if m.policy is not None:
+                base["policy"] = m.policy.summary()
             out_rows.append({**base, "metric": "ppl", "value": math.exp(sum(r["nll_sum"] for r in sel) / n)})
             out_rows.append({**base, "metric": "top1_agree", "value": sum(r["top1"] for r in sel) / n})
             out_rows.append({**base, "metric": "kl", "value": sum(r["kl"] for r in sel) / n})
@@ -210,12 +220,31 @@ def main():
         runs[f"context_{args.context}_run"] = run
     else:
         runs.update(run)
+    for m in methods:
+        if m.policy is not None:  # what the policy chose and the capacity it keeps, per model
+            runs.setdefault("policies", {})[m.row_name] = m.policy.to_json() | {"key_centers": sorted(
+                m.policy.key_centers)}
     save_results(args.out, result)
     if not args.no_plot:
         plot(result, os.path.splitext(args.out)[0] + ".png")
     for r in out_rows:
         if r["corpus"] == "all":
             print(f"{label_row(r):16} {r['metric']:10} {r['value']:.4f}")
+
+
+def policy_methods(path, fallback: bool, hf_config) -> list:
+    """The served-default method of a policy file, and the uncalibrated fallback's."""
+    from sglang_sawint4.policy import ModelFacts, fallback_policy, load_policy_file
+
+    out = []
+    if path:
+        with open(path) as f:
+            method = json.load(f).get("method", "int4-bdr")
+        out.append(KVMethod.from_policy(load_policy_file(path, method), "served-default"))
+    if fallback:
+        facts = ModelFacts.from_hf_config(hf_config.to_dict())
+        out.append(KVMethod.from_policy(fallback_policy("int4-bdr", facts, why="evaluated"), "policy-fallback"))
+    return out
 
 
 def label_row(r) -> str:
@@ -225,7 +254,7 @@ def label_row(r) -> str:
     return (base if r["block"] is None else f"{base}-{r['block']}-{r['rotate']}") + suffix
 
 
-METHOD_ORDER = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr", "kmeans", "hessian"]
+METHOD_ORDER = ["bf16", "fp8_e4m3", "kivi", "int4", "int4-bdr", "kmeans", "hessian", "served", "policy"]
 
 
 def method_key(row) -> tuple:
@@ -237,7 +266,7 @@ def method_order(key) -> tuple:
     larger blocks first."""
     method, block, rotate = key
     base = method.split("[")[0]
-    family = base.split("-")[0] if base.startswith("kmeans") else base
+    family = base.split("-")[0] if base.startswith(("kmeans", "served", "policy")) else base
     return "[" in method, METHOD_ORDER.index(family), method, -(block or 0), rotate or ""
 
 

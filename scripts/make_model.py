@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Write a Llama/Qwen2-architecture model directory with seeded random weights.
+"""Write a Llama / Qwen2 / Qwen3-architecture model directory with seeded random weights.
 
     python scripts/make_model.py --preset tiny --out /tmp/models/tiny
     python scripts/make_model.py --preset 8b --arch qwen2 --out /tmp/models/qwen8b
+    python scripts/make_model.py --preset 8b --arch qwen3 --out /tmp/models/qwen3-8b
 
 For serving, integration and throughput work only: the weights are random, so
 the text is meaningless (it is not an accuracy model).  The directory holds
@@ -63,9 +64,12 @@ def model_config(arch: str, preset: str, vocab: int, max_pos: int) -> dict:
     if arch == "llama":
         cfg.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
                     "mlp_bias": False})
-    else:
+    elif arch == "qwen2":
         cfg.update({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
                     "sliding_window": None, "max_window_layers": layers})
+    else:  # Qwen3: RMSNorm on q and k per head before RoPE, no q/k/v bias (the paper's family)
+        cfg.update({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+                    "use_sliding_window": False, "sliding_window": None, "max_window_layers": layers})
     return cfg
 
 
@@ -85,6 +89,9 @@ def weight_shapes(cfg: dict, arch: str):
             yield p + "self_attn.q_proj.bias", (q,)
             yield p + "self_attn.k_proj.bias", (kv,)
             yield p + "self_attn.v_proj.bias", (kv,)
+        if arch == "qwen3":
+            yield p + "self_attn.q_norm.weight", (hd,)
+            yield p + "self_attn.k_norm.weight", (hd,)
         yield p + "mlp.gate_proj.weight", (i, h)
         yield p + "mlp.up_proj.weight", (i, h)
         yield p + "mlp.down_proj.weight", (h, i)
@@ -138,7 +145,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    p.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default="llama")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--max-position-embeddings", type=int, default=131072)
     p.add_argument("--seed", type=int, default=0)

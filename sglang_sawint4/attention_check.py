@@ -1,10 +1,10 @@
 """Debug mode: check the served attention against a float64 torch reference.
 
 With ``--kv-quant-debug-check-attention PATH`` the INT4 attention backend compares
-the output of its first few decode and extend calls per layer with
-:func:`int4_attention_reference` computed from the *same* INT4 pages the kernels
-read (decoded by ``sglang_sawint4.format``), and appends one JSON line per check to
-PATH.  It needs eager mode (``--disable-decode-cuda-graph``): a replayed CUDA graph runs no
+the output of its first few decode and extend calls per layer with a float64 reference
+computed from the *same* pages the kernels read (:func:`int4_attention_reference`, pages
+decoded by ``sglang_sawint4.format``; :func:`bf16_attention_reference` for the layers the
+KV policy keeps in BF16), and appends one JSON line per check to PATH.  It needs eager mode (``--disable-decode-cuda-graph``): a replayed CUDA graph runs no
 Python, so nothing could be checked.
 """
 
@@ -26,7 +26,7 @@ REL_TOL = 2e-2
 
 
 def int4_attention_reference(q, qo_indptr, kv_indptr, kv_indices, data, layout: fmt.Int4Format, sm_scale,
-                             k_new=None, v_new=None, round_prefix_to=None, round_rotated_q_to=None):
+                             k_new=None, v_new=None, round_prefix_to=None, round_rotated_q_to=None, k_center=None):
     """Float64 causal attention of each request's query tokens over its INT4 pages.
 
     Args:
@@ -40,29 +40,50 @@ def int4_attention_reference(q, qo_indptr, kv_indptr, kv_indices, data, layout: 
             path's BF16 scratch), or None.
         round_rotated_q_to: dtype the rotated q is rounded to (the decode kernel's
             tensor-core operand), or None.
+        k_center: [num_kv_heads, head_dim] key center of the layer (original space), or None.
     Returns [num_q_tokens, num_q_heads, head_dim] float64.
     """
     k_data, k_meta, v_data, v_meta = data
-    hq, hk = q.shape[1], k_data.shape[1]
+    # rotated space for keys when the kernel attends there (decode), else original
+    keys_rotated = round_rotated_q_to is not None and layout.rotate_k
+    center = None if k_center is None else k_center.to(q.device)
+
+    def read_kv(idx):
+        k = fmt.decode(k_data[idx], k_meta[idx], layout, is_value=False, unrotate=not keys_rotated, center=center)
+        v = fmt.decode(v_data[idx], v_meta[idx], layout, is_value=True)
+        if round_prefix_to is not None:
+            k, v = k.to(round_prefix_to).double(), v.to(round_prefix_to).double()
+        return k, v
+
+    def query(qb):
+        qb = qb.double()
+        if keys_rotated:
+            qb = fmt.rotate(qb, layout.block_size)
+        return qb if round_rotated_q_to is None else qb.to(round_rotated_q_to).double()
+
+    return _attention(q, qo_indptr, kv_indptr, kv_indices, read_kv, query, sm_scale, k_new, v_new)
+
+
+def bf16_attention_reference(q, qo_indptr, kv_indptr, kv_indices, k_buffer, v_buffer, sm_scale, k_new=None, v_new=None):
+    """Float64 causal attention over a BF16 layer's pages ([slots, num_kv_heads, head_dim]),
+    arguments as :func:`int4_attention_reference`."""
+    return _attention(q, qo_indptr, kv_indptr, kv_indices, lambda idx: (k_buffer[idx].double(), v_buffer[idx].double()),
+                      lambda qb: qb.double(), sm_scale, k_new, v_new)
+
+
+def _attention(q, qo_indptr, kv_indptr, kv_indices, read_kv, query, sm_scale, k_new, v_new):
+    hq = q.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     for b in range(qo_indptr.numel() - 1):
         q0, q1 = int(qo_indptr[b]), int(qo_indptr[b + 1])
         idx = kv_indices[int(kv_indptr[b]): int(kv_indptr[b + 1])].long()
-        # rotated space for keys when the kernel attends there (decode), else original
-        keys_rotated = round_rotated_q_to is not None and layout.rotate_k
-        k = fmt.decode(k_data[idx], k_meta[idx], layout, is_value=False, unrotate=not keys_rotated)
-        v = fmt.decode(v_data[idx], v_meta[idx], layout, is_value=True)
-        if round_prefix_to is not None:
-            k, v = k.to(round_prefix_to).double(), v.to(round_prefix_to).double()
-        qb = q[q0:q1].double()
-        if keys_rotated:
-            qb = fmt.rotate(qb, layout.block_size)
-        if round_rotated_q_to is not None:
-            qb = qb.to(round_rotated_q_to).double()
+        k, v = read_kv(idx)
+        qb = query(q[q0:q1])
         n_cached = k.shape[0]
         if k_new is not None:
             k = torch.cat([k, k_new[q0:q1].double()])
             v = torch.cat([v, v_new[q0:q1].double()])
+        hk = k.shape[1]
         k = k.repeat_interleave(hq // hk, dim=1)
         v = v.repeat_interleave(hq // hk, dim=1)
         s = torch.einsum("qhd,nhd->hqn", qb, k) * sm_scale

@@ -13,7 +13,12 @@ replaced:
   split-count rule (``get_num_kv_splits``);
 * extend/prefill: store the new tokens, dequantize only the cached prefix
   (radix-cache hits, earlier chunks) into a BF16 scratch, and run SGLang's stock
-  extend kernel on it, so attention among the new tokens stays exact.
+  extend kernel on it, so attention among the new tokens stays exact.  Centered keys
+  (the KV policy) get their center back in that scratch, since the new tokens' are exact.
+
+Layers the KV policy keeps in BF16 run SGLang's own Triton decode and extend unchanged
+(the pool hands them BF16 buffers); the choice is per layer id, so a captured CUDA graph
+holds the right kernels for each layer.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from sglang_sawint4.attention_check import AttentionChecker, int4_attention_reference
+from sglang_sawint4.attention_check import AttentionChecker, bf16_attention_reference, int4_attention_reference
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.splits import int4_num_kv_splits
@@ -77,6 +82,11 @@ class Int4TritonAttnBackend(TritonAttnBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
                        score_mod=None, aux_tensors=None):
         self._check_layer(layer, sinks, score_mod)
+        if self.int4_pool.is_bf16_layer(layer.layer_id):
+            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+            if self._checker is not None:
+                self._check_decode(layer, q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim), o)
+            return o
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = torch.empty_like(q)
         if save_kv_cache:
@@ -111,11 +121,16 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             raise Int4KVAccessError("INT4 KV cache cannot hand stored K/V back to layers that share KV")
         if forward_batch.forward_mode.is_target_verify():
             raise Int4KVAccessError("INT4 KV cache does not support speculative decoding")
+        hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q3, k3, v3 = q.view(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d)
+        if self.int4_pool.is_bf16_layer(layer.layer_id):
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            if self._checker is not None:
+                self._check_extend(layer, forward_batch, q3, k3, v3, o, self._prefix_rows(forward_batch))
+            return o
         if save_kv_cache:
             self._store(forward_batch, layer, k, v)
         md = self.forward_metadata
-        hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-        q3, k3, v3 = q.view(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d)
         n_prefix = self._prefix_rows(forward_batch)
         # Dense copy of the cached prefix only, in the original (un-rotated) space
         # (one row even without a prefix: the extend kernel takes a non-empty buffer).
@@ -123,7 +138,7 @@ class Int4TritonAttnBackend(TritonAttnBackend):
         k_prefix = q.new_empty((scratch_rows, hk, d))
         v_prefix = q.new_empty((scratch_rows, hk, d))
         dequantize_pages(*self.int4_pool.get_int4_layer(layer.layer_id), md.kv_indices[:n_prefix],
-                         k_prefix, v_prefix, self.int4_format)
+                         k_prefix, v_prefix, self.int4_format, k_center=self.int4_pool.key_center(layer.layer_id))
         o = q.new_empty((q.shape[0], hq * layer.v_head_dim))
         self.extend_attention_fwd(
             q3, k3.contiguous(), v3.contiguous(),
@@ -139,24 +154,34 @@ class Int4TritonAttnBackend(TritonAttnBackend):
         return o
 
     # -- --kv-quant-debug-check-attention: eager mode only, first calls per layer ----------
+    def _reference(self, layer, q, qo_indptr, kv_indptr, kv_indices, **kw):
+        """Float64 attention over the pages this layer's kernels read (INT4 or BF16)."""
+        pool = self.int4_pool
+        if pool.is_bf16_layer(layer.layer_id):
+            kw.pop("round_prefix_to", None), kw.pop("round_rotated_q_to", None)
+            return bf16_attention_reference(q, qo_indptr, kv_indptr, kv_indices, pool.get_key_buffer(layer.layer_id),
+                                            pool.get_value_buffer(layer.layer_id), layer.scaling, **kw)
+        return int4_attention_reference(q, qo_indptr, kv_indptr, kv_indices, pool.get_int4_layer(layer.layer_id),
+                                        self.int4_format, layer.scaling, k_center=pool.key_center(layer.layer_id), **kw)
+
+    def _kv_kind(self, layer) -> str:
+        return "bf16" if self.int4_pool.is_bf16_layer(layer.layer_id) else "int4"
+
     def _check_decode(self, layer, q, o):
         md, batch = self.forward_metadata, q.shape[0]
         if not self._checker.wanted("decode", layer.layer_id, batch):
             return
-        ref = int4_attention_reference(
-            q, torch.arange(batch + 1, device=q.device), md.kv_indptr[: batch + 1], md.kv_indices,
-            self.int4_pool.get_int4_layer(layer.layer_id), self.int4_format, layer.scaling,
-            round_rotated_q_to=q.dtype)
-        self._checker.record("decode", layer.layer_id, o, ref, batch=batch, kv_tokens=int(md.kv_indptr[batch]))
+        ref = self._reference(layer, q, torch.arange(batch + 1, device=q.device), md.kv_indptr[: batch + 1],
+                              md.kv_indices, round_rotated_q_to=q.dtype)
+        self._checker.record("decode", layer.layer_id, o, ref, batch=batch, kv_tokens=int(md.kv_indptr[batch]),
+                             kv=self._kv_kind(layer))
 
     def _check_extend(self, layer, forward_batch, q, k, v, o, n_prefix):
         md, batch = self.forward_metadata, forward_batch.batch_size
         mode = "extend_prefix" if n_prefix else "extend"
         if not self._checker.wanted(mode, layer.layer_id, q.shape[0] + n_prefix):
             return
-        ref = int4_attention_reference(
-            q, md.qo_indptr[: batch + 1], md.kv_indptr[: batch + 1], md.kv_indices,
-            self.int4_pool.get_int4_layer(layer.layer_id), self.int4_format, layer.scaling,
-            k_new=k, v_new=v, round_prefix_to=q.dtype)
+        ref = self._reference(layer, q, md.qo_indptr[: batch + 1], md.kv_indptr[: batch + 1], md.kv_indices,
+                              k_new=k, v_new=v, round_prefix_to=q.dtype)
         self._checker.record(mode, layer.layer_id, o, ref, batch=batch, new_tokens=q.shape[0],
-                             prefix_tokens=n_prefix)
+                             prefix_tokens=n_prefix, kv=self._kv_kind(layer))

@@ -21,7 +21,9 @@ ENV_ROTATE = "SGLANG_SAWINT4_ROTATE"
 ENV_SYMMETRIC = "SGLANG_SAWINT4_SYMMETRIC"
 ENV_POISON = "SGLANG_SAWINT4_DEBUG_POISON_FREED"
 ENV_CHECK_ATTENTION = "SGLANG_SAWINT4_DEBUG_CHECK_ATTENTION"
-ALL_ENV = (ENV_METHOD, ENV_BLOCK, ENV_ROTATE, ENV_SYMMETRIC, ENV_POISON, ENV_CHECK_ATTENTION)
+# the resolved KV policy file (written by the launcher, read by every worker's pool)
+ENV_POLICY_FILE = "SGLANG_SAWINT4_POLICY_FILE"
+ALL_ENV = (ENV_METHOD, ENV_BLOCK, ENV_ROTATE, ENV_SYMMETRIC, ENV_POISON, ENV_CHECK_ATTENTION, ENV_POLICY_FILE)
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,8 @@ class KVQuantConfig:
     symmetric: bool = False
     debug_poison_freed: bool = False  # NaN scales in freed slots: a stale read shows as NaN output
     debug_check_attention: Optional[str] = None  # JSON-lines file of served-vs-reference checks
+    policy: str = "auto"  # auto | none | a policy or calibration file (sglang_sawint4.policy)
+    bf16_layers: Optional[Tuple[int, ...]] = None  # None: the policy decides
 
     def __post_init__(self):
         if self.method not in fmt.METHODS:
@@ -52,6 +56,12 @@ class KVQuantConfig:
             raise ConfigError("--kv-quant-rotate kv only applies to --kv-quant int4-bdr")
         if self.debug_check_attention and not self.enabled:
             raise ConfigError("--kv-quant-debug-check-attention needs --kv-quant int4 or int4-bdr")
+        if not self.policy:
+            raise ConfigError("--kv-quant-policy must be auto, none or a policy file")
+        if self.policy not in ("auto", "none") and not os.path.isfile(self.policy):
+            raise ConfigError(f"--kv-quant-policy {self.policy}: no such file (use auto, none or a policy file)")
+        if (self.policy != "auto" or self.bf16_layers is not None) and not self.enabled:
+            raise ConfigError("--kv-quant-policy / --kv-quant-bf16-layers need --kv-quant int4 or int4-bdr")
 
     @property
     def enabled(self) -> bool:
@@ -69,7 +79,10 @@ class KVQuantConfig:
             return "bf16 (SGLang default)"
         s = self.method
         if self.method == "int4-bdr":
-            s += f" block={self.block_size or 'min(128, head_dim)'} rotate={self.rotate}"
+            s += f" block={self.block_size or 'by policy'} rotate={self.rotate}"
+        s += f" policy={self.policy}"
+        if self.bf16_layers is not None:
+            s += f" bf16_layers={list(self.bf16_layers)}"
         return s + (" symmetric" if self.symmetric else "")
 
     # -- environment round trip (parent -> spawned SGLang processes) ------------
@@ -107,7 +120,23 @@ class KVQuantConfig:
     def from_args(cls, ns: argparse.Namespace) -> "KVQuantConfig":
         return cls(method=ns.kv_quant, block_size=ns.kv_quant_block_size, rotate=ns.kv_quant_rotate,
                    symmetric=ns.kv_quant_symmetric, debug_poison_freed=ns.kv_quant_debug_poison,
-                   debug_check_attention=ns.kv_quant_debug_check_attention)
+                   debug_check_attention=ns.kv_quant_debug_check_attention,
+                   policy=ns.kv_quant_policy, bf16_layers=parse_layer_list(ns.kv_quant_bf16_layers))
+
+
+def parse_layer_list(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    """'0,27' -> (0, 27); 'none' or '' -> (); None -> None (not given)."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        layers = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise ConfigError(f"--kv-quant-bf16-layers takes comma-separated layer ids or 'none', got {text!r}") from None
+    if any(l < 0 for l in layers):
+        raise ConfigError(f"--kv-quant-bf16-layers takes layer ids >= 0, got {text!r}")
+    return layers
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -115,9 +144,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-quant", default="none", metavar="{none,int4,int4-bdr}",
                    help="KV cache storage: none = SGLang unchanged (BF16 or --kv-cache-dtype), "
                         "int4 = token-wise INT4, int4-bdr = INT4 after block-diagonal Hadamard rotation")
+    g.add_argument("--kv-quant-policy", default="auto", metavar="{auto,none,FILE}",
+                   help="per-layer KV policy: auto (default) calibrates the model once (cached) and keeps "
+                        "outlier layers in BF16, centers keys where that helps and picks the Hadamard "
+                        "block; none = every layer INT4 as in the paper; FILE = a policy written by "
+                        "python -m sglang_sawint4.policy resolve")
+    g.add_argument("--kv-quant-bf16-layers", default=None, metavar="LIST",
+                   help="layers that keep BF16 K/V, e.g. 0,27, or none (overrides the policy's choice)")
     g.add_argument("--kv-quant-block-size", type=_int_arg("--kv-quant-block-size"), default=None,
                    help="Hadamard block size for int4-bdr: 16, 32, 64 or 128 dividing head_dim "
-                        "(default min(128, head_dim))")
+                        "(default: the policy's choice; min(128, head_dim) with --kv-quant-policy none)")
     g.add_argument("--kv-quant-rotate", default="k", metavar="{k,kv}",
                    help="rotate keys only (default, the paper's served config) or keys and values")
     g.add_argument("--kv-quant-symmetric", action="store_true",

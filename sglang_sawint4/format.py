@@ -24,6 +24,13 @@ an optional block-diagonal Hadamard rotation (Sylvester construction scaled by
   (centred grid: 16 levels symmetric around zero, no wasted level)
 
 Both store the same (scale, offset) pair, so every reader is the same.
+
+Keys may be *centered*: a constant vector c (per layer and KV head) is subtracted before
+the rotation, so a key is stored as H (k - c).  Attention needs no correction for it:
+q . (k - c) = q . k - q . c shifts every score of a query by the same amount, which the
+softmax cancels.  Only readers that mix cached keys with exact ones (the extend path's
+new tokens) add c back.  c removes constant channels (a large ``k_proj`` bias) that would
+otherwise stretch every token's INT4 range.
 """
 
 from __future__ import annotations
@@ -118,6 +125,18 @@ class Int4Format:
             return cls(head_dim=head_dim, block_size=None, symmetric=symmetric)
         b = default_block_size(head_dim) if block_size is None else block_size
         return cls(head_dim=head_dim, block_size=b, rotate_v=(rotate == "kv"), symmetric=symmetric)
+
+
+def bf16_bytes_per_token_head(head_dim: int) -> int:
+    """Bytes one token costs per KV head for K and V in BF16 (an unquantized layer)."""
+    return 2 * head_dim * torch.finfo(torch.bfloat16).bits // 8
+
+
+def kv_bytes_per_token(num_kv_heads: int, layers, layout: "Int4Format", bf16_layers=()) -> int:
+    """KV bytes one token costs over ``layers`` (layer ids) and ``num_kv_heads`` heads: INT4
+    layers in ``layout``, ``bf16_layers`` in BF16 (what SGLang's memory profiler calls the cell size)."""
+    bf16 = bf16_bytes_per_token_head(layout.head_dim)
+    return num_kv_heads * sum(bf16 if l in bf16_layers else layout.bytes_per_token_head() for l in layers)
 
 
 def validate_head_dim(head_dim: int) -> None:
@@ -261,34 +280,58 @@ def packed_words(data: torch.Tensor) -> torch.Tensor:
     return data.view(torch.int16)
 
 
-def encode(x: torch.Tensor, fmt: Int4Format, is_value: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate (per ``fmt``), quantize and pack one K or V tensor.
+def _check_center(center: Optional[torch.Tensor], is_value: bool) -> None:
+    if center is not None and is_value:
+        raise FormatError("only keys are centered (a value center would shift the attention output)")
+
+
+def encode(x: torch.Tensor, fmt: Int4Format, is_value: bool,
+           center: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Center (keys, optional), rotate (per ``fmt``), quantize and pack one K or V tensor.
 
     Args:
-        x: [num_tokens, num_kv_heads, head_dim] float.
+        x: [num_tokens, num_kv_heads, head_dim] float (any leading axes).
+        center: None, or the key center, broadcastable against x (e.g. [num_kv_heads,
+            head_dim]), in the original space.
     Returns:
         data [num_tokens, num_kv_heads, head_dim // 2] uint8,
         meta [num_tokens, num_kv_heads, 2] float16.
     """
+    _check_center(center, is_value)
+    xd = x.double() if center is None else x.double() - center.double()
     rotated = fmt.rotate_v if is_value else fmt.rotate_k
-    xr = rotate(x.double(), fmt.block_size) if rotated else x.double()
+    xr = rotate(xd, fmt.block_size) if rotated else xd
     codes, scale, offset = quantize(xr, symmetric=fmt.symmetric)
     return pack(codes), torch.stack([scale, offset], dim=-1)
 
 
-def decode(data: torch.Tensor, meta: torch.Tensor, fmt: Int4Format, is_value: bool, unrotate: bool = True) -> torch.Tensor:
-    """Unpack and dequantize to float64; undo the rotation if ``unrotate``."""
+def decode(data: torch.Tensor, meta: torch.Tensor, fmt: Int4Format, is_value: bool, unrotate: bool = True,
+           center: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Unpack and dequantize to float64; undo the rotation if ``unrotate``; add the key
+    ``center`` back (in the space returned: rotated too when the rotation is kept)."""
+    _check_center(center, is_value)
     x = dequantize(unpack(data), meta[..., META_SCALE], meta[..., META_OFFSET], dtype=torch.float64)
     rotated = fmt.rotate_v if is_value else fmt.rotate_k
     if rotated and unrotate:
         x = rotate(x, fmt.block_size)
+    if center is not None:
+        c = center.double().to(x.device)
+        x = x + (rotate(c, fmt.block_size) if rotated and not unrotate else c)
     return x
 
 
-def fake_quantize(x: torch.Tensor, fmt: Int4Format, is_value: bool) -> torch.Tensor:
+def stored_center(center: torch.Tensor, fmt: Int4Format) -> torch.Tensor:
+    """The key center in the space keys are stored in (rotated when K is), float32: what
+    the store kernel subtracts after its rotation, H (k - c) = H k - H c."""
+    c = center.double()
+    return (rotate(c, fmt.block_size) if fmt.rotate_k else c).float().contiguous()
+
+
+def fake_quantize(x: torch.Tensor, fmt: Int4Format, is_value: bool,
+                  center: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Round trip through the stored format, returned in x's dtype and original space."""
-    data, meta = encode(x, fmt, is_value)
-    return decode(data, meta, fmt, is_value).to(x.dtype)
+    data, meta = encode(x, fmt, is_value, center)
+    return decode(data, meta, fmt, is_value, center=center).to(x.dtype)
 
 
 def allocate_layer(num_slots: int, num_kv_heads: int, head_dim: int, device="cpu"):

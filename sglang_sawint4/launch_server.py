@@ -1,10 +1,12 @@
 """``python -m sglang_sawint4.launch_server``: SGLang's launcher plus the INT4 KV flags.
 
 Every ``sglang.launch_server`` flag is passed through unchanged.  Our flag group
-(``--kv-quant``, ``--kv-quant-block-size``, ``--kv-quant-rotate``,
-``--kv-quant-symmetric``) is parsed and validated first; bad values and
-unsupported combinations stop here with one ``error:`` line and exit code 2.
-With ``--kv-quant none`` (the default) this is exactly ``sglang.launch_server``.
+(``--kv-quant`` and ``--kv-quant-*``) is parsed and validated first; bad values,
+unsupported combinations, a missing model directory and missing dependencies stop
+here with one ``error:`` line and exit code 2.  With INT4 KV the KV policy
+(``sglang_sawint4.policy``) is resolved here, once, logged in one line and handed to
+every SGLang worker through a file.  With ``--kv-quant none`` (the default) this is
+``sglang.launch_server``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from sglang_sawint4.config import ALL_ENV, ConfigError, KVQuantConfig, add_cli_args
+from sglang_sawint4.config import ALL_ENV, ENV_POLICY_FILE, ConfigError, KVQuantConfig, add_cli_args
 
 PROG = "python -m sglang_sawint4.launch_server"
 INT4_ATTENTION_BACKEND = "triton"
@@ -93,6 +95,50 @@ def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
     return argv
 
 
+def looks_local(path: str) -> bool:
+    """Whether --model-path names a file-system path rather than a hub id ("org/name")."""
+    return (os.path.isabs(path) or path.startswith(("./", "../", "~")) or os.path.exists(path)
+            or path.count("/") > 1)
+
+
+def check_model_path(argv: List[str]) -> None:
+    """A local --model-path must be a model directory (config.json) or a GGUF file."""
+    path = _flag_value(argv, "--model-path") or _flag_value(argv, "--model")
+    if path is None or not looks_local(path):
+        return
+    full = os.path.expanduser(path)
+    if not os.path.exists(full):
+        raise ConfigError(f"--model-path {path}: no such directory")
+    if os.path.isfile(full):
+        if not full.endswith(".gguf"):
+            raise ConfigError(f"--model-path {path}: a file, not a model directory (or .gguf file)")
+        return
+    if not os.path.isfile(os.path.join(full, "config.json")):
+        raise ConfigError(f"--model-path {path}: not a model directory (no config.json)")
+
+
+def resolve_served_policy(config: KVQuantConfig, argv: List[str], env) -> str:
+    """Resolve the KV policy for the model (calibrating it on the first start), save it where
+    every worker reads it, and return its one-line description."""
+    from sglang_sawint4.model_check import load_hf_config
+    from sglang_sawint4.policy import ModelFacts, PolicyError, cache_dir, local_model_dir, resolve_policy
+
+    path = _flag_value(argv, "--model-path") or _flag_value(argv, "--model")
+    local = local_model_dir(path, download=True) if path else None
+    if local is None:
+        raise ConfigError(f"--kv-quant needs the model's files to choose its KV policy; {path} is neither a "
+                          "local model directory nor a hub id that could be downloaded")
+    try:
+        facts = ModelFacts.from_hf_config(load_hf_config(local))
+        policy = resolve_policy(config.policy, local, facts, config.method, config.block_size, config.rotate,
+                                config.symmetric, config.bf16_layers)
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
+    out = policy.save_in(cache_dir())
+    env[ENV_POLICY_FILE] = out
+    return policy.describe()
+
+
 def ensure_plugin_reaches_workers(env) -> None:
     """SGLang's worker processes get the patches only through our plugin entry point."""
     from importlib.metadata import entry_points
@@ -115,6 +161,25 @@ def print_help() -> None:
     print("All other flags are SGLang's (python -m sglang.launch_server --help).")
 
 
+def missing_dependency(e: ImportError) -> ConfigError:
+    """One line naming the Python package an import could not find."""
+    missing = getattr(e, "name", None) or str(e)
+    return ConfigError(f"cannot import SGLang: missing Python package {missing!r} ({e}); install the serving "
+                       f"dependencies: pip install '.[serve]' (or the offline bundle, see the README)")
+
+
+def import_sglang():
+    """SGLang's launcher entry points (a missing package: ConfigError)."""
+    try:
+        from sglang.launch_server import run_server
+        from sglang.srt.plugins import load_plugins
+        from sglang.srt.server_args import prepare_server_args
+        from sglang.srt.utils import kill_process_tree
+    except ImportError as e:
+        raise missing_dependency(e) from None
+    return run_server, load_plugins, prepare_server_args, kill_process_tree
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -124,11 +189,19 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     try:
         config, sglang_argv = split_args(argv)
+        check_model_path(sglang_argv)
         sglang_argv = prepare_int4_argv(config, sglang_argv)
         if config.enabled:
-            check_sglang_version()
+            try:
+                check_sglang_version()
+            except ImportError as e:
+                raise missing_dependency(e) from None
+        run_server, load_plugins, prepare_server_args, kill_process_tree = import_sglang()
+        if config.enabled:
             ensure_plugin_reaches_workers(os.environ)
             config.to_env(os.environ)  # inherited by every process SGLang spawns
+            print(f"sglang-sawint4: KV policy: {resolve_served_policy(config, sglang_argv, os.environ)}",
+                  file=sys.stderr, flush=True)
         else:
             for name in ALL_ENV:  # a stale setting must not turn the plugin on in the workers
                 os.environ.pop(name, None)
@@ -137,11 +210,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(2)
 
     # From here on this is sglang.launch_server's __main__.
-    from sglang.launch_server import run_server
-    from sglang.srt.plugins import load_plugins
-    from sglang.srt.server_args import prepare_server_args
-    from sglang.srt.utils import kill_process_tree
-
     load_plugins()  # runs our entry point here (and again in every SGLang worker process)
     server_args = prepare_server_args(sglang_argv)
     try:

@@ -3,21 +3,26 @@
 ``Int4TokenToKVPool`` keeps ``MHATokenToKVPool``'s token-indexed addressing
 (slot ``i`` of every layer belongs to the same token; ``page_size`` only groups
 slots), so SGLang's allocator, radix cache and ``req_to_token`` tables work
-unchanged.  Per layer it owns::
+unchanged.  Per INT4 layer it owns::
 
     k_buffer[l], v_buffer[l]: [num_slots, num_kv_heads, head_dim // 2] uint8
     k_meta[l],   v_meta[l]:   [num_slots, num_kv_heads, 2] float16 (scale, offset)
 
-Readers must go through :meth:`get_int4_layer`.  SGLang's BF16 accessors
-(``get_key_buffer`` & co.) raise :class:`Int4KVAccessError` so that no code path
-can silently read packed nibbles as BF16.
+and per BF16 layer (the policy's ``bf16_layers``) SGLang's own layout::
+
+    k_buffer[l], v_buffer[l]: [num_slots, num_kv_heads, head_dim] bfloat16, k_meta[l] = None
+
+INT4 layers may store centered keys (``format``): ``key_center(l)`` is their center.
+Readers of INT4 layers must go through :meth:`get_int4_layer`; SGLang's BF16 accessors
+(``get_key_buffer`` & co.) serve BF16 layers only and raise :class:`Int4KVAccessError`
+for INT4 ones, so that no code path can silently read packed nibbles as BF16.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager, nullcontext
-from typing import List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 try:  # SGLang is an optional dependency of the package (the `serve` extra).
     from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, _set_kv_buffer_impl, unwrap_write_loc
 except ImportError as e:  # pragma: no cover - exercised only without sglang
     raise ImportError(
         "sglang_sawint4.pool needs sglang==0.5.17 (pip install 'sglang-sawint4[serve]')"
@@ -40,8 +45,15 @@ class Int4KVAccessError(RuntimeError):
 
 
 class Int4TokenToKVPool(MHATokenToKVPool):
-    def __init__(self, *args, int4_format: fmt.Int4Format, **kwargs):
+    def __init__(self, *args, int4_format: fmt.Int4Format, bf16_layers: Sequence[int] = (),
+                 key_centers: Optional[Dict[int, torch.Tensor]] = None, **kwargs):
+        """``bf16_layers``: global layer ids that keep BF16 K/V; ``key_centers``: global layer
+        id -> [num_kv_heads, head_dim] float32 center of this rank's KV heads (original space)."""
         self.int4_format = int4_format
+        self.bf16_layers = frozenset(int(l) for l in bf16_layers)
+        self._key_centers_in = dict(key_centers or {})
+        if self.bf16_layers & set(self._key_centers_in):
+            raise ValueError(f"layers {sorted(self.bf16_layers & set(self._key_centers_in))} cannot be BF16 and centered")
         self._shape_probe = False
         for unsupported in ("swa_head_num", "swa_head_dim", "swa_v_head_dim", "kv_cache_layout", "quant_method"):
             if kwargs.get(unsupported) is not None:
@@ -64,41 +76,72 @@ class Int4TokenToKVPool(MHATokenToKVPool):
         self.k_scale_buffer = self.v_scale_buffer = None
         self.dq_k_buffer = self.dq_v_buffer = None
         num_slots = self.size + self.page_size  # slot 0's page absorbs padded writes
+        layers = range(self.start_layer, self.start_layer + self.layer_num)
+        for l in set(self._key_centers_in) - set(layers):
+            raise ValueError(f"key center for layer {l}, outside this pool's layers {list(layers)}")
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             with (torch.cuda.use_mem_pool(self.custom_mem_pool) if self.enable_custom_mem_pool else nullcontext()):
-                k = [fmt.allocate_layer(num_slots, self.head_num, self.head_dim, self.device) for _ in range(self.layer_num)]
-                v = [fmt.allocate_layer(num_slots, self.head_num, self.head_dim, self.device) for _ in range(self.layer_num)]
+                k = [self._allocate(l, num_slots) for l in layers]
+                v = [self._allocate(l, num_slots) for l in layers]
         self.k_buffer: List[torch.Tensor] = [d for d, _ in k]
-        self.k_meta: List[torch.Tensor] = [m for _, m in k]
+        self.k_meta: List[Optional[torch.Tensor]] = [m for _, m in k]
         self.v_buffer: List[torch.Tensor] = [d for d, _ in v]
-        self.v_meta: List[torch.Tensor] = [m for _, m in v]
+        self.v_meta: List[Optional[torch.Tensor]] = [m for _, m in v]
+        # per local layer: the key center in the original space (extend path, references) and
+        # in the stored space (the store kernel subtracts it after its rotation)
+        self._key_center: List[Optional[torch.Tensor]] = []
+        self._stored_key_center: List[Optional[torch.Tensor]] = []
+        for l in layers:
+            c = self._key_centers_in.get(l)
+            if c is not None and tuple(c.shape) != (self.head_num, self.head_dim):
+                raise ValueError(f"key center of layer {l} must be [{self.head_num}, {self.head_dim}], got {tuple(c.shape)}")
+            self._key_center.append(None if c is None else c.float().contiguous().to(self.device))
+            self._stored_key_center.append(None if c is None else fmt.stored_center(c, self.int4_format).to(self.device))
         self._kv_buffer_descs = self._build_kv_buffer_descs()
         self._init_data_ptrs_and_strides()
 
+    def _allocate(self, layer: int, num_slots: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if layer in self.bf16_layers:
+            return torch.zeros((num_slots, self.head_num, self.head_dim), dtype=self.dtype, device=self.device), None
+        return fmt.allocate_layer(num_slots, self.head_num, self.head_dim, self.device)
+
     def _slot_move_pointer_buffers(self):
-        return [*self.k_buffer, *self.v_buffer, *self.k_meta, *self.v_meta]
+        return [*self.k_buffer, *self.v_buffer, *(m for m in (*self.k_meta, *self.v_meta) if m is not None)]
 
     def get_kv_size_bytes(self) -> Tuple[int, int]:
-        k = sum(t.numel() * t.element_size() for t in (*self.k_buffer, *self.k_meta))
-        v = sum(t.numel() * t.element_size() for t in (*self.v_buffer, *self.v_meta))
+        k = sum(t.numel() * t.element_size() for t in (*self.k_buffer, *self.k_meta) if t is not None)
+        v = sum(t.numel() * t.element_size() for t in (*self.v_buffer, *self.v_meta) if t is not None)
         return k, v
 
     def _finalize_allocation_log(self, num_tokens: int):
         k, v = self.get_kv_size_bytes()
         self.mem_usage = (k + v) / (1 << 30)
+        layers = range(self.start_layer, self.start_layer + self.layer_num)
         logger.info(
-            "INT4 KV cache is allocated. format: %s, #tokens: %d, K size: %.2f GB, V size: %.2f GB, "
-            "%d B/token/layer (BF16 would be %d)",
-            self.int4_format, num_tokens, k / (1 << 30), v / (1 << 30),
-            int4_cell_size_bytes(self.head_num, 1, self.int4_format),
-            self.head_num * 2 * self.head_dim * 2,
+            "INT4 KV cache is allocated. format: %s, BF16 layers: %s, centered key layers: %d, #tokens: %d, "
+            "K size: %.2f GB, V size: %.2f GB, %d B/token (BF16 would be %d)",
+            self.int4_format, sorted(self.bf16_layers) or "none", sum(c is not None for c in self._key_center),
+            num_tokens, k / (1 << 30), v / (1 << 30),
+            fmt.kv_bytes_per_token(self.head_num, layers, self.int4_format, self.bf16_layers),
+            self.head_num * self.layer_num * fmt.bf16_bytes_per_token_head(self.head_dim),
         )
 
     # -- the INT4 interface ----------------------------------------------------
+    def is_bf16_layer(self, layer_id: int) -> bool:
+        return layer_id in self.bf16_layers
+
     def get_int4_layer(self, layer_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k_data, k_meta, v_data, v_meta) of a layer, shapes as in the module doc."""
+        """(k_data, k_meta, v_data, v_meta) of an INT4 layer, shapes as in the module doc."""
+        if layer_id in self.bf16_layers:
+            raise Int4KVAccessError(f"layer {layer_id} keeps BF16 K/V; read it with get_key_buffer / get_value_buffer")
         i = layer_id - self.start_layer
         return self.k_buffer[i], self.k_meta[i], self.v_buffer[i], self.v_meta[i]
+
+    def key_center(self, layer_id: int, stored: bool = False) -> Optional[torch.Tensor]:
+        """[num_kv_heads, head_dim] float32 key center of an INT4 layer (None: keys not
+        centered), in the original space or, with ``stored``, in the stored (rotated) one."""
+        i = layer_id - self.start_layer
+        return (self._stored_key_center if stored else self._key_center)[i]
 
     def set_kv_buffer(self, layer, loc, cache_k, cache_v, k_scale=None, v_scale=None,
                       layer_id_override=None, dcp_kv_mask=None):
@@ -110,21 +153,37 @@ class Int4TokenToKVPool(MHATokenToKVPool):
         if full_loc is not None:
             loc = full_loc
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
-        rotate_quantize_store(cache_k, cache_v, loc, *self.get_int4_layer(layer_id), self.int4_format)
+        if layer_id in self.bf16_layers:
+            i = layer_id - self.start_layer
+            rows = (-1, self.head_num, self.head_dim)
+            _set_kv_buffer_impl(cache_k.reshape(rows).to(self.dtype), cache_v.reshape(rows).to(self.dtype),
+                                self.k_buffer[i], self.v_buffer[i],
+                                loc, row_dim=self.head_num * self.head_dim, store_dtype=self.dtype,
+                                device_module=self.device_module, size_limit=self.size + self.page_size,
+                                alt_stream=self.alt_stream)
+            return
+        rotate_quantize_store(cache_k, cache_v, loc, *self.get_int4_layer(layer_id), self.int4_format,
+                              k_center=self.key_center(layer_id, stored=True))
 
     def poison_slots(self, loc: torch.Tensor) -> None:
-        """Debug: NaN (scale, offset) in every layer for these slots.
+        """Debug: NaN (scale, offset) in every INT4 layer and NaN rows in every BF16 layer
+        for these slots.
 
-        A slot is rewritten (store kernel) before a request that owns it again reads
-        it; a read of a freed, not yet rewritten slot makes the attention output NaN.
+        A slot is rewritten before a request that owns it again reads it; a read of a
+        freed, not yet rewritten slot makes the attention output NaN.
         """
         if loc.numel() == 0:
             return
         # SGLang frees int64 slot tensors and int32 ones (radix-cache segments come
         # straight from the int32 req_to_token table); index_fill_ takes int64 only
-        loc = loc.to(device=self.k_meta[0].device, dtype=torch.int64)
-        for meta in (*self.k_meta, *self.v_meta):
-            meta.index_fill_(0, loc, float("nan"))
+        loc = loc.to(device=self.k_buffer[0].device, dtype=torch.int64)
+        for i in range(self.layer_num):
+            if self.k_meta[i] is None:
+                targets = (self.k_buffer[i], self.v_buffer[i])
+            else:
+                targets = (self.k_meta[i], self.v_meta[i])
+            for t in targets:
+                t.index_fill_(0, loc, float("nan"))
 
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         if tgt_loc.numel() == 0:
@@ -146,19 +205,21 @@ class Int4TokenToKVPool(MHATokenToKVPool):
         finally:
             self._shape_probe = False
 
-    def _refuse(self, what: str, layer_id: int):
+    def _bf16_buffer(self, what: str, layer_id: int, buffers: List[torch.Tensor]):
+        if layer_id in self.bf16_layers:
+            return buffers[layer_id - self.start_layer]
         if self._shape_probe:
             return torch.empty((self.size + self.page_size, self.head_num, self.head_dim),
                                dtype=self.dtype, device="meta")
         raise Int4KVAccessError(
-            f"{what}({layer_id}) asked the INT4 KV pool for BF16 pages; only the sglang-sawint4 "
-            f"attention path can read them (use --attention-backend triton with --kv-quant)")
+            f"{what}({layer_id}) asked the INT4 KV pool for BF16 pages of an INT4 layer; only the "
+            f"sglang-sawint4 attention path can read them (use --attention-backend triton with --kv-quant)")
 
     def get_key_buffer(self, layer_id: int):
-        return self._refuse("get_key_buffer", layer_id)
+        return self._bf16_buffer("get_key_buffer", layer_id, self.k_buffer)
 
     def get_value_buffer(self, layer_id: int):
-        return self._refuse("get_value_buffer", layer_id)
+        return self._bf16_buffer("get_value_buffer", layer_id, self.v_buffer)
 
     def get_kv_buffer(self, layer_id: int):
         return self.get_key_buffer(layer_id), self.get_value_buffer(layer_id)
@@ -187,7 +248,3 @@ class Int4TokenToKVPool(MHATokenToKVPool):
     def get_flashinfer_decode_dequant_workspace_kv_buffer(self, *args, **kwargs):
         self._unsupported("get_flashinfer_decode_dequant_workspace_kv_buffer")
 
-
-def int4_cell_size_bytes(num_kv_heads: int, num_layers: int, layout: fmt.Int4Format) -> int:
-    """Bytes one token costs across all layers of one rank (what SGLang calls cell_size)."""
-    return num_kv_heads * num_layers * layout.bytes_per_token_head()

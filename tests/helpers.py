@@ -44,3 +44,18 @@ def tiny_gemma(head_dim, layer_types, **config):
                                         num_key_value_heads=1, head_dim=head_dim, layer_types=layer_types, **config)
     torch.manual_seed(0)
     return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+def require_sglang():
+    """For test modules that need SGLang: fail (never skip) with the reason when sglang==0.5.17
+    is missing or does not import, e.g. a dependency the README's set-up should have installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is None:
+        raise ImportError("these tests need sglang==0.5.17 installed without its GPU dependencies: run the "
+                          "README's set-up command (pip install --no-deps sglang==0.5.17 after requirements-ci.txt)")
+    try:
+        import sglang.srt.mem_cache.memory_pool  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - whatever breaks the import is the message
+        raise ImportError(f"sglang is installed but does not import ({type(e).__name__}: {e}); a dependency is "
+                          f"missing from requirements-ci.txt or the environment") from e

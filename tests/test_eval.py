@@ -167,7 +167,7 @@ def test_per_layer_policy_keeps_listed_layers_exact(rng):
     m = KVMethod("int4-bdr", 64, "k", bf16_layers=(0, 3))
     assert m.apply(k, k, layer=3)[0] is k
     assert not torch.equal(m.apply(k, k, layer=1)[0], k)
-    assert m.label == "int4-bdr-64-k[bf16:0,3]" and m.policy == "[bf16:0,3]"
+    assert m.label == "int4-bdr-64-k[bf16:0,3]" and m.layer_policy == "[bf16:0,3]"
 
 
 def test_kmeans_finds_separated_clusters():

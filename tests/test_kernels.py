@@ -34,9 +34,14 @@ def _poison(bufs):
         t.fill_(0xAB if t.dtype == torch.uint8 else float("nan"))
 
 
-def _store(layout, num_tokens, heads, num_slots, gen, device, dtype=torch.float16, fused_qkv=False):
+def _store(layout, num_tokens, heads, num_slots, gen, device, dtype=torch.float16, fused_qkv=False, center=None):
+    """Random K/V stored at random slots; ``center`` ([heads, d], original space) is
+    subtracted from the keys by the kernel (and the keys get that constant added, so
+    centering has something to remove)."""
     d = layout.head_dim
     k = keys_with_outliers(num_tokens, heads, d, gen, dtype=dtype)
+    if center is not None:
+        k = (k.float() + center).to(dtype)
     v = torch.randn(num_tokens, heads, d, generator=gen).to(dtype)
     if fused_qkv:
         # k and v as strided views of one fused projection output, as in SGLang models
@@ -48,8 +53,16 @@ def _store(layout, num_tokens, heads, num_slots, gen, device, dtype=torch.float1
     loc = torch.randperm(num_slots, generator=gen)[:num_tokens]  # non-contiguous slots
     bufs = _pool(num_slots, heads, d, device)
     _poison(bufs)
-    rotate_quantize_store(k.to(device), v.to(device), loc.to(device), *bufs, layout)
+    stored = None if center is None else fmt.stored_center(center, layout).to(device)
+    rotate_quantize_store(k.to(device), v.to(device), loc.to(device), *bufs, layout, k_center=stored)
     return k, v, loc, bufs
+
+
+def _bias_center(heads, d, gen):
+    """A constant key vector like a large k_proj bias: a few channels far from zero."""
+    c = torch.zeros(heads, d)
+    c[:, torch.randperm(d, generator=gen)[:6]] = 40.0 * torch.randn(heads, 6, generator=gen).sign()
+    return c
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
@@ -73,6 +86,36 @@ def test_store_matches_reference(layout, dtype, rng, device):
         else:
             assert torch.isnan(got[~written]).all()
             assert torch.allclose(got[written].float(), exp[written].float(), rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[3], LAYOUTS[5]], ids=[IDS[0], IDS[2], IDS[3], IDS[5]])
+def test_store_with_key_center_matches_reference(layout, rng, device):
+    num_slots, heads = 64, 2
+    center = _bias_center(heads, layout.head_dim, rng)
+    k, v, loc, bufs = _store(layout, 29, heads, num_slots, rng, device, dtype=torch.float32, center=center)
+    ref = _pool(num_slots, heads, layout.head_dim, "cpu")
+    rotate_quantize_store_reference(k, v, loc, *ref, layout, k_center=center)
+    for got, exp in zip(bufs, ref):
+        got = got.cpu()[loc]
+        if got.dtype == torch.uint8:
+            diff = (fmt.unpack(got).int() - fmt.unpack(exp[loc]).int()).abs()
+            assert diff.max() <= 1 and diff.float().mean() < 1e-3
+        else:
+            assert torch.allclose(got.float(), exp[loc].float(), rtol=2e-3, atol=1e-3)
+    # what the center buys: keys riding on a constant read back far closer to themselves
+    kd, km = bufs[0].cpu()[loc], bufs[1].cpu()[loc]
+    centered = fmt.decode(kd, km, layout, is_value=False, center=center)
+    plain = fmt.fake_quantize(k, layout, is_value=False)
+    assert rel_err(centered, k) < 0.5 * rel_err(plain, k)
+
+
+def test_store_refuses_a_badly_shaped_center(rng, device):
+    layout = fmt.Int4Format(64, 64)
+    bufs = _pool(8, 2, 64, device)
+    k = torch.randn(3, 2, 64, device=device)
+    for bad in (torch.zeros(2, 32, device=device), torch.zeros(2, 64, dtype=torch.float16, device=device)):
+        with pytest.raises(ValueError, match="key center must be"):
+            rotate_quantize_store(k, k, torch.arange(3, device=device), *bufs, layout, k_center=bad)
 
 
 def test_store_round_trip_error_bound(rng, device):
@@ -286,6 +329,39 @@ def test_dequantize_pages_matches_reference(layout, rng, device):
     rk, rv = dequantize_pages_reference(*bufs, indices, layout)
     assert rel_err(k_out[:45], rk) < 2e-3 and rel_err(v_out[:45], rv) < 2e-3
     assert torch.isnan(k_out[45:].float()).all()  # rows past n untouched
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[5]], ids=[IDS[0], IDS[2], IDS[5]])
+def test_dequantize_pages_adds_the_key_center_back(layout, rng, device):
+    num_slots, heads = 48, 2
+    center = _bias_center(heads, layout.head_dim, rng)
+    k, _, loc, bufs = _store(layout, num_slots, heads, num_slots, rng, device, dtype=torch.float32, center=center)
+    k_out = torch.empty((num_slots, heads, layout.head_dim), dtype=torch.float32, device=device)
+    v_out = torch.empty_like(k_out)
+    dequantize_pages(*bufs, loc.to(device), k_out, v_out, layout, k_center=center.to(device))
+    rk, rv = dequantize_pages_reference(*bufs, loc, layout, k_center=center)
+    assert rel_err(k_out, rk) < 1e-4 and rel_err(v_out, rv) < 1e-4
+    assert rel_err(k_out, k) < 0.1  # the original keys, center included
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[3]], ids=[IDS[0], IDS[2], IDS[3]])
+def test_decode_over_centered_keys_needs_no_correction(layout, rng, device):
+    """Softmax shift invariance: pages of centered keys, read by the unchanged decode kernel,
+    give attention over the keys they represent (center added back)."""
+    d, heads, group, num_slots = layout.head_dim, 2, 4, 96
+    center = _bias_center(heads, d, rng)
+    _, _, loc, bufs = _store(layout, num_slots, heads, num_slots, rng, device, dtype=torch.float32, center=center)
+    q = (0.3 * torch.randn(2, heads * group, d, generator=rng)).half()
+    indptr = torch.tensor([0, 40, 96], dtype=torch.int32)
+    o = torch.empty(2, heads * group, d, dtype=torch.float16, device=device)
+    int4_decode_attention(q.to(device), *bufs, o, indptr.to(device), loc.int().to(device),
+                          torch.empty(2, heads * group, 4, d, device=device), torch.empty(2, heads * group, 4, device=device),
+                          torch.full((2,), 4, dtype=torch.int32, device=device), 4, d ** -0.5, layout)
+    cpu = [t.cpu() for t in bufs]
+    k = fmt.decode(cpu[0], cpu[1], layout, is_value=False, center=center)
+    v = fmt.decode(cpu[2], cpu[3], layout, is_value=True)
+    ref = decode_attention_reference(q, k, v, indptr, loc.int(), d ** -0.5)
+    assert rel_err(o, ref) < 1e-2
 
 
 def _outlier_attention_errors(gen, device):

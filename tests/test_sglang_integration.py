@@ -161,12 +161,13 @@ def test_out_of_vocabulary_prompt_ids_are_refused(applied):
         validate(manager, None, [0, 99])
 
 
-def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch, caplog):
+def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch, caplog, tmp_path):
     from types import SimpleNamespace
 
     from sglang.srt.model_executor import pool_configurator as pc
 
     model_config = SimpleNamespace(head_dim=128, v_head_dim=128, get_num_kv_heads=lambda tp: 8,
+                                   num_hidden_layers=32, get_total_num_kv_heads=lambda: 8,
                                    hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]))
     kvc = SimpleNamespace(use_mla_backend=False, model_config=model_config, kv_cache_dtype=torch.bfloat16,
                           kv_cache_dtype_str=None)
@@ -187,6 +188,14 @@ def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch, caplog):
     conf._cell_size = cell
     conf._zero_kv_max_tokens = 0
     assert sizes(conf, 136 * 8 * 32 * 1000, 1).max_total_num_tokens == 1000
+    # a policy with BF16 layers: the profiler sizes the pool by the true bytes of every layer
+    from sglang_sawint4.config import ENV_POLICY_FILE
+    from sglang_sawint4.policy import ModelFacts, plain_policy
+
+    path = tmp_path / "policy.json"
+    plain_policy("int4-bdr", ModelFacts(32, 8, 128), 128, bf16_layers=(0, 31)).save(str(path))
+    monkeypatch.setenv(ENV_POLICY_FILE, str(path))
+    assert pc.DefaultPoolConfigurator._compute_cell_size(conf, kvc, 32) == 8 * (30 * 136 + 2 * 512)
 
 
 def test_debug_poison_marks_freed_slots_and_reads_of_them_turn_nan(sgl, device, monkeypatch):

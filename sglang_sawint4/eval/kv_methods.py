@@ -57,6 +57,14 @@ class KVMethod:
     codebook: Optional[Codebook] = field(default=None, compare=False, hash=False, repr=False)
     # "hessian": keys in the query metric's whitened eigenbasis, then BDR (offline only)
     metric: Optional[QueryMetric] = field(default=None, compare=False, hash=False, repr=False)
+    # a served KV policy (sglang_sawint4.policy.KVPolicy): per-layer BF16, key centers and
+    # block exactly as the server stores them; the method's name is its row name
+    policy: Optional[object] = field(default=None, compare=False, hash=False, repr=False)
+
+    @classmethod
+    def from_policy(cls, policy, name: str = "served-default") -> "KVMethod":
+        """The method a server with this KV policy serves (rows: ``name``, its block and rotate)."""
+        return cls(name, policy.block_size, policy.rotate if policy.block_size else None, policy=policy)
 
     def __post_init__(self):
         if self.name == "kmeans" and (self.codebook is None or self.codebook.clusters != self.clusters):
@@ -65,24 +73,26 @@ class KVMethod:
             raise ValueError("a hessian method needs a QueryMetric, a BDR block and rotate='k'")
 
     @property
-    def policy(self) -> str:
+    def layer_policy(self) -> str:
         """'[bf16:0,5]' when some layers keep an unquantized cache, else ''."""
         return f"[bf16:{','.join(map(str, self.bf16_layers))}]" if self.bf16_layers else ""
 
     @property
     def label(self) -> str:
-        name = self.row_name[: len(self.row_name) - len(self.policy)]
-        return (name if self.block is None else f"{name}-{self.block}-{self.rotate}") + self.policy
+        name = self.row_name[: len(self.row_name) - len(self.layer_policy)]
+        return (name if self.block is None else f"{name}-{self.block}-{self.rotate}") + self.layer_policy
 
     @property
     def row_name(self) -> str:
         """The ``method`` of a results row (block and rotate have their own fields)."""
         name = f"kmeans-{self.clusters}" if self.name == "kmeans" else self.name
-        return name + self.policy
+        return name + self.layer_policy
 
     def apply(self, key: torch.Tensor, value: torch.Tensor, layer: int = -1, query: Optional[torch.Tensor] = None):
         """(key_hat, value_hat) as the cache would give them back; ``query`` is unused here
         (the calibration recorder takes it)."""
+        if self.policy is not None:
+            return served_kv(self.policy, key, value, layer)
         if self.name == "bf16" or layer in self.bf16_layers:
             return key, value
         if self.name == "fp8_e4m3":
@@ -105,6 +115,18 @@ class KVMethod:
 
 
 KIVI_GROUP = 128
+
+
+def served_kv(policy, key: torch.Tensor, value: torch.Tensor, layer: int):
+    """K/V [batch, kv_heads, tokens, head_dim] as a server with this KV policy gives them back:
+    BF16 layers exact, the others through the policy's format with its key center."""
+    if layer in policy.bf16_layers:
+        return key, value
+    layout = policy.layout()
+    center = policy.key_centers.get(layer)
+    center = None if center is None else center.to(key.device)[:, None, :]  # [kv_heads, 1, head_dim]
+    return (fmt.fake_quantize(key, layout, is_value=False, center=center),
+            fmt.fake_quantize(value, layout, is_value=True))
 
 
 def per_channel_int4(x: torch.Tensor, group: int) -> torch.Tensor:
