@@ -79,7 +79,7 @@ from sglang_sawint4.kernels.format_jit import (
 BLOCK_N = 64
 NUM_WARPS = {64: 1, 128: 1, 256: 2}
 NUM_STAGES = 3
-# Stage-1 register cap per head_dim (PTX .maxnreg; scripts/kernel_report.py), none at present:
+# Stage-1 register cap per head_dim (PTX .maxnreg; sglang_sawint4.bench.kernel_report), none at present:
 # one warp takes 167 registers at head_dim 64 and 238 at 128 (12 and 8 programs per SM; capped
 # at 128, head_dim 128 would spill 500 B), two warps at 256 take 210 (4 per SM; 1 warp would
 # spill 608 B at 255).  v7 (4 warps) ran 6-8% faster on an H100 with a cap of 128 at head_dim

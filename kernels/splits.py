@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 # Stage-1 programs an SM holds at once, per head_dim: 65,536 registers / (registers per
-# thread x threads per program), within the shared memory (scripts/kernel_report.py, v8 at
+# thread x threads per program), within the shared memory (sglang_sawint4.bench.kernel_report, v8 at
 # decode.NUM_WARPS: 1 warp and 167 registers at head_dim 64, 1 warp and 238 at 128, 2 warps
 # and 210 at 256; 6-37 KB of shared memory).  Other head_dims: 2.
 RESIDENT_PROGRAMS_PER_SM = {64: 12, 128: 8, 256: 4}

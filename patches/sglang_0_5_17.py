@@ -222,7 +222,7 @@ def _patch_input_id_validation() -> None:
     SGLang 0.5.17 has such a check (``_validate_input_ids_in_vocab``) but never calls
     it: one out-of-vocabulary id reaches the embedding gather, fails a device-side
     assert and takes the scheduler down with every request in flight (found by
-    scripts/reliability.py's bad-request injection on the H100).
+    sglang_sawint4.bench.reliability's bad-request injection on the H100).
     """
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
 

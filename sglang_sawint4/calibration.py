@@ -1,12 +1,18 @@
 """Calibration for the KV policy: one forward pass of the model over a shipped text.
 
-The auto policy (``sglang_sawint4.policy``) decides from what this measures, for every
-attention layer:
+The auto policy (``sglang_sawint4.policy``) decides from what this measures:
 
-* the relative error of the layer's attention output when its K and V go through each
-  candidate format (every Hadamard block the method allows, each with and without key
-  centering) against exact attention, over the layer's own queries and causal mask;
-* the layer's key center c (``format``: keys may be stored as H (k - c)).
+* per attention layer, the relative error of the layer's attention output when its K and V
+  go through each candidate format (every Hadamard block the method allows, each with and
+  without key centering) against exact attention, over the layer's own queries and causal
+  mask: this decides where keys are centered;
+* per layer, its key center c (``format``: keys may be stored as H (k - c));
+* end to end, the KL divergence of the model's next-token distributions from the exact
+  model's over the first SENSITIVITY_TOKENS tokens: with every layer quantized, for each
+  block (which block), and with one layer quantized at a time, at the best block (which
+  layers keep BF16).  An attention-output error says little about what a layer's error
+  does downstream: on Qwen2.5-Coder-1.5B layer 0's error is no larger than the others', yet
+  quantizing it alone moves the output distribution the most.
 
 c is the mean of the layer's post-RoPE keys over positions [0, max_positions), computed
 from the mean m of its keys *before* RoPE (where a k_proj bias is one constant vector) and
@@ -41,10 +47,16 @@ MAX_QUERIES = 512
 SKIP_FIRST_TOKENS = 1
 # RoPE average over at most this many positions (longer contexts rotate those pairs even more)
 MAX_ROPE_POSITIONS = 131072
+# a layer's keys are centered when that lowers its attention-output error by this fraction
+CENTER_MIN_GAIN = 0.02
 # relative error within which the captured pre-RoPE keys, rotated the rotate_half way,
 # must reproduce the keys attention saw (bf16 rounding is ~4e-3)
 ROPE_CHECK_TOL = 0.05
-RECORD_VERSION = 1
+# tokens of the end-to-end (KL) forwards: a prefix of the calibration window
+SENSITIVITY_TOKENS = 1024
+# blocks whose full-model KL is within this fraction of the best count as tied: the larger wins
+BLOCK_KL_TIE = 0.02
+RECORD_VERSION = 2
 
 
 def calibration_text() -> str:
@@ -68,6 +80,7 @@ class LayerRecord:
 
     errors: Dict[int, Tuple[float, float]]
     center: torch.Tensor
+    kl: Optional[float] = None  # KL with only this layer quantized (at the record's kl_block)
 
 
 @dataclass
@@ -86,12 +99,19 @@ class CalibrationRecord:
     device: str
     seconds: float
     layers: Dict[int, LayerRecord] = field(default_factory=dict)
+    kl_full: Dict[int, float] = field(default_factory=dict)  # block (0: plain) -> KL, every layer quantized
+    kl_block: Optional[int] = None  # the block the per-layer KLs were measured at
     version: int = RECORD_VERSION
+
+    def centered(self, block: int) -> Dict[int, bool]:
+        """Per layer, whether centering its keys pays at this block (see CENTER_MIN_GAIN)."""
+        return {l: r.errors[block][1] < r.errors[block][0] * (1 - CENTER_MIN_GAIN) for l, r in self.layers.items()}
 
     def to_json(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "layers"}
+        d["kl_full"] = {str(b): v for b, v in self.kl_full.items()}
         d["layers"] = {str(l): {"errors": {str(b): list(e) for b, e in r.errors.items()},
-                                "center": r.center.tolist()} for l, r in sorted(self.layers.items())}
+                                "center": r.center.tolist(), "kl": r.kl} for l, r in sorted(self.layers.items())}
         return d
 
     @classmethod
@@ -99,9 +119,10 @@ class CalibrationRecord:
         if d.get("version") != RECORD_VERSION:
             raise ValueError(f"calibration record version {d.get('version')} != {RECORD_VERSION}")
         layers = {int(l): LayerRecord({int(b): tuple(e) for b, e in r["errors"].items()},
-                                      torch.tensor(r["center"], dtype=torch.float32))
+                                      torch.tensor(r["center"], dtype=torch.float32), r.get("kl"))
                   for l, r in d["layers"].items()}
-        return cls(**{k: v for k, v in d.items() if k != "layers"}, layers=layers)
+        rest = {k: v for k, v in d.items() if k not in ("layers", "kl_full")}
+        return cls(**rest, layers=layers, kl_full={int(b): v for b, v in d.get("kl_full", {}).items()})
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -230,7 +251,7 @@ _rope_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 def calibrate(model, tok, method: str, rotate: str = "k", symmetric: bool = False,
               max_positions: Optional[int] = None, model_name: str = "", tokens: int = CALIBRATION_TOKENS,
-              progress=None) -> CalibrationRecord:
+              progress=None, sensitivity_tokens: int = SENSITIVITY_TOKENS) -> CalibrationRecord:
     """Run the calibration forward pass of a loaded Hugging Face causal LM and measure every
     attention layer (see the module docstring).  ``progress(layer)`` is called per layer."""
     from sglang_sawint4.eval.kv_methods import use_attention
@@ -274,6 +295,8 @@ def calibrate(model, tok, method: str, rotate: str = "k", symmetric: bool = Fals
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     previous = cfg._attn_implementation
+    with torch.no_grad():  # the exact model's next-token distributions, for the KLs
+        ref = _log_probs(model, torch.tensor([ids[:sensitivity_tokens]], device=device))
     try:
         use_attention(model, "sawint4_calibration", observe)
         with torch.no_grad():
@@ -281,18 +304,72 @@ def calibrate(model, tok, method: str, rotate: str = "k", symmetric: bool = Fals
     finally:
         for h in handles:
             h.remove()
-        for m in model.modules():  # the model's own attention again
-            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
-                m.config._attn_implementation = previous
+        _restore_attention(model, previous)
     if len(records) != len(modules):
         raise RuntimeError(f"calibration saw {len(records)} of {len(modules)} attention layers")
     kv_heads = next(iter(records.values())).center.shape[0]
     source = "rope-average" if sources == {"rope-average"} else "; ".join(sorted(sources))
-    return CalibrationRecord(
+    record = CalibrationRecord(
         model=model_name, architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
         num_layers=len(records), num_kv_heads=kv_heads, head_dim=head_dim, method=method, rotate=rotate,
         symmetric=symmetric, tokens=len(ids), max_positions=max_positions, center_source=source,
-        device=str(device), seconds=round(time.time() - t0, 2), layers=dict(sorted(records.items())))
+        device=str(device), seconds=0.0, layers=dict(sorted(records.items())))
+    measure_sensitivity(model, record, torch.tensor([ids[:sensitivity_tokens]], device=device), ref, progress)
+    record.seconds = round(time.time() - t0, 2)
+    return record
+
+
+def _restore_attention(model, name) -> None:
+    for m in model.modules():  # the model's own attention again
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+            m.config._attn_implementation = name
+
+
+def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    """[tokens, vocab] float32 next-token log-probabilities of one sequence ids [1, tokens]."""
+    return torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+
+
+def mean_kl(ref: torch.Tensor, logp: torch.Tensor) -> float:
+    """Mean over positions of KL(ref || logp), both [tokens, vocab] log-probabilities."""
+    return (ref.exp() * (ref - logp)).sum(-1).mean().item()
+
+
+def measure_sensitivity(model, record: CalibrationRecord, ids: torch.Tensor, ref: torch.Tensor, progress=None):
+    """The end-to-end KLs of the record (see the module docstring): every layer quantized per
+    block, then one layer at a time at the best block (the lowest KL; ties within
+    BLOCK_KL_TIE to the larger block)."""
+    from sglang_sawint4.eval.kv_methods import KVMethod, install
+    from sglang_sawint4.policy import KVPolicy, ModelFacts
+
+    facts = ModelFacts(record.num_layers, record.num_kv_heads, record.head_dim)
+    layers = list(record.layers)
+    previous = model.config._attn_implementation
+    current = {}
+
+    def policy(block, quantized):
+        centered = record.centered(block)
+        return KVPolicy(record.method, facts, block or None, record.rotate, record.symmetric,
+                        bf16_layers=tuple(l for l in layers if l not in quantized),
+                        key_centers={l: record.layers[l].center for l in quantized if centered[l]})
+
+    def kl(p):
+        current["m"] = KVMethod.from_policy(p)
+        with torch.no_grad():
+            return mean_kl(ref, _log_probs(model, ids))
+
+    try:
+        install(model, lambda: current["m"])
+        for block in sorted(next(iter(record.layers.values())).errors, reverse=True):
+            record.kl_full[block] = kl(policy(block, layers))
+        best = min(record.kl_full.values())
+        record.kl_block = max(b for b, v in record.kl_full.items() if v <= best * (1 + BLOCK_KL_TIE))
+        for l in layers:
+            record.layers[l].kl = kl(policy(record.kl_block, [l]))
+            if progress:
+                progress(l)
+    finally:
+        _restore_attention(model, previous)
 
 
 def _layer_center(model, module, key_post: torch.Tensor, key_pre: Optional[torch.Tensor],

@@ -117,9 +117,12 @@ def check_model_path(argv: List[str]) -> None:
         raise ConfigError(f"--model-path {path}: not a model directory (no config.json)")
 
 
+POLICY_LOG_PREFIX = "sglang-sawint4: KV policy"
+
+
 def resolve_served_policy(config: KVQuantConfig, argv: List[str], env) -> str:
     """Resolve the KV policy for the model (calibrating it on the first start), save it where
-    every worker reads it, and return its one-line description."""
+    every worker reads it, and return the start-up log line (the file and the description)."""
     from sglang_sawint4.model_check import load_hf_config
     from sglang_sawint4.policy import ModelFacts, PolicyError, cache_dir, local_model_dir, resolve_policy
 
@@ -136,7 +139,7 @@ def resolve_served_policy(config: KVQuantConfig, argv: List[str], env) -> str:
         raise ConfigError(str(e)) from None
     out = policy.save_in(cache_dir())
     env[ENV_POLICY_FILE] = out
-    return policy.describe()
+    return f"{POLICY_LOG_PREFIX} ({out}): {policy.describe()}"
 
 
 def ensure_plugin_reaches_workers(env) -> None:
@@ -200,8 +203,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if config.enabled:
             ensure_plugin_reaches_workers(os.environ)
             config.to_env(os.environ)  # inherited by every process SGLang spawns
-            print(f"sglang-sawint4: KV policy: {resolve_served_policy(config, sglang_argv, os.environ)}",
-                  file=sys.stderr, flush=True)
+            print(resolve_served_policy(config, sglang_argv, os.environ), file=sys.stderr, flush=True)
         else:
             for name in ALL_ENV:  # a stale setting must not turn the plugin on in the workers
                 os.environ.pop(name, None)

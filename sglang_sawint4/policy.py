@@ -45,12 +45,11 @@ logger = logging.getLogger("sglang_sawint4")
 POLICY_VERSION = 1
 # The auto policy keeps at least this multiple of BF16's KV capacity.
 MIN_CAPACITY_VS_BF16 = 3.0
-# A layer keeps BF16 K/V when its best INT4 candidate's attention-output error is above both
-# BF16_MIN_ERROR and BF16_OUTLIER_FACTOR x the median layer's (see docs/design-notes.md).
-BF16_MIN_ERROR = 0.5
+# A layer keeps BF16 K/V when quantizing it alone moves the model's next-token distribution
+# (KL from the exact model) more than both BF16_MIN_KL and BF16_OUTLIER_FACTOR x the median
+# layer's (see docs/design-notes.md).
+BF16_MIN_KL = 0.01
 BF16_OUTLIER_FACTOR = 3.0
-# A layer's keys are centered when that lowers its attention-output error by this fraction.
-CENTER_MIN_GAIN = 0.02
 # The fallback without calibration: these layers in BF16 (capacity permitting).
 FALLBACK_BF16_LAYERS = (0,)
 CALIBRATION_TIMEOUT_S = 1800
@@ -218,49 +217,40 @@ def decide(record, block: Optional[int] = None, bf16_layers: Optional[Sequence[i
            min_capacity: float = MIN_CAPACITY_VS_BF16, source: str = "auto") -> KVPolicy:
     """The policy from a calibration record (``calibration.CalibrationRecord``).
 
-    Per candidate block b, each layer takes the lower of its errors without / with key
-    centering (centering only when it gains at least CENTER_MIN_GAIN); layers whose best error
-    is an outlier (above BF16_MIN_ERROR and BF16_OUTLIER_FACTOR x the median layer's) keep BF16
-    K/V, worst first, as many as the capacity floor allows; the block with the smallest sum of
-    squared errors over the INT4 layers wins (ties: the larger block).  ``block`` and
-    ``bf16_layers`` pin those choices (the user's overrides).
+    The block is the record's ``kl_block`` (the lowest end-to-end KL with every layer
+    quantized; near-ties go to the larger block).  Keys are centered in the layers where that
+    lowers the attention-output error (``CalibrationRecord.centered``).  Layers whose KL when
+    quantized alone is an outlier (above BF16_MIN_KL and BF16_OUTLIER_FACTOR x the median
+    layer's) keep BF16 K/V, the largest first, as many as the capacity floor allows.
+    ``block`` and ``bf16_layers`` pin those choices (the user's overrides; the per-layer KLs
+    were measured at ``kl_block``).
     """
     facts = ModelFacts(record.num_layers, record.num_kv_heads, record.head_dim)
     layers = sorted(record.layers)
     available = sorted(next(iter(record.layers.values())).errors, reverse=True)  # larger blocks first
-    key = 0 if block is None and record.method == "int4" else block
-    blocks = available if key is None else [key]
-    if key is not None and key not in available:
+    b = (0 if record.method == "int4" else record.kl_block) if block is None else block
+    if b not in available:
         raise PolicyError(f"block {block} was not calibrated for this model (calibrated: "
-                          f"{[b or 'plain' for b in available]})")
-    best = None
-    for b in blocks:
-        layout = fmt.Int4Format.for_method(record.method, facts.head_dim, b or None, record.rotate, record.symmetric)
-        err, centered = {}, set()
-        for l in layers:
-            plain, with_center = record.layers[l].errors[b]
-            if with_center < plain * (1 - CENTER_MIN_GAIN):
-                centered.add(l)
-            err[l] = min(plain, with_center) if l in centered else plain
-        if bf16_layers is None:
-            median = statistics.median(err.values())
-            bar = max(BF16_MIN_ERROR, BF16_OUTLIER_FACTOR * median)
-            budget = bf16_layer_budget(facts, layout, min_capacity)
-            chosen = tuple(sorted(sorted((l for l in layers if err[l] > bar), key=lambda l: -err[l])[:budget]))
-            why = (f"attention error {', '.join(f'L{l} {err[l]:.2f}' for l in chosen)} > {bar:.2f}"
-                   if chosen else "")
-        else:
-            chosen, why = tuple(sorted(set(bf16_layers))), "given"
-        score = sum(err[l] ** 2 for l in layers if l not in chosen)
-        if best is None or score < best[0]:
-            best = (score, b, chosen, why, centered - set(chosen), err)
-    score, b, chosen, why, centered, err = best
-    reasons = {"block": (f"BDR-{b}" if b else "plain INT4") + f": sum of squared layer errors {score:.3f}"
-               + ("" if len(blocks) == 1 else " (lowest of " + ", ".join(map(str, [x or 'plain' for x in blocks])) + ")"),
-               "layer_errors": {str(l): round(err[l], 4) for l in layers}}
-    if why:
-        reasons["bf16"] = why
-    centers = {l: record.layers[l].center for l in sorted(centered)}
+                          f"{[x or 'plain' for x in available]})")
+    layout = fmt.Int4Format.for_method(record.method, facts.head_dim, b or None, record.rotate, record.symmetric)
+    kls = {l: record.layers[l].kl for l in layers}
+    reasons = {"layer_kl": {str(l): round(v, 5) for l, v in kls.items()},
+               "block": (f"BDR-{b}" if b else "plain INT4") + (" (given)" if block is not None else
+                        ": lowest end-to-end KL, " + ", ".join(f"{'BDR-' + str(x) if x else 'plain'} "
+                                                              f"{record.kl_full[x]:.4f}" for x in available))}
+    if bf16_layers is None:
+        median = statistics.median(kls.values())
+        bar = max(BF16_MIN_KL, BF16_OUTLIER_FACTOR * median)
+        budget = bf16_layer_budget(facts, layout, min_capacity)
+        chosen = tuple(sorted(sorted((l for l in layers if kls[l] > bar), key=lambda l: -kls[l])[:budget]))
+        if chosen:
+            reasons["bf16"] = (f"quantized alone, {', '.join(f'L{l} KL {kls[l]:.4f}' for l in chosen)} > {bar:.4f} "
+                               f"(median {median:.4f})")
+    else:
+        chosen = tuple(sorted(set(bf16_layers)))
+        reasons["bf16"] = "given"
+    centered = record.centered(b)
+    centers = {l: record.layers[l].center for l in layers if centered[l] and l not in chosen}
     return KVPolicy(record.method, facts, b or None, record.rotate, record.symmetric, chosen, centers, source, reasons)
 
 
@@ -478,9 +468,9 @@ def main(argv=None) -> None:
         policy.save(args.out)
         print(f"-> {args.out}")
     else:
-        for l, e in policy.reasons.get("layer_errors", {}).items():
+        for l, kl in policy.reasons.get("layer_kl", {}).items():
             tag = "BF16" if int(l) in policy.bf16_layers else "centered" if int(l) in policy.key_centers else ""
-            print(f"  layer {l:>3}: attention error {e:.4f} {tag}")
+            print(f"  layer {l:>3}: KL quantized alone {kl:.5f} {tag}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,9 @@
 """The kernel benchmark's A/B variant parser and split counts (the timing itself needs a GPU)."""
 
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import bench_kernels  # noqa: E402
+from sglang_sawint4.bench import kernels as bench_kernels
 
 
 @pytest.mark.parametrize("text, cfg, waves", [

@@ -1,5 +1,6 @@
 """The accuracy harness: GGUF conversion helpers and the KV methods inside HF attention."""
 
+import sys
 import numpy as np
 import pytest
 import torch
@@ -46,7 +47,6 @@ def test_methods_quantize_per_token_per_head(rng):
 
 
 def test_install_routes_hf_attention_through_the_method():
-    pytest.importorskip("transformers")
     model = tiny_llama(vocab_size=64, hidden_size=128, head_dim=64)
     ids = torch.randint(0, 64, (1, 24))
     with torch.no_grad():
@@ -69,7 +69,6 @@ def test_install_keeps_sliding_window_and_padding_masks(monkeypatch, query_chunk
     mask at all: Gemma 3's sliding-window layers then saw every token, padded batches
     their padding.  With it, the unquantized method reproduces stock SDPA exactly, also
     when long prefills run a chunk of queries at a time (query_chunk 5)."""
-    pytest.importorskip("transformers")
     from sglang_sawint4.eval import kv_methods
 
     monkeypatch.setattr(kv_methods, "QUERY_CHUNK", query_chunk)
@@ -99,7 +98,7 @@ def test_per_channel_keys_handle_outlier_channels(rng):
 
 
 def _write_tiny_gguf(path, n_head=2, n_kv=1, head_dim=64, hidden=128):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from tokenizers.pre_tokenizers import ByteLevel
 
     alphabet = sorted(ByteLevel.alphabet())
@@ -140,7 +139,6 @@ def _write_tiny_gguf(path, n_head=2, n_kv=1, head_dim=64, hidden=128):
 
 
 def test_convert_tiny_gguf(tmp_path):
-    pytest.importorskip("transformers")
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -272,7 +270,7 @@ def test_method_rows_replace_only_the_same_method_and_context():
 
 
 def test_rdata_text_reads_character_vectors(tmp_path):
-    """R's lazy-load database: [length][zlib(XDR serialization)] entries (scripts/rdata_text.py)."""
+    """R's lazy-load database: [length][zlib(XDR serialization)] entries (sglang_sawint4.eval.rdata_text)."""
     import os
     import struct
     import subprocess
@@ -297,8 +295,8 @@ def test_rdata_text_reads_character_vectors(tmp_path):
     blob = b"".join(struct.pack(">i", len(e)) + zlib.compress(e) for e in entries)
     path = tmp_path / "Rdata.rdb"
     path.write_bytes(blob)
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "rdata_text.py")
-    out = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "sglang_sawint4.eval.rdata_text", str(path)], capture_output=True,
+                         text=True, check=True).stdout
     assert out == "EMMA\n\nBy Jane Austen\n\nPersuasion\n\n\n"
 
 
@@ -342,10 +340,7 @@ def test_chunked_scoring_equals_full_logits():
     time; that must be the model's own logits (Gemma's final soft-cap included)."""
     import os
     import sys
-
-    pytest.importorskip("transformers")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from eval_accuracy import ReferenceLogProbs, score
+    from sglang_sawint4.eval.perplexity import ReferenceLogProbs, score
 
     model = tiny_gemma(32, ["full_attention"], final_logit_softcapping=3.0)
     ids = torch.randint(0, 64, (40,))

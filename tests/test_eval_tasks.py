@@ -1,15 +1,12 @@
-"""BIG-bench multiple-choice scoring of scripts/eval_tasks.py."""
+"""BIG-bench multiple-choice scoring of sglang_sawint4.eval.tasks."""
 
 import json
-import os
-import sys
 
 import pytest
 import torch
 from helpers import tiny_llama
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import eval_tasks  # noqa: E402
+from sglang_sawint4.eval import tasks as eval_tasks
 
 
 class CharTokenizer:
@@ -34,7 +31,6 @@ def test_task_format_and_answer_index(tmp_path):
 
 
 def test_padded_batch_scores_equal_one_by_one():
-    pytest.importorskip("transformers")
     model = tiny_llama(vocab_size=257, hidden_size=64, head_dim=32)
     tok = CharTokenizer()
     prompt, options = "\nQ: which?\nA:", ["a", "bbbb", "cc"]
@@ -57,7 +53,7 @@ class FullCharTokenizer(CharTokenizer):
 
 @pytest.mark.parametrize("depth", [0.05, 0.5, 0.95])
 def test_passkey_prompt_fits_and_places_the_needle(depth):
-    import eval_passkey
+    from sglang_sawint4.eval import passkey as eval_passkey
 
     tok = FullCharTokenizer()
     prompt, answer = eval_passkey.passkey_sample(tok, 3000, depth, 12345)
@@ -74,7 +70,7 @@ def test_passkey_prompt_fits_and_places_the_needle(depth):
 
 
 def test_passkey_counts_only_an_exact_greedy_answer():
-    import eval_passkey
+    from sglang_sawint4.eval import passkey as eval_passkey
 
     class Echo(torch.nn.Module):
         """Predicts token t+1 = the given sequence's token t+1, except at position `wrong`."""
@@ -107,7 +103,7 @@ def test_passkey_counts_only_an_exact_greedy_answer():
     ("no digits at all", None),
 ])
 def test_gsm_answer_extraction(text, expected):
-    import eval_gsm
+    from sglang_sawint4.eval import gsm as eval_gsm
 
     assert eval_gsm.extract_answer(text) == expected
     assert eval_gsm.is_correct(text, "1234") == (expected == 1234.0)

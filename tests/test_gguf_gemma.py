@@ -5,12 +5,10 @@ built from the same vocabulary and scores: the reference implementation of the
 algorithm the GGUF declares (tokenizer.ggml.model = llama).
 """
 
+import gguf
 import numpy as np
 import pytest
 import torch
-
-gguf = pytest.importorskip("gguf")
-pytest.importorskip("transformers")
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 2, 1, 32, 96
 CONTROL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -82,8 +80,8 @@ def write_tiny_gemma_gguf(path):
 
 def sentencepiece_reference(path):
     """A sentencepiece BPE model over the same vocabulary (byte fallback, no dummy prefix)."""
-    spm = pytest.importorskip("sentencepiece")
-    pytest.importorskip("google.protobuf")
+    import sentencepiece as spm
+    import google.protobuf  # noqa: F401 - sentencepiece reads its model with it
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     tokens, scores, types = vocabulary()

@@ -1,10 +1,7 @@
 """kernel_report's token-loop instruction count, on a hand-written PTX fragment."""
 
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import kernel_report  # noqa: E402
+from sglang_sawint4.bench import kernel_report
 
 PTX = """
 	mov.b32 	%r1, 0;

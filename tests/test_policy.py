@@ -15,12 +15,18 @@ from sglang_sawint4 import policy as pol
 from sglang_sawint4.policy import KVPolicy, ModelFacts, PolicyError
 
 
-def _record(errors, head_dim=64, heads=2, method="int4-bdr"):
-    """A calibration record with the given per-layer errors {block: (plain, centered)}."""
-    layers = {l: cal.LayerRecord({b: tuple(e) for b, e in errs.items()}, torch.full((heads, head_dim), float(l)))
-              for l, errs in enumerate(errors)}
+def _record(errors, kls=None, kl_full=None, head_dim=64, heads=2, method="int4-bdr"):
+    """A calibration record: per-layer attention errors {block: (plain, centered)}, per-layer
+    KLs quantized alone (default 0.002 each), full-model KL per block (default: equal)."""
+    kls = kls or [0.002] * len(errors)
+    layers = {l: cal.LayerRecord({b: tuple(e) for b, e in errs.items()}, torch.full((heads, head_dim), float(l)),
+                                 kls[l]) for l, errs in enumerate(errors)}
+    blocks = sorted(errors[0], reverse=True)
+    kl_full = kl_full or {b: 0.05 for b in blocks}
+    best = min(kl_full.values())
+    kl_block = max(b for b, v in kl_full.items() if v <= best * (1 + cal.BLOCK_KL_TIE))
     return cal.CalibrationRecord("m", "LlamaForCausalLM", len(errors), heads, head_dim, method, "k", False, 2048,
-                                 32768, "rope-average", "cpu", 1.0, layers)
+                                 32768, "rope-average", "cpu", 1.0, layers, kl_full, kl_block)
 
 
 def _typical(n, plain=0.2, centered=0.19):
@@ -28,35 +34,41 @@ def _typical(n, plain=0.2, centered=0.19):
             for _ in range(n)]
 
 
-def test_outlier_layer_goes_bf16_and_centering_is_taken_where_it_helps():
+def test_a_layer_whose_kl_is_an_outlier_keeps_bf16_and_centering_goes_where_it_helps():
     errors = _typical(24)
-    errors[0] = {16: (1.4, 1.0), 32: (1.4, 0.95), 64: (1.35, 1.0)}  # broken even centered
     errors[3] = {16: (0.6, 0.12), 32: (0.5, 0.11), 64: (0.55, 0.1)}  # fixed by centering
     errors[5] = {16: (0.2, 0.2), 32: (0.2, 0.2), 64: (0.2, 0.2)}  # centering gains nothing
-    p = pol.decide(_record(errors))
+    kls = [0.002] * 24
+    kls[0] = 0.05  # quantized alone, layer 0 moves the output most
+    p = pol.decide(_record(errors, kls, {64: 0.06, 32: 0.05, 16: 0.07}))
     assert p.bf16_layers == (0,)
     assert 3 in p.key_centers and 5 not in p.key_centers and 0 not in p.key_centers
-    assert p.block_size == 32  # the smallest sum of squared errors
+    assert p.block_size == 32  # the lowest end-to-end KL
     assert p.capacity_vs_bf16() >= pol.MIN_CAPACITY_VS_BF16
-    assert "L0 0.95" in p.reasons["bf16"]
+    assert "L0 KL 0.0500" in p.reasons["bf16"]
     assert torch.equal(p.key_centers[3], torch.full((2, 64), 3.0))
 
 
-def test_no_outlier_no_bf16_layer_and_ties_take_the_larger_block():
+def test_no_outlier_no_bf16_layer_and_near_ties_take_the_larger_block():
     errors = [{16: (0.2, 0.2), 32: (0.2, 0.2), 64: (0.2, 0.2)} for _ in range(10)]
-    p = pol.decide(_record(errors))
+    p = pol.decide(_record(errors, kl_full={64: 0.0505, 32: 0.05, 16: 0.06}))
     assert p.bf16_layers == () and p.block_size == 64 and not p.key_centers
+    # small KLs are no outliers however they compare with the median
+    kls = [0.0001] * 10
+    kls[2] = 0.005
+    assert pol.decide(_record(errors, kls)).bf16_layers == ()
 
 
 def test_bf16_layers_stop_at_the_capacity_floor():
-    errors = _typical(24)
-    for l in (0, 1, 2):
-        errors[l] = {16: (2.0 - l / 10, 2.0), 32: (2.0 - l / 10, 2.0), 64: (2.0 - l / 10, 2.0)}
-    p = pol.decide(_record(errors))
+    kls = [0.002] * 24
+    kls[:3] = [0.2, 0.1, 0.15]
+    p = pol.decide(_record(_typical(24), kls))
     assert p.bf16_layers == (0,)  # head_dim 64, 24 layers: one BF16 layer keeps 3.21x, two would be 2.93x
     assert pol.bf16_layer_budget(ModelFacts(24, 2, 64), fmt.Int4Format(64, 32), 3.0) == 1
     assert pol.bf16_layer_budget(ModelFacts(28, 2, 128), fmt.Int4Format(128, 128), 3.0) == 2
     assert pol.bf16_layer_budget(ModelFacts(18, 1, 256), fmt.Int4Format(256, 128), 3.0) == 1
+    p28 = pol.decide(_record(_typical(28), [0.2, 0.1, 0.15] + [0.002] * 25))
+    assert p28.bf16_layers == (0, 2)  # the two largest, within 3.0x at head_dim 64 and 28 layers
 
 
 def test_overrides_pin_block_and_bf16_layers():
@@ -223,6 +235,14 @@ class _ByteTokenizer:
         return {"input_ids": ([1] if add_special_tokens else []) + [b % 60 + 2 for b in text.encode()]}
 
 
+def test_mean_kl_is_zero_for_equal_distributions_and_positive_otherwise():
+    logp = torch.log_softmax(torch.randn(5, 11, generator=torch.Generator().manual_seed(0)), -1)
+    assert cal.mean_kl(logp, logp) == pytest.approx(0, abs=1e-7)
+    other = torch.log_softmax(logp + 0.3 * torch.randn(5, 11, generator=torch.Generator().manual_seed(1)), -1)
+    expected = sum((logp[i].exp() * (logp[i] - other[i])).sum().item() for i in range(5)) / 5
+    assert cal.mean_kl(logp, other) == pytest.approx(expected)
+
+
 def test_calibration_finds_and_removes_a_bias_like_constant():
     """A tiny Llama whose layer-0 keys carry a large constant in slowly turning RoPE pairs:
     the calibration measures the damage, the RoPE-average center removes it."""
@@ -231,19 +251,24 @@ def test_calibration_finds_and_removes_a_bias_like_constant():
         attn = model.model.layers[0].self_attn
         attn.q_proj.weight *= 20  # peaked attention, as trained models have: key content matters
         attn.k_proj.weight *= 20
-    without_bias = cal.calibrate(model, _ByteTokenizer(), "int4-bdr", tokens=256).layers[0].errors[64][0]
+    without_bias = cal.calibrate(model, _ByteTokenizer(), "int4-bdr", tokens=256,
+                                 sensitivity_tokens=64).layers[0].errors[64][0]
     with torch.no_grad():
         attn.k_proj.bias = torch.nn.Parameter(torch.zeros(64))
         # the slowest RoPE pair: channels 31 and 63 (rotate_half pairs i and i + 32)
         attn.k_proj.bias[[31, 63]] = torch.tensor([60.0, -45.0])
-    rec = cal.calibrate(model, _ByteTokenizer(), "int4-bdr", tokens=256)
+    rec = cal.calibrate(model, _ByteTokenizer(), "int4-bdr", tokens=256, sensitivity_tokens=128)
     assert rec.center_source == "rope-average" and rec.num_layers == 2 and rec.tokens == 256
+    # end to end: every block measured, the chosen one among them, each layer's KL positive
+    assert set(rec.kl_full) == {16, 32, 64} and rec.kl_block in rec.kl_full
+    assert all(r.kl > 0 for r in rec.layers.values())
     plain, centered = rec.layers[0].errors[64]
     # the constant costs accuracy; centered, the layer is as good as without it
     assert plain > 1.3 * without_bias and centered < 1.1 * without_bias, (plain, centered, without_bias)
     assert rec.layers[0].center[0, 31] > 30 and rec.layers[0].center[0, 63] < -20
     again = cal.CalibrationRecord.from_json(json.loads(json.dumps(rec.to_json())))
     assert again.layers[0].errors == rec.layers[0].errors and torch.equal(again.layers[1].center, rec.layers[1].center)
+    assert again.kl_full == rec.kl_full and again.layers[1].kl == rec.layers[1].kl
     # the model's own attention is back afterwards
     assert model.config._attn_implementation != "sawint4_calibration"
 

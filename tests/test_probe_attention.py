@@ -1,16 +1,11 @@
-"""scripts/probe_attention_error.py: per-layer attention-output error under the model's own masks."""
+"""sglang_sawint4.eval.attention_probe: per-layer attention-output error under the model's own masks."""
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import probe_attention_error as probe  # noqa: E402
-from helpers import tiny_gemma  # noqa: E402
-
-pytest.importorskip("transformers")
+from sglang_sawint4.eval import attention_probe as probe
+from helpers import tiny_gemma
 
 
 def gemma_with_window(window):

@@ -1,14 +1,11 @@
 """The reliability script's checks: launcher refusals for real, response validation on a fake server."""
 
 import json
-import os
 import random
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import reliability  # noqa: E402
+from sglang_sawint4.bench import reliability
 
 
 def test_every_bad_configuration_is_refused_with_one_line():

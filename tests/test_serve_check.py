@@ -1,13 +1,12 @@
-"""scripts/serve_check.py pieces that run without a GPU."""
+"""sglang_sawint4.bench.e2e pieces that run without a GPU."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "serve_check.py")
+TOOL = [sys.executable, "-m", "sglang_sawint4.bench.e2e"]
 
 
 def _write(path, obj):
@@ -22,7 +21,7 @@ def test_fold_tp2_sets_only_the_tp2_check(tmp_path, passed):
     run = {"tp2": passed, "gpu": "2x NVIDIA H200", "load": {"requests": 4, "complete": 4 if passed else 3},
            "max_total_num_tokens": 10, "command": "launch --tp 2"}
     out = _write(tmp_path / "e2e.json", e2e)
-    subprocess.run([sys.executable, SCRIPT, "fold-tp2", "--tp2-result", _write(tmp_path / "tp2.json", run),
+    subprocess.run([*TOOL, "fold-tp2", "--tp2-result", _write(tmp_path / "tp2.json", run),
                     "--out", out], check=True, capture_output=True)
     got = json.loads((tmp_path / "e2e.json").read_text())
     assert got["checks"] == {"cuda_graph": True, "abort": True, "tp2": passed}
@@ -33,7 +32,7 @@ def test_fold_tp2_sets_only_the_tp2_check(tmp_path, passed):
 def test_fold_tp2_needs_the_gpu_of_an_older_result(tmp_path):
     out = _write(tmp_path / "e2e.json", {"checks": {"tp2": None}, "details": {}, "commands": {}})
     old = _write(tmp_path / "tp2.json", {"tp2": True, "load": {}, "max_total_num_tokens": 1, "command": "c"})
-    r = subprocess.run([sys.executable, SCRIPT, "fold-tp2", "--tp2-result", old, "--out", out],
+    r = subprocess.run([*TOOL, "fold-tp2", "--tp2-result", old, "--out", out],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "pass --gpu" in r.stderr
     assert json.loads((tmp_path / "e2e.json").read_text())["checks"]["tp2"] is None

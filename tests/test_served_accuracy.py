@@ -1,17 +1,12 @@
 """The served-accuracy comparison: the harness in served mode and the replay of served tokens."""
 
-import os
-import sys
 
 import pytest
 import torch
 from helpers import tiny_llama
 
 from sglang_sawint4.eval.kv_methods import KVMethod, install
-
-pytest.importorskip("transformers")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import served_accuracy  # noqa: E402
+from sglang_sawint4.eval import served as served_accuracy
 
 
 @pytest.fixture

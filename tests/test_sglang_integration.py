@@ -1,13 +1,15 @@
 """Our pool and patches against the real SGLang 0.5.17 classes, on CPU.
 
-Needs sglang==0.5.17 installed without its GPU dependencies (see README); skipped
-with a reason otherwise.
+Needs sglang==0.5.17 installed without its GPU dependencies (the README's set-up); fails,
+never skips, with the reason when it is missing or does not import.
 """
 
 import pytest
 import torch
 
-sglang = pytest.importorskip("sglang", reason="sglang==0.5.17 not installed (pip install --no-deps sglang==0.5.17)")
+from helpers import require_sglang
+
+require_sglang()
 pytestmark = pytest.mark.sglang
 
 from sglang_sawint4 import format as fmt  # noqa: E402

@@ -8,6 +8,7 @@ evaluation therefore sees every token's K/V through the cache, as in decoding.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -235,6 +236,21 @@ class KVRecorder:
                 rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows]]
                 out[layer] = fit_kmeans(rows, clusters, seed=seed)
         return book
+
+
+def policy_methods(path, fallback: bool, hf_config) -> list:
+    """The served-default method of a policy file, and the uncalibrated fallback's."""
+    from sglang_sawint4.policy import ModelFacts, fallback_policy, load_policy_file
+
+    out = []
+    if path:
+        with open(path) as f:
+            method = json.load(f).get("method", "int4-bdr")
+        out.append(KVMethod.from_policy(load_policy_file(path, method), "served-default"))
+    if fallback:
+        facts = ModelFacts.from_hf_config(hf_config.to_dict())
+        out.append(KVMethod.from_policy(fallback_policy("int4-bdr", facts, why="evaluated"), "policy-fallback"))
+    return out
 
 
 def standard_methods(head_dim: int) -> list:

@@ -2,7 +2,7 @@
 
 Each script owns some rows and replaces only those: eval_accuracy.py the perplexity /
 agreement / KL rows of its methods, eval_tasks.py and eval_passkey.py the ``task_acc``
-rows of their (model, method, block, rotate, task); scripts/served_accuracy.py the ``served``
+rows of their (model, method, block, rotate, task); sglang_sawint4.eval.served the ``served``
 entry of its model (the served-vs-harness comparison, outside the rows' schema).
 ``merge_results`` folds a results file written elsewhere (the GPU host) into this one.
 """
@@ -32,9 +32,12 @@ def add_common_args(parser, seed: int = 0):
 def task_row(model_name, method, task, correct, n, context=None) -> dict:
     """A ``task_acc`` row: accuracy over n examples with its binomial standard error."""
     acc = correct / n
-    return {"model": model_name, "method": method.row_name, "block": method.block, "rotate": method.rotate,
-            "metric": "task_acc", "context": context, "value": acc, "n": n,
-            "stderr": math.sqrt(acc * (1 - acc) / n), "task": task, "corpus": None}
+    row = {"model": model_name, "method": method.row_name, "block": method.block, "rotate": method.rotate,
+           "metric": "task_acc", "context": context, "value": acc, "n": n,
+           "stderr": math.sqrt(acc * (1 - acc) / n), "task": task, "corpus": None}
+    if getattr(method, "policy", None) is not None:
+        row["policy"] = method.policy.summary()
+    return row
 
 
 def run_info(t0: float, device: str = "cpu") -> dict:

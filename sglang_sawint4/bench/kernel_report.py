@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Compile the decode kernel's stage 1 for a GPU without one, and report what it became.
 
     pip install --no-deps --target /tmp/tr36 triton==3.6.0      # the GPU host's Triton
-    PYTHONPATH=/tmp/tr36 python scripts/kernel_report.py --block-n 64 --num-stages 3
+    PYTHONPATH=/tmp/tr36 python -m sglang_sawint4.bench.kernel_report --block-n 64 --num-stages 3
 
 Triton compiles for a target (default sm_90, the H100/H200) on any machine; ptxas (shipped
 with Triton) then gives registers and spills.  The argument specializations are those of the
@@ -29,7 +28,6 @@ import re
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 POINTERS = {"q_ptr": "*bf16", "kw_ptr": "*i16", "kd_ptr": "*u8", "km_ptr": "*i32", "vd_ptr": "*u8",
             "vm_ptr": "*i32", "kv_indptr": "*i32", "kv_indices": "*i32", "num_kv_splits": "*i32", "logits_ptr": "*fp32",

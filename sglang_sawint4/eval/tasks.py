@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Task accuracy by log-likelihood: BIG-bench multiple-choice tasks under each KV method.
 
-    python scripts/eval_tasks.py --model /tmp/acc/smollm2-135m --model-name SmolLM2-135M-Instruct \
+    python -m sglang_sawint4.eval.tasks --model /tmp/acc/smollm2-135m --model-name SmolLM2-135M-Instruct \
         --task /tmp/bb/.../date_understanding/task.json --task /tmp/bb/.../3_digit_addition/task.json \
         --calib-text /tmp/acc/kjv.txt --examples 200 --out bench/results/accuracy.json
 
@@ -25,9 +24,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import (  # noqa: E402
+from sglang_sawint4.eval.kv_methods import (
     KVMethod,
     default_methods,
     install,
@@ -35,7 +33,7 @@ from sglang_sawint4.eval.kv_methods import (  # noqa: E402
     record_kv,
     text_window,
 )
-from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row  # noqa: E402
+from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row
 
 
 def load_task(path, n, seed):

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Passkey retrieval under each KV method: a 5-digit key hidden in filler text at a given depth.
 
-    python scripts/eval_passkey.py --model /tmp/acc/smollm2-135m --model-name SmolLM2-135M-Instruct \
+    python -m sglang_sawint4.eval.passkey --model /tmp/acc/smollm2-135m --model-name SmolLM2-135M-Instruct \
         --context 8192 --samples 8 --out bench/results/accuracy.json
 
 The prompt is the passkey test of Mohtashami & Jaggi (2023): an instruction, repeated
@@ -26,9 +25,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import (  # noqa: E402
+from sglang_sawint4.eval.kv_methods import (
     KVMethod,
     default_methods,
     install,
@@ -37,7 +35,7 @@ from sglang_sawint4.eval.kv_methods import (  # noqa: E402
     start_tokens,
     text_window,
 )
-from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row  # noqa: E402
+from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.\n")

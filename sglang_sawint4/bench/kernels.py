@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """GPU kernel benchmark: decode attention and the KV store path, in GB/s.
 
-    python scripts/bench_kernels.py --out bench/results/kernels.json
+    python -m sglang_sawint4.bench.kernels --out bench/results/kernels.json
 
 Decode rows: BF16 (FlashInfer's paged decode), plain INT4 and INT4+BDR (ours) on
 an 8B-shaped attention layer (32 q heads, 8 KV heads, head_dim 128) for batch
@@ -29,14 +28,13 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4 import format as fmt  # noqa: E402
-from sglang_sawint4.kernels.decode import (  # noqa: E402
+from sglang_sawint4 import format as fmt
+from sglang_sawint4.kernels.decode import (
     BLOCK_N, LOW_PARALLELISM_PAIRS_PER_SM, LOW_PARALLELISM_TILING, MAXNREG, NUM_STAGES, default_block_h,
     default_num_warps, int4_decode_attention)
-from sglang_sawint4.kernels.splits import num_kv_splits_reference  # noqa: E402
-from sglang_sawint4.kernels.store import rotate_quantize_store  # noqa: E402
+from sglang_sawint4.kernels.splits import num_kv_splits_reference
+from sglang_sawint4.kernels.store import rotate_quantize_store
 
 HQ, HK, D = 32, 8, 128
 MAX_SPLITS = 16  # split scratch capacity; waves-rule A/Bs may use up to this many
@@ -285,7 +283,7 @@ def ab_decode(args, rounds=3):
     """A/B of decode kernels against the installed one: a candidate file's int4_decode_attention
     and/or launch-option variants of the installed one; same process, alternating the kernels
     ``rounds`` times per shape (drift hits all alike)."""
-    from kernel_report import load_decode_candidate
+    from sglang_sawint4.bench.kernel_report import load_decode_candidate
 
     kernels = {"installed": (int4_decode_attention, {}, None)}
     for text in filter(None, (args.ab_kernel or "").split(";")):

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Fold accuracy results written on another machine into the results file, and re-plot.
 
-    python scripts/merge_accuracy.py /path/from/gpu/accuracy_gpu.json --out bench/results/accuracy.json
+    python -m sglang_sawint4.eval.merge /path/from/gpu/accuracy_gpu.json --out bench/results/accuracy.json
 
 The GPU host writes its own file (scripts/gpu_run.sh long-acc / gsm); its rows replace
 the rows of the same (model, method, block, rotate, context or task), its run records are
@@ -14,12 +13,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from eval_accuracy import plot  # noqa: E402
+from sglang_sawint4.eval.perplexity import plot
 
-from sglang_sawint4.eval.results import load_results, merge_results, save_results  # noqa: E402
+from sglang_sawint4.eval.results import load_results, merge_results, save_results
 
 
 def main():

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Write a Llama / Qwen2 / Qwen3-architecture model directory with seeded random weights.
 
-    python scripts/make_model.py --preset tiny --out /tmp/models/tiny
-    python scripts/make_model.py --preset 8b --arch qwen2 --out /tmp/models/qwen8b
-    python scripts/make_model.py --preset 8b --arch qwen3 --out /tmp/models/qwen3-8b
+    python -m sglang_sawint4.tools.make_model --preset tiny --out /tmp/models/tiny
+    python -m sglang_sawint4.tools.make_model --preset 8b --arch qwen2 --out /tmp/models/qwen8b
+    python -m sglang_sawint4.tools.make_model --preset 8b --arch qwen3 --out /tmp/models/qwen3-8b
 
 For serving, integration and throughput work only: the weights are random, so
 the text is meaningless (it is not an accuracy model).  The directory holds

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """GSM8K-style word problems (reasoning-gym ``gsm_symbolic``) solved by greedy generation under each KV method.
 
     pip install reasoning-gym==0.1.25   # procedurally generated: no download at run time
-    python scripts/eval_gsm.py --model /tmp/acc/qwen2.5-coder-0.5b --model-name Qwen2.5-Coder-0.5B-Instruct \
+    python -m sglang_sawint4.eval.gsm --model /tmp/acc/qwen2.5-coder-0.5b --model-name Qwen2.5-Coder-0.5B-Instruct \
         --problems 40 --out bench/results/accuracy.json
 
 Each problem goes through the model's chat template with an instruction to reason step by
@@ -26,10 +25,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import KVMethod, default_methods, install, load_model  # noqa: E402
-from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row  # noqa: E402
+from sglang_sawint4.eval.kv_methods import KVMethod, default_methods, install, load_model, policy_methods
+from sglang_sawint4.eval.results import add_common_args, merge_task_rows, run_info, task_row
 
 INSTRUCTION = "Solve the problem step by step, then write the final number on its own line as 'Answer: <number>'."
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
@@ -89,6 +87,8 @@ def main():
                         "generating them: for a host without reasoning-gym")
     p.add_argument("--write-problems", default=None, metavar="PATH",
                    help="only write the --problems / --seed problems (question, answer) to PATH and exit")
+    p.add_argument("--policy", default=None, metavar="FILE",
+                   help="a KV policy file (python -m sglang_sawint4.policy resolve): adds the served default")
     add_common_args(p, seed=42)
     args = p.parse_args()
     from tqdm import tqdm
@@ -103,6 +103,8 @@ def main():
     current = {"m": KVMethod("bf16")}
     install(model, lambda: current["m"])
     methods = default_methods(model.config.head_dim)
+    if args.policy:
+        methods += policy_methods(args.policy, False, model.config)
 
     t0 = time.time()
     bar = tqdm(total=len(methods) * len(data), desc="gsm problems x methods", file=sys.stdout, mininterval=10)

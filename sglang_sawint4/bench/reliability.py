@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Reliability of the INT4 KV path: bad configuration, bad requests, abort storms and a soak.
 
-    python scripts/reliability.py --model /tmp/models/small --out bench/results/reliability.json \
+    python -m sglang_sawint4.bench.reliability --model /tmp/models/small --out bench/results/reliability.json \
         --soak-minutes 8
 
 1. Bad configurations: the launcher is run as a subprocess for each case and must exit
@@ -43,20 +42,16 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from serve_check import (  # noqa: E402
-    Server,
+from sglang_sawint4.serving.client import (
     generate_ids,
-    gpu_name,
     load_row,
-    nvidia_smi,
     random_token_ids,
     request,
     served_model_id,
     stream_events,
-    versions,
 )
+from sglang_sawint4.serving.server import Server, gpu_name, nvidia_smi, versions
 
 LAUNCHER = [sys.executable, "-m", "sglang_sawint4.launch_server"]
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Per-layer attention-output error when only the keys go through a KV method.
 
-    python scripts/probe_attention_error.py --model /tmp/acc/qwen2.5-coder-0.5b \
+    python -m sglang_sawint4.eval.attention_probe --model /tmp/acc/qwen2.5-coder-0.5b \
         --model-name Qwen2.5-Coder-0.5B-Instruct --text /tmp/acc/brown.txt --tokens 1024 \
         --out bench/results/attention_probe.json
 
@@ -21,10 +20,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4 import format as fmt  # noqa: E402
-from sglang_sawint4.eval.kv_methods import KVMethod, load_model, start_tokens, use_attention  # noqa: E402
+from sglang_sawint4 import format as fmt
+from sglang_sawint4.eval.kv_methods import KVMethod, load_model, start_tokens, use_attention
 
 
 def probe_methods(head_dim: int) -> list:

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Serving benchmark over the OpenAI HTTP API: throughput, latency and capacity per KV config.
 
-    python scripts/bench_serving.py --model /tmp/models/8b --out bench/results/serving.json \
+    python -m sglang_sawint4.bench.serving --model /tmp/models/8b --out bench/results/serving.json \
         --configs int4,int4-bdr-64,bf16,fp8_e4m3,int4-bdr-128 --repeat-configs int4-bdr-64,int4 \
         --shapes 1024x256,2048x512 --concurrency 1,4,16,64,128,256 \
         --capacity 2048x512@512 --capacity-configs bf16,int4-bdr-64 \
@@ -43,24 +42,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from serve_check import Server, gpu_name, load_row, nvidia_smi, random_token_ids, served_model_id, versions  # noqa: E402
+from sglang_sawint4.serving.client import load_row, random_token_ids, served_model_id
+from sglang_sawint4.serving.server import Server, config_flags, gpu_name, nvidia_smi, versions
 
-CONFIG_FLAGS = {
-    "bf16": ["--kv-quant", "none"],
-    "fp8_e4m3": ["--kv-quant", "none", "--kv-cache-dtype", "fp8_e4m3"],
-    "int4": ["--kv-quant", "int4"],
-}
 EXIT_RESUME = 75  # EX_TEMPFAIL: units are left, run the same command again
-
-
-def config_flags(name: str) -> List[str]:
-    if name in CONFIG_FLAGS:
-        return CONFIG_FLAGS[name]
-    if name.startswith("int4-bdr-"):
-        return ["--kv-quant", "int4-bdr", "--kv-quant-block-size", name.rsplit("-", 1)[1]]
-    raise SystemExit(f"unknown config {name!r}: use bf16, fp8_e4m3, int4 or int4-bdr-<block>")
 
 
 def parse_shape(text: str) -> Tuple[int, int]:

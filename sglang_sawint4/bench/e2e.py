@@ -1,11 +1,10 @@
-#!/usr/bin/env python3
-"""End-to-end checks of `python -m sglang_sawint4.launch_server` over its HTTP API.
+"""End-to-end checks of ``python -m sglang_sawint4.launch_server`` over its HTTP API.
 
-    # smoke (BF16 KV, the serving issue): start, query every endpoint, load, stop
-    python scripts/serve_check.py smoke --model /tmp/m --out bench/results/smoke.json
+    # smoke (BF16 KV): start, query every endpoint, load, stop
+    python -m sglang_sawint4.bench.e2e smoke --model /tmp/m --out bench/results/smoke.json
 
-    # INT4 KV (the integration issue): bf16 / int4 / int4-bdr servers in turn
-    python scripts/serve_check.py int4 --model /tmp/m --out bench/results/int4_e2e.json
+    # INT4 KV: bf16 / int4 / int4-bdr servers in turn, features, served-attention check
+    python -m sglang_sawint4.bench.e2e int4 --model /tmp/m --out bench/results/int4_e2e.json
 
 Each server is started as a subprocess with its own log; a check that could not
 run is recorded as null, never true.  Only the standard library is used on the
@@ -15,165 +14,23 @@ client side (threads + http.client), so it runs on the bare GPU host.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-HOST = "127.0.0.1"
-
-
-# --------------------------------------------------------------------------- #
-# HTTP helpers
-# --------------------------------------------------------------------------- #
-def request(port, method, path, body=None, timeout=300):
-    """One HTTP request; body is a JSON-able object or raw bytes (e.g. malformed JSON)."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        raw = body if isinstance(body, bytes) or body is None else json.dumps(body)
-        conn.request(method, path, body=raw, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = resp.read()
-        try:
-            return resp.status, json.loads(data) if data else None
-        except json.JSONDecodeError:
-            return resp.status, data.decode(errors="replace")
-    finally:
-        conn.close()
-
-
-def load_row(payload):
-    """The first (DP rank 0) row of a /v1/loads answer ({"loads": [...]} or a bare list), or {}."""
-    rows = payload.get("loads", payload) if isinstance(payload, dict) else payload
-    return rows[0] if rows else {}
-
-
-def nvidia_smi(field):
-    """``nvidia-smi --query-gpu=FIELD`` of GPU 0 as text (no units), or None without nvidia-smi."""
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
-        return out[0] if out else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def served_model_id(port):
-    """The model name the OpenAI endpoints expect."""
-    return request(port, "GET", "/v1/models")[1]["data"][0]["id"]
-
-
-def stream_events(port, path, body, max_events=None, timeout=300):
-    """POST with stream=True; returns (status, parsed SSE events) or (status, error body).
-    With max_events the client disconnects after that many events (the server must
-    abort the request)."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    events = []
-    try:
-        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            return resp.status, resp.read()[:300]
-        while True:
-            line = resp.readline()
-            if not line:
-                break
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                events.append("[DONE]")
-                break
-            events.append(json.loads(payload))
-            if max_events is not None and len(events) >= max_events:
-                break
-    finally:
-        conn.close()
-    return resp.status, events
-
-
-def stream(port, path, body, max_events=None, timeout=300):
-    """stream_events that raises on a non-200 answer; returns the events."""
-    status, events = stream_events(port, path, body, max_events, timeout)
-    if status != 200:
-        raise RuntimeError(f"{path} stream -> {status} {events!r}")
-    return events
-
-
-# --------------------------------------------------------------------------- #
-# server lifecycle
-# --------------------------------------------------------------------------- #
-class Server:
-    def __init__(self, model, port, extra, log_path, env=None):
-        self.port = port
-        self.log_path = log_path
-        self.cmd = [sys.executable, "-m", "sglang_sawint4.launch_server", "--model-path", model,
-                    "--host", HOST, "--port", str(port), "--grammar-backend", "none", *extra]
-        self.env = dict(os.environ, **(env or {}))
-        self.proc = None
-        self.startup_s = None
-
-    def start(self, timeout=900):
-        t = time.time()
-        self.log = open(self.log_path, "w")
-        self.log.write("$ " + " ".join(self.cmd) + "\n")
-        self.log.flush()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        while time.time() - t < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}:\n"
-                                   + tail(self.log_path))
-            try:
-                status, _ = request(self.port, "GET", "/health", timeout=5)
-                if status == 200:
-                    self.startup_s = time.time() - t
-                    return self
-            except OSError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"server not healthy after {timeout}s; see {self.log_path}")
-
-    def info(self):
-        """SGLang's /server_info: server args, scheduler info (max_total_num_tokens, ...) and
-        per-DP internal states (effective_max_running_requests_per_dp, ...)."""
-        status, info = request(self.port, "GET", "/server_info")
-        return info if status == 200 else {}
-
-    def stop(self, timeout=60):
-        """SIGINT like a Ctrl-C, then SIGKILL the group if it does not exit."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(timeout)
-            clean = True
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            clean = False
-        self.log.close()
-        return clean
-
-
-def tail(path, n=40):
-    try:
-        return "".join(open(path, errors="replace").readlines()[-n:])
-    except OSError:
-        return ""
-
-
-def log_has(path, pattern):
-    return re.search(pattern, open(path, errors="replace").read()) is not None
-
+from sglang_sawint4.serving.client import (
+    generate_ids,
+    greedy_outputs,
+    random_token_ids,
+    request,
+    served_model_id,
+    stream,
+)
+from sglang_sawint4.serving.server import Server, gpu_name, log_has, versions
 
 # --------------------------------------------------------------------------- #
 # checks
@@ -256,25 +113,6 @@ def load_test(port, model_name, requests_n=256, concurrency=64, max_tokens=32, s
             "seconds": time.time() - t}
 
 
-def generate_ids(port, input_ids, max_new_tokens, **extra):
-    st, r = request(port, "POST", "/generate", {"input_ids": input_ids, "sampling_params": {
-        "temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}, **extra})
-    if st != 200:
-        raise RuntimeError(f"/generate -> {st}: {str(r)[:300]}")
-    return r
-
-
-def greedy_outputs(port, prompts_ids, n, top_logprobs=5):
-    """Greedy output ids, their logprobs and, per step, {token id: logprob} of the top candidates."""
-    outs = []
-    for ids in prompts_ids:
-        meta = generate_ids(port, ids, n, return_logprob=True, top_logprobs_num=top_logprobs)["meta_info"]
-        outs.append({"ids": [t[1] for t in meta["output_token_logprobs"]],
-                     "logprobs": [t[0] for t in meta["output_token_logprobs"]],
-                     "top": [{t[1]: t[0] for t in step or []} for step in meta["output_top_logprobs"]]})
-    return outs
-
-
 def logprob_error(test, ref):
     """Per-step |logprob(test) - logprob(ref)| over the top candidates both servers list,
     on the steps before the first differing token (same prefix, so same distribution)."""
@@ -300,14 +138,6 @@ def agreement(a, b):
         same += sum(int(p == q) for p, q in zip(x, y))
         total += max(len(x), len(y))
     return same / max(total, 1)
-
-
-FIRST_PLAIN_TOKEN_ID = 10  # random prompts stay clear of the generated tokenizers' special tokens
-
-
-def random_token_ids(rng, vocab, n):
-    """n token ids drawn by ``rng`` (a random.Random) from the non-special part of the vocabulary."""
-    return [rng.randrange(FIRST_PLAIN_TOKEN_ID, vocab) for _ in range(n)]
 
 
 def check_radix_reuse(port, vocab, rng):
@@ -353,28 +183,6 @@ def check_abort(port, model_name):
 # --------------------------------------------------------------------------- #
 # modes
 # --------------------------------------------------------------------------- #
-def gpu_name():
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def versions():
-    """Versions of what served the run (recorded next to the GPU name in every result)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("torch", "triton", "sglang", "sglang-kernel", "flashinfer-python", "transformers", "sglang-sawint4"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def smoke(args):
     port = args.port
     srv = Server(args.model, port, ["--kv-quant", "none", "--attention-backend", "triton", *args.extra],
@@ -427,23 +235,7 @@ def int4(args):
             outputs[name] = greedy_outputs(args.port, prompts_ids, args.agree_tokens)
             d = {"startup_s": round(srv.startup_s, 1)}
             if name == "int4-bdr":
-                model_name = served_model_id(args.port)
-                ep = check_endpoints(args.port, model_name)
-                d["endpoints"] = ep
-                result["checks"]["streaming"] = ep["/v1/completions (stream)"] and ep["/v1/chat/completions (stream)"]
-                d["radix"] = check_radix_reuse(args.port, vocab, rng)
-                result["checks"]["radix_reuse"] = d["radix"]["ok"]
-                d["chunked"] = check_chunked_prefill(args.port, vocab, rng, args.chunk)
-                result["checks"]["chunked_prefill"] = d["chunked"]["ok"]
-                d["abort"] = check_abort(args.port, model_name)
-                result["checks"]["abort"] = d["abort"]["ok"]
-                d["load"] = load_test(args.port, model_name, args.requests, args.concurrency)
-                result["requests"] += d["load"]["requests"]
-                result["complete"] += d["load"]["complete"]
-                captured = log_has(log, r"Capture target decode CUDA graph end")
-                result["checks"]["cuda_graph"] = captured and d["load"]["complete"] == d["load"]["requests"]
-                d["log_capacity_lines"] = [l.strip() for l in open(log, errors="replace")
-                                           if "sglang-sawint4" in l and ("tokens" in l or "bytes" in l)]
+                d.update(feature_checks(args, result, log, vocab, rng))
             result["details"][name] = d
         finally:
             srv.stop()
@@ -459,16 +251,71 @@ def int4(args):
     return result, ok
 
 
-def attention_check(args, prompts_ids, vocab, rng):
+def feature_checks(args, result, log, vocab, rng) -> dict:
+    """On the running int4-bdr server: every endpoint, radix-cache reuse, chunked prefill,
+    abort, a load test, CUDA graphs; fills result["checks"] and counts; returns the details."""
+    port, d = args.port, {}
+    model_name = served_model_id(port)
+    ep = check_endpoints(port, model_name)
+    d["endpoints"] = ep
+    result["checks"]["streaming"] = ep["/v1/completions (stream)"] and ep["/v1/chat/completions (stream)"]
+    d["radix"] = check_radix_reuse(port, vocab, rng)
+    result["checks"]["radix_reuse"] = d["radix"]["ok"]
+    d["chunked"] = check_chunked_prefill(port, vocab, rng, args.chunk)
+    result["checks"]["chunked_prefill"] = d["chunked"]["ok"]
+    d["abort"] = check_abort(port, model_name)
+    result["checks"]["abort"] = d["abort"]["ok"]
+    d["load"] = load_test(port, model_name, args.requests, args.concurrency)
+    result["requests"] += d["load"]["requests"]
+    result["complete"] += d["load"]["complete"]
+    captured = log_has(log, r"Capture target decode CUDA graph end")
+    result["checks"]["cuda_graph"] = captured and d["load"]["complete"] == d["load"]["requests"]
+    d["log_capacity_lines"] = [l.strip() for l in open(log, errors="replace")
+                               if "sglang-sawint4" in l and ("tokens" in l or "bytes" in l or "policy" in l)]
+    return d
+
+
+def policy(args):
+    """The launcher's default INT4 configuration (``--kv-quant int4-bdr``: the auto KV policy,
+    CUDA graphs) on a model: the policy it chose, every feature check, and the served
+    attention against the reference with a BF16 layer forced in, so that BF16, centered
+    and plain INT4 layers are all checked."""
+    rng = random.Random(0)
+    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    prompts_ids = [random_token_ids(rng, vocab, rng.randrange(64, 1024)) for _ in range(4)]
+    result = {"gpu": gpu_name(), "versions": versions(), "model": args.model_name or os.path.basename(args.model.rstrip("/")),
+              "checks": {k: None for k in ("cuda_graph", "radix_reuse", "chunked_prefill", "streaming", "abort")},
+              "requests": 0, "complete": 0, "details": {}, "commands": {}}
+    log = os.path.join(args.log_dir, "policy_e2e_int4-bdr.log")
+    srv = Server(args.model, args.port, ["--kv-quant", "int4-bdr", "--chunked-prefill-size", str(args.chunk),
+                                         "--mem-fraction-static", str(args.mem_fraction), *args.extra], log)
+    result["commands"]["int4-bdr"] = " ".join(srv.cmd)
+    try:
+        srv.start()
+        result["max_total_num_tokens"] = srv.info().get("max_total_num_tokens")
+        result["details"]["int4-bdr"] = {"startup_s": round(srv.startup_s, 1),
+                                         **feature_checks(args, result, log, vocab, rng)}
+    except RuntimeError as e:
+        result["details"]["int4-bdr"] = {"start_error": str(e)[-2000:]}
+    finally:
+        srv.stop()
+    result["attention_vs_reference"] = attention_check(args, prompts_ids, vocab, rng, ["--kv-quant-bf16-layers", "0"])
+    kinds = result["attention_vs_reference"].get("kv_kinds", [])
+    ok = (result["complete"] == result["requests"] > 0 and all(v is True for v in result["checks"].values())
+          and result["attention_vs_reference"].get("ok") is True and set(kinds) == {"bf16", "int4"})
+    return result, ok
+
+
+def attention_check(args, prompts_ids, vocab, rng, flags=()):
     """An int4-bdr server in eager mode with --kv-quant-debug-check-attention: every
     layer's first decode / extend / extend-over-a-cached-prefix outputs are compared in
-    the server with the float64 torch reference of the same INT4 pages."""
+    the server with the float64 torch reference of the same pages."""
     path = os.path.join(args.log_dir, "attention_check.jsonl")
     if os.path.exists(path):
         os.remove(path)
     flags = ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--disable-decode-cuda-graph",
              "--kv-quant-debug-check-attention", path, "--chunked-prefill-size", str(args.chunk),
-             "--mem-fraction-static", str(args.mem_fraction), *args.extra]
+             "--mem-fraction-static", str(args.mem_fraction), *flags, *args.extra]
     srv = Server(args.model, args.port, flags, os.path.join(args.log_dir, "int4_e2e_attention_check.log"))
     try:
         srv.start()
@@ -494,7 +341,7 @@ def attention_check(args, prompts_ids, vocab, rng):
     want = {"decode", "extend", "extend_prefix"}
     return {"ok": bool(rows) and want <= set(by_mode) and all(not m["failed"] for m in by_mode.values()),
             "checks": len(rows), "by_mode": by_mode, "tolerance_rel": rows[0].get("tolerance_rel") if rows else None,
-            "command": " ".join(srv.cmd)}
+            "kv_kinds": sorted({r.get("kv", "int4") for r in rows}), "command": " ".join(srv.cmd)}
 
 
 def tp2(args):
@@ -531,7 +378,7 @@ def fold_tp2(e2e_path: str, tp2_path: str, gpu: str = None) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["smoke", "int4", "tp2", "fold-tp2"],
+    p.add_argument("mode", choices=["smoke", "int4", "policy", "tp2", "fold-tp2"],
                    help="fold-tp2: put the tp2 result --tp2-result into the int4 result --out")
     p.add_argument("--model")
     p.add_argument("--tp2-result", help="fold-tp2: a tp2 run's JSON")
@@ -562,7 +409,7 @@ def main():
     if not args.model:
         p.error(f"{args.mode} needs --model")
     os.makedirs(args.log_dir, exist_ok=True)
-    result, ok = {"smoke": smoke, "int4": int4, "tp2": tp2}[args.mode](args)
+    result, ok = {"smoke": smoke, "int4": int4, "policy": policy, "tp2": tp2}[args.mode](args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

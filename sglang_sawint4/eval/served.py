@@ -1,16 +1,15 @@
-#!/usr/bin/env python3
 """Served accuracy check: do the served INT4 kernels give the accuracy the CPU harness predicts?
 
 Three steps; the middle one runs on the GPU host (scripts/gpu_run.sh stage ``served``):
 
     # CPU: prompts from a text, tokenized by the converted model's own tokenizer
-    python scripts/served_accuracy.py prompts --model /tmp/acc/smollm2-135m --text /tmp/acc/kjv.txt \\
+    python -m sglang_sawint4.eval.served prompts --model /tmp/acc/smollm2-135m --text /tmp/acc/kjv.txt \\
         --out bench/logs/served_prompts.json
     # GPU: one server per config (started side by side), greedy continuations with their logprobs
-    python scripts/served_accuracy.py serve --model /tmp/models/smollm2 \\
+    python -m sglang_sawint4.eval.served serve --model /tmp/models/smollm2 \\
         --prompts bench/logs/served_prompts.json --out $OUT/served_generations.json
     # CPU: the harness replays every served continuation, scores it, and writes the comparison
-    python scripts/served_accuracy.py compare --model /tmp/acc/smollm2-135m \\
+    python -m sglang_sawint4.eval.served compare --model /tmp/acc/smollm2-135m \\
         --model-name SmolLM2-135M-Instruct --served bench/logs/served_generations.json \\
         --out bench/results/accuracy.json
 
@@ -45,7 +44,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = "bf16,int4,int4-bdr-64"
 
@@ -82,8 +80,8 @@ def cmd_prompts(args):
 # serve (GPU host)
 # --------------------------------------------------------------------------- #
 def cmd_serve(args):
-    from bench_serving import config_flags
-    from serve_check import Server, gpu_name, greedy_outputs, versions
+    from sglang_sawint4.serving.client import greedy_outputs
+    from sglang_sawint4.serving.server import Server, config_flags, gpu_name, versions
 
     prompts = json.load(open(args.prompts))["prompts"]
     configs = [c for c in args.configs.split(",") if c]
@@ -108,6 +106,10 @@ def cmd_serve(args):
             # one request at a time: batch size 1 at every step for every config
             result["generations"][cfg] = [{k: o[k] for k in ("ids", "logprobs")}
                                           for o in greedy_outputs(srv.port, prompts, args.max_new_tokens, 1)]
+            policy = served_policy_file(srv.log_path)
+            if policy:  # what this server stores, for the harness to replay exactly
+                with open(policy) as f:
+                    result.setdefault("policies", {})[cfg] = json.load(f)
             print(f"{cfg}: {len(prompts)} continuations of {args.max_new_tokens} tokens", flush=True)
     finally:
         for srv in servers.values():
@@ -121,10 +123,25 @@ def cmd_serve(args):
 # --------------------------------------------------------------------------- #
 # compare (CPU)
 # --------------------------------------------------------------------------- #
-def method_of(config: str):
-    """The harness method a served config runs (BDR configs rotate K only, as served)."""
-    from sglang_sawint4.eval.kv_methods import KVMethod
+def served_policy_file(log_path: str):
+    """The KV policy file a server's launcher resolved (its start-up line), or None."""
+    from sglang_sawint4.launch_server import POLICY_LOG_PREFIX
 
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            if line.startswith(POLICY_LOG_PREFIX + " ("):
+                return line[len(POLICY_LOG_PREFIX) + 2:].split("): ", 1)[0]
+    return None
+
+
+def method_of(config: str, policies=None):
+    """The harness method a served config runs: the server's own KV policy when it recorded
+    one (int4-bdr: the launcher's default), else the plain format (BDR on K only, as served)."""
+    from sglang_sawint4.eval.kv_methods import KVMethod
+    from sglang_sawint4.policy import KVPolicy
+
+    if policies and config in policies:
+        return KVMethod.from_policy(KVPolicy.from_json(policies[config]), config)
     if config in ("bf16", "int4"):
         return KVMethod(config)
     if config.startswith("int4-bdr-"):
@@ -182,15 +199,16 @@ def agreement(a, b) -> float:
     return (a == b).double().mean().item()
 
 
-def compare(model, prompts, served: dict, current: dict, progress=None) -> dict:
+def compare(model, prompts, served: dict, current: dict, progress=None, policies=None) -> dict:
     """The comparison for every served config (see the module docstring).
 
     prompts [n, L] long; served: {config: [{"ids": [T], "logprobs": [T]}]}; current: the
-    dict whose "m" the installed harness reads (the method in use)."""
+    dict whose "m" the installed harness reads (the method in use); policies: the KV policy
+    each config's server recorded."""
     from sglang_sawint4.eval.kv_methods import KVMethod
 
     def tensor(cfg, key, dtype):
-        return torch.tensor([g[key] for g in served[cfg]], dtype=dtype)
+        return torch.tensor([g[key] for g in served[cfg]], dtype=dtype, device=prompts.device)
 
     bf16 = KVMethod("bf16")
     current["m"] = bf16
@@ -198,10 +216,10 @@ def compare(model, prompts, served: dict, current: dict, progress=None) -> dict:
     out = {}
     for cfg in served:
         ids, lps = tensor(cfg, "ids", torch.long), tensor(cfg, "logprobs", torch.float64)
-        current["m"] = method_of(cfg)
+        current["m"] = method_of(cfg, policies)
         greedy = harness_bf16 if cfg == "bf16" else decode_steps(model, prompts, steps=ids.shape[1])[0]
         _, replay_lp, replay_argmax = decode_steps(model, prompts, feed=ids)
-        current["m"] = BF16Inputs(method_of(cfg))
+        current["m"] = BF16Inputs(method_of(cfg, policies))
         _, rounded_lp, _ = decode_steps(model, prompts, feed=ids)
         current["m"] = bf16
         out[cfg] = {
@@ -224,23 +242,25 @@ def compare(model, prompts, served: dict, current: dict, progress=None) -> dict:
 def cmd_compare(args):
     from sglang_sawint4.eval.kv_methods import KVMethod, install, load_model
     from sglang_sawint4.eval.results import load_results, run_info, save_results
+    from sglang_sawint4.policy import KVPolicy
 
     t0 = time.time()
     served = json.load(open(args.served))
-    prompts = torch.tensor(json.load(open(args.prompts))["prompts"], dtype=torch.long)
-    _, model = load_model(args.model, args.threads)
+    prompts = torch.tensor(json.load(open(args.prompts))["prompts"], dtype=torch.long, device=args.device)
+    _, model = load_model(args.model, args.threads, args.device)
     current = {"m": KVMethod("bf16")}
     install(model, lambda: current["m"], served_prefill=True)
 
     def show(cfg, r):
         print(f"{cfg:14s} " + "  ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
 
-    configs = compare(model, prompts, served["generations"], current, show)
+    configs = compare(model, prompts, served["generations"], current, show, served.get("policies"))
     result = load_results(args.out)
     result.setdefault("served", {})[args.model_name] = {
         "gpu": served["gpu"], "versions": served["versions"], "server_commands": served["commands"],
         "prompts": os.path.basename(args.prompts), "max_new_tokens": served["max_new_tokens"],
-        "configs": configs, "run": run_info(t0)}
+        "configs": configs, "run": run_info(t0, args.device),
+        "policies": {c: KVPolicy.from_json(p).summary() for c, p in served.get("policies", {}).items()}}
     save_results(args.out, result)
     print(f"-> {args.out} (served.{args.model_name})")
 
@@ -271,6 +291,7 @@ def main():
     a.add_argument("--prompts", required=True)
     a.add_argument("--out", required=True)
     a.add_argument("--threads", type=int, default=os.cpu_count())
+    a.add_argument("--device", default="cpu", help="cpu, or cuda on the GPU host (float32 either way)")
     args, extra = p.parse_known_args()
     if extra and args.cmd != "serve":
         p.error(f"unknown arguments {extra}")

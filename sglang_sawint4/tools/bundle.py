@@ -1,14 +1,13 @@
-#!/usr/bin/env python3
 """Offline bundle of SGLang 0.5.17 for air-gapped GPU hosts.
 
     # on a machine with PyPI access (any OS/Python): build for the target
-    python scripts/bundle.py build --out .bundle/sglang-bundle.tar.xz
+    python -m sglang_sawint4.tools.bundle build --out .bundle/sglang-bundle.tar.xz
 
     # on the air-gapped target (Python 3.12, torch 2.11.0+cu130 preinstalled)
-    python3 scripts/bundle.py install --bundle sglang-bundle.tar.xz --target /opt/sglang-site
+    python3 -m sglang_sawint4.tools.bundle install --bundle sglang-bundle.tar.xz --target /opt/sglang-site
     export PYTHONPATH=/opt/sglang-site:$PYTHONPATH
 
-``build`` downloads the pinned wheels of ``scripts/bundle_requirements.txt`` for
+``build`` downloads the pinned wheels of ``bundle_requirements.txt`` (beside this module) for
 the target platform, unpacks them into one folder, trims the libraries that
 Hopper never loads, and packs the folder with xz -9.  ``install`` unpacks it and
 imports every module SGLang's server needs at start-up (``STARTUP_IMPORTS``),

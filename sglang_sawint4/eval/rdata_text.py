@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """The character vectors of an R lazy-load database (``data/Rdata.rdb``) as plain text.
 
 Debian's r-cran-janeaustenr ships Jane Austen's six novels that way (one vector of lines
 per novel); R is not needed to read them:
 
-    python scripts/rdata_text.py DIR/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb > austen.txt
+    python -m sglang_sawint4.eval.rdata_text DIR/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb > austen.txt
 
 Each database entry is a 4-byte big-endian length and a zlib stream of R's XDR
 serialization (format 2 or 3); only a top-level character vector (STRSXP of CHARSXPs) is

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Perplexity, top-1 agreement and KL to the unquantized KV cache, for each KV method.
 
-    python scripts/eval_accuracy.py --model /tmp/smollm2-135m --model-name SmolLM2-135M-Instruct \
+    python -m sglang_sawint4.eval.perplexity --model /tmp/smollm2-135m --model-name SmolLM2-135M-Instruct \
         --text kjv=/tmp/kjv.txt --text brown=/tmp/brown.txt --context 2048 --windows 2 \
         --out bench/results/accuracy.json
 
@@ -13,7 +12,6 @@ of --context tokens from each text; the reference ("bf16") keeps K/V unquantized
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -21,9 +19,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_sawint4.eval.kv_methods import (  # noqa: E402
+from sglang_sawint4.eval.kv_methods import (
+    policy_methods,
     KVMethod,
     default_methods,
     final_hidden,
@@ -34,7 +32,7 @@ from sglang_sawint4.eval.kv_methods import (  # noqa: E402
     standard_methods,
     start_tokens,
 )
-from sglang_sawint4.eval.results import load_results, merge_method_rows, run_info, save_results  # noqa: E402
+from sglang_sawint4.eval.results import load_results, merge_method_rows, run_info, save_results
 
 
 DEFAULT_CONTEXT = 2048
@@ -107,7 +105,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cpu", help="cpu, or cuda on the GPU host (float32 either way)")
-    p.add_argument("--no-plot", action="store_true", help="leave the plot to scripts/merge_accuracy.py (no matplotlib)")
+    p.add_argument("--no-plot", action="store_true", help="leave the plot to sglang_sawint4.eval.merge (no matplotlib)")
     p.add_argument("--bf16-layers", default=None,
                    help="comma-separated layers kept unquantized: adds int4 and int4-bdr variants with "
                         "that per-layer policy")
@@ -230,21 +228,6 @@ def main():
     for r in out_rows:
         if r["corpus"] == "all":
             print(f"{label_row(r):16} {r['metric']:10} {r['value']:.4f}")
-
-
-def policy_methods(path, fallback: bool, hf_config) -> list:
-    """The served-default method of a policy file, and the uncalibrated fallback's."""
-    from sglang_sawint4.policy import ModelFacts, fallback_policy, load_policy_file
-
-    out = []
-    if path:
-        with open(path) as f:
-            method = json.load(f).get("method", "int4-bdr")
-        out.append(KVMethod.from_policy(load_policy_file(path, method), "served-default"))
-    if fallback:
-        facts = ModelFacts.from_hf_config(hf_config.to_dict())
-        out.append(KVMethod.from_policy(fallback_policy("int4-bdr", facts, why="evaluated"), "policy-fallback"))
-    return out
 
 
 def label_row(r) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks and end-to-end checks (kernels, serving, reliability); results under bench/results/."""

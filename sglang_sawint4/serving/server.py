@@ -1,0 +1,130 @@
+"""Server processes: start ``python -m sglang_sawint4.launch_server`` with a KV configuration,
+wait for it, read its log, stop it; and what machine and versions served a run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import List
+
+from sglang_sawint4.serving.client import HOST, request
+
+# KV configurations by name (benchmarks, checks and evaluations use the same names)
+CONFIG_FLAGS = {
+    "bf16": ["--kv-quant", "none"],
+    "fp8_e4m3": ["--kv-quant", "none", "--kv-cache-dtype", "fp8_e4m3"],
+    "int4": ["--kv-quant", "int4"],
+}
+
+
+def config_flags(name: str) -> List[str]:
+    """Launcher flags of a KV configuration: bf16, fp8_e4m3, int4, int4-bdr-<block> (every layer INT4,
+    the paper's configuration: --kv-quant-policy none) or int4-bdr (the launcher's default policy)."""
+    if name in CONFIG_FLAGS:
+        return CONFIG_FLAGS[name]
+    if name == "int4-bdr":
+        return ["--kv-quant", "int4-bdr"]
+    if name.startswith("int4-bdr-"):
+        return ["--kv-quant", "int4-bdr", "--kv-quant-policy", "none", "--kv-quant-block-size", name.rsplit("-", 1)[1]]
+    raise SystemExit(f"unknown config {name!r}: use bf16, fp8_e4m3, int4, int4-bdr or int4-bdr-<block>")
+
+
+class Server:
+    def __init__(self, model, port, extra, log_path, env=None):
+        self.port = port
+        self.log_path = log_path
+        self.cmd = [sys.executable, "-m", "sglang_sawint4.launch_server", "--model-path", model,
+                    "--host", HOST, "--port", str(port), "--grammar-backend", "none", *extra]
+        self.env = dict(os.environ, **(env or {}))
+        self.proc = None
+        self.startup_s = None
+
+    def start(self, timeout=900):
+        t = time.time()
+        self.log = open(self.log_path, "w")
+        self.log.write("$ " + " ".join(self.cmd) + "\n")
+        self.log.flush()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        while time.time() - t < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}:\n"
+                                   + tail(self.log_path))
+            try:
+                status, _ = request(self.port, "GET", "/health", timeout=5)
+                if status == 200:
+                    self.startup_s = time.time() - t
+                    return self
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"server not healthy after {timeout}s; see {self.log_path}")
+
+    def info(self):
+        """SGLang's /server_info: server args, scheduler info (max_total_num_tokens, ...) and
+        per-DP internal states (effective_max_running_requests_per_dp, ...)."""
+        status, info = request(self.port, "GET", "/server_info")
+        return info if status == 200 else {}
+
+    def stop(self, timeout=60):
+        """SIGINT like a Ctrl-C, then SIGKILL the group if it does not exit."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+            clean = True
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            clean = False
+        self.log.close()
+        return clean
+
+
+def tail(path, n=40):
+    try:
+        return "".join(open(path, errors="replace").readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def log_has(path, pattern):
+    return re.search(pattern, open(path, errors="replace").read()) is not None
+
+
+def nvidia_smi(field):
+    """``nvidia-smi --query-gpu=FIELD`` of GPU 0 as text (no units), or None without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+        return out[0] if out else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def gpu_name():
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def versions():
+    """Versions of what served the run (recorded next to the GPU name in every result)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("torch", "triton", "sglang", "sglang-kernel", "flashinfer-python", "transformers", "sglang-sawint4"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
