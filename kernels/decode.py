@@ -11,9 +11,8 @@ query heads of one KV head to a contiguous slice of the request's tokens:
 * values likewise: sum_n p_n (s_n c_n + o_n) = (p * s) @ c + (p . o);
 * every product is computed transposed: scores as [tokens, query heads] = K q^T and the
   output as [channels, query heads] = V^T p, so tokens and channels sit on the tensor
-  cores' M (16 rows) and the GQA group on N (8 columns).  Untransposed, the group (4
-  query heads in Llama-3-8B's shape) filled 4 of 16 rows and each thread held two copies of
-  every score element; now the softmax and its rescaling run on half as many elements;
+  cores' M (16 rows) and the GQA group on N (8 columns).  Untransposed, a GQA group of 4
+  would fill 4 of 16 rows and each thread would hold two copies of every score element;
 * pages are read as 16-bit words (``format.packed_words``), which ``biased_code_quads``
   turns into four nibble planes (channels 2j, 2j + 1, H + 2j, H + 2j + 1, H = D / 2):
   Triton loads the words from shared memory straight into the tensor cores' operand
@@ -38,9 +37,8 @@ query heads of one KV head to a contiguous slice of the request's tokens:
   registers (tl.fma, which Triton does not fold into the dot): the accumulators carry
   bias * sum(p * scale), far above the output when values have a near-zero mean, and
   accumulated across tiles inside the tensor cores (whose fp32 additions are not IEEE
-  round-to-nearest) they drifted linearly with the split length: 5% relative error at 32k
-  tokens in one split, 35% at 128k on an H200 (scripts/decode_long_context_error.py); now
-  bf16 rounding's (tests/test_kernels.py::test_decode_long_splits_stay_at_bf16_error);
+  round-to-nearest) they drift with the split length; in registers the error stays at bf16
+  rounding's (tests/test_kernels.py::test_decode_long_splits_stay_at_bf16_error);
 * the codes reach the tensor cores as bias + c (bias 128 in bf16, 1024 in fp16: one
   bit operation per code, see ``biased_codes``); the bias is removed once per token
   through the offset terms, computed from the same rounded operands the tensor cores
@@ -70,29 +68,21 @@ from sglang_sawint4.kernels.format_jit import (
     rotation_norm,
 )
 
-# Stage-1 tiling (v8, transposed products): 64-token tiles, 3 stages, warps per head_dim
-# (others: 2).  Interleaved on an H200 against v7 (128 tokens x 4 warps, untransposed),
-# INT4+BDR, with splits for the programs that fit: at 2 warps 13-21% less time at batch 32-256
-# x 8k-32k (head_dim 128), 26-30% at 256 (bench/logs/decode_ab_v8w2*_h200.json); 1 warp against
-# 2, head_dim 128: up to 12% less time, 3% more at 32 x 8k; head_dim 64: 12-19% less
-# (bench/logs/decode_ab_v8_warps*_h200.json; docs/design-notes.md).
+# Stage-1 tiling: 64-token tiles, 3 stages, warps per head_dim (others: 2); the fastest of
+# the tilings measured on an H200 (docs/results.md).
 BLOCK_N = 64
 NUM_WARPS = {64: 1, 128: 1, 256: 2}
 NUM_STAGES = 3
-# Stage-1 register cap per head_dim (PTX .maxnreg; sglang_sawint4.bench.kernel_report), none at present:
-# one warp takes 167 registers at head_dim 64 and 238 at 128 (12 and 8 programs per SM; capped
-# at 128, head_dim 128 would spill 500 B), two warps at 256 take 210 (4 per SM; 1 warp would
-# spill 608 B at 255).  v7 (4 warps) ran 6-8% faster on an H100 with a cap of 128 at head_dim
-# 128 (a fourth program per SM).  kernels/splits.py sizes splits by the programs per SM.
+# Stage-1 register cap per head_dim (PTX .maxnreg; sglang_sawint4.bench.kernel_report), none:
+# one warp takes 167 registers at head_dim 64 and 238 at 128 (12 and 8 programs per SM; a cap
+# of 128 would spill at head_dim 128), two warps at 256 take 210 (4 per SM).
+# kernels/splits.py sizes splits by the programs per SM.
 MAXNREG = {}
 # Few (request, KV head) pairs, e.g. one long request: the split count is capped (SGLang's
 # --triton-attention-num-kv-splits, default 8), so one-warp programs leave most of the GPU
 # idle.  Up to LOW_PARALLELISM_PAIRS_PER_SM pairs per SM, stage 1 runs this head_dim's
-# tiling here instead.  H200, head_dim 128, 8 KV heads, 8 splits, CUDA-graph timing
-# (bench/logs/decode_ab_v8_small_batch_tilings_h200.json): 128 tokens x 4 warps took 50 / 226
-# us at batch 1 x 32k / 128k where one warp took 103 / 450 (v7: 60 / 250), 94 / 346 at batch 4
-# (121 / 456), 150 / 547 at batch 8 (163 / 628); at batch 16 (~1 pair per SM) one warp is
-# faster, 176 / 686 against 249 / 940.  Not measured at other head_dims: their default holds.
+# tiling instead (on an H200 at head_dim 128 it halves the time of one long request; from
+# about one pair per SM one warp is faster).  Not measured at other head_dims.
 LOW_PARALLELISM_PAIRS_PER_SM = 0.5
 LOW_PARALLELISM_TILING = {128: (128, 4)}  # head_dim: (block_n, num_warps)
 # Query-head columns per stage-1 program (the N of the score and output tiles): the GQA
@@ -202,8 +192,8 @@ def _decode_stage1(
             p = tl.exp2(s - m_new[None, :])
 
             # value data are loaded before the value meta, and both before the unpack: with the
-            # meta first, v7 at head_dim 64 took 7-9% longer on an H200 (why was not
-            # separated), hence two branches on V_WORDS here, not one
+            # meta first, head_dim 64 took 7-9% longer on an H200, hence two branches on
+            # V_WORDS here, not one
             if V_WORDS:
                 # loaded as [words, tokens], the operand's own shape: Triton then fills the
                 # operand registers with ldmatrix.trans and the unpack runs on them in place

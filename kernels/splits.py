@@ -5,9 +5,8 @@ SGLang's Triton backend sizes splits for its own decode kernel (its
 ours that overshoots: stage 1 holds ``RESIDENT_PROGRAMS_PER_SM`` programs per SM at
 once, and a launch of (batch x KV heads x splits) programs runs best when they all fit
 in one such wave.  At batch 32 x 8k (32 q / 8 KV heads, head_dim 128, 132 SMs) this gives
-4 splits (1,024 programs, one wave of 1,056): 102 us on an H200 with 2-warp programs, where
-2 splits took 144 (bench/logs/decode_ab_v8w2_h200.json).  With v7's 4-warp programs (4 per SM) 2
-splits had been best: 132 us, 3 took 148 (bench/logs/decode_ab_vlayout_tiling_h200.json).
+4 splits (1,024 programs, one wave of 1,056), where SGLang's rule gives 2 and the launch
+leaves half of the SMs' program slots empty.
 
 The rule, per decode step (device-side, so CUDA graphs capture it):
 
@@ -23,8 +22,8 @@ import triton
 import triton.language as tl
 
 # Stage-1 programs an SM holds at once, per head_dim: 65,536 registers / (registers per
-# thread x threads per program), within the shared memory (sglang_sawint4.bench.kernel_report, v8 at
-# decode.NUM_WARPS: 1 warp and 167 registers at head_dim 64, 1 warp and 238 at 128, 2 warps
+# thread x threads per program), within the shared memory (sglang_sawint4.bench.kernel_report
+# at decode.NUM_WARPS: 1 warp and 167 registers at head_dim 64, 1 warp and 238 at 128, 2 warps
 # and 210 at 256; 6-37 KB of shared memory).  Other head_dims: 2.
 RESIDENT_PROGRAMS_PER_SM = {64: 12, 128: 8, 256: 4}
 # Fewest tokens a split is given (four 64-token tiles): shorter splits cost more in
