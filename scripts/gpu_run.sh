@@ -53,6 +53,10 @@ declare -A MODEL_CONTEXT=([smollm2]=8192 [qwen]=32768 [qwen15]=32768 [gemma]=327
 # windows per text at 2,048 tokens (as the committed rows at that context)
 declare -A WINDOWS_2K=([smollm2]=3 [qwen]=2 [qwen15]=2 [gemma]=2)
 mkdir -p "$OUT" "$MODELS"
+# the device tool returns at most 8 files from $OUT: everything leaves as one archive
+pack_out() { (cd "$OUT" && [ -n "$(ls -A)" ] && tar czf /tmp/gpu_out.tgz --exclude=gpu_out.tgz . && \
+  find . -mindepth 1 -delete && mv /tmp/gpu_out.tgz gpu_out.tgz) || true; }
+trap pack_out EXIT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}
 status=0
@@ -149,9 +153,9 @@ for s in "$@"; do
   gguf-part)
     # GGUF files reach the host in parts, one per call (64 MiB per call): keep this call's
     # parts, the gguf wheel and the eval texts outside the work tree
-    for d in .bundle/carry/*/; do
+    for d in .bundle/carry/*/ .bundle/parts/*/; do
       [ -d "$d" ] || continue
-      mkdir -p "$GGUF_PARTS/$(basename "$d")" && cp -v "$d"part-* "$GGUF_PARTS/$(basename "$d")"/
+      mkdir -p "$GGUF_PARTS/$(basename "$d")" && cp -vn "$d"part-* "$GGUF_PARTS/$(basename "$d")"/
     done
     if ls .bundle/gguf-*.whl >/dev/null 2>&1 && [ ! -d "$GGUF_SITE/gguf" ]; then
       python3 -m pip install -q --no-deps --no-index --target "$GGUF_SITE" .bundle/gguf-*.whl

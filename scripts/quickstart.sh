@@ -6,7 +6,7 @@ MODEL=${MODEL:?set MODEL to a local model directory}
 
 python3 -m sglang_sawint4.launch_server --model-path "$MODEL" --kv-quant int4-bdr --port 30000 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 until curl -sf localhost:30000/health > /dev/null; do sleep 5; done
 
 curl -s localhost:30000/v1/chat/completions -H "Content-Type: application/json" -d '{

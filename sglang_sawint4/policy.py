@@ -48,7 +48,7 @@ MIN_CAPACITY_VS_BF16 = 3.0
 # A layer keeps BF16 K/V when quantizing it alone moves the model's next-token distribution
 # (KL from the exact model) more than both BF16_MIN_KL and BF16_OUTLIER_FACTOR x the median
 # layer's (see docs/design-notes.md).
-BF16_MIN_KL = 0.01
+BF16_MIN_KL = 0.003
 BF16_OUTLIER_FACTOR = 3.0
 # The fallback without calibration: these layers in BF16 (capacity permitting).
 FALLBACK_BF16_LAYERS = (0,)

@@ -23,14 +23,27 @@ def device():
     return DEVICE
 
 
-@pytest.fixture
-def rng(request):
-    """A seeded generator per test: the seed comes from the test's id (inputs differ between
-    tests, each test sees the same inputs on every run) and is printed, so a failure shows it."""
+def _seed(request) -> int:
+    """A seed from the test's id: inputs differ between tests, and each test sees the same
+    inputs on every run; printed, so a failure shows it."""
     import zlib
 
+    seed = zlib.crc32(request.node.nodeid.encode())
+    print(f"seed {seed} ({request.node.nodeid})")
+    return seed
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rng(request):
+    """torch's global generator, for tests that draw without a generator of their own."""
     import torch
 
-    seed = zlib.crc32(request.node.nodeid.encode())
-    print(f"rng seed {seed} ({request.node.nodeid})")
-    return torch.Generator().manual_seed(seed)
+    torch.manual_seed(_seed(request))
+
+
+@pytest.fixture
+def rng(request):
+    """A seeded generator per test (see _seed)."""
+    import torch
+
+    return torch.Generator().manual_seed(_seed(request))

@@ -1,6 +1,5 @@
 """The accuracy harness: GGUF conversion helpers and the KV methods inside HF attention."""
 
-import sys
 import numpy as np
 import pytest
 import torch
@@ -271,7 +270,6 @@ def test_method_rows_replace_only_the_same_method_and_context():
 
 def test_rdata_text_reads_character_vectors(tmp_path):
     """R's lazy-load database: [length][zlib(XDR serialization)] entries (sglang_sawint4.eval.rdata_text)."""
-    import os
     import struct
     import subprocess
     import sys
@@ -333,13 +331,15 @@ def test_merge_results_folds_another_machines_rows_and_runs():
     assert got == [("ppl", 2048, "", 2.0), ("ppl", 32768, "", 4.0), ("task_acc", 0, "date", 0.3),
                    ("task_acc", 0, "gsm", 0.2)]
     assert merged["runs"]["m"] == {"command": "cpu", "gsm_run": {"seconds": 2}, "context_32768_run": {"device": "cuda"}}
+    # served checks come along per model, the other model's stays
+    here["served"] = {"other": {"gpu": "H100"}}
+    merged = merge_results(here, {"rows": [], "runs": {}, "served": {"m": {"gpu": "H200"}}})
+    assert merged["served"] == {"other": {"gpu": "H100"}, "m": {"gpu": "H200"}}
 
 
 def test_chunked_scoring_equals_full_logits():
     """eval_accuracy scores long windows from the final hidden states a chunk of rows at a
     time; that must be the model's own logits (Gemma's final soft-cap included)."""
-    import os
-    import sys
     from sglang_sawint4.eval.perplexity import ReferenceLogProbs, score
 
     model = tiny_gemma(32, ["full_attention"], final_logit_softcapping=3.0)

@@ -85,9 +85,10 @@ def test_sglang_installed_but_broken_fails_the_tests_that_need_it(tmp_path, monk
     (fake / "srt" / "__init__.py").write_text("")
     (fake / "srt" / "mem_cache" / "__init__.py").write_text("")
     (fake / "srt" / "mem_cache" / "memory_pool.py").write_text("import IPython_is_not_installed\n")
-    code = ("import sys; sys.path.insert(0, {!r}); sys.path.insert(0, {!r});"
-            "from helpers import require_sglang; require_sglang()").format(os.path.dirname(__file__), str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(__file__),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", "from helpers import require_sglang; require_sglang()"],
+                         capture_output=True, text=True, env=env)
     assert out.returncode != 0
     assert "sglang is installed but does not import (ModuleNotFoundError: No module named " \
            "'IPython_is_not_installed')" in out.stderr

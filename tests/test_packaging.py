@@ -44,3 +44,19 @@ def test_wheel_contains_every_module_and_data_file(tmp_path):
     assert not missing, f"not in the wheel: {missing}"
     assert "sglang_sawint4/data/calibration.txt" in names
     assert "sawint4 = sglang_sawint4.plugin:load" in entry_points  # SGLang's workers find the patches
+
+
+def test_the_package_is_the_one_library():
+    """No code reaches another file through sys.path: scripts and tests import the package."""
+    offenders = []
+    for folder in (*FOLDERS, "scripts", "tests"):
+        for dirpath, _, names in os.walk(os.path.join(ROOT, folder)):
+            for n in names:
+                if n.endswith((".py", ".sh")):
+                    path = os.path.join(dirpath, n)
+                    text = open(path).read()
+                    if "sys.path" + ".insert" in text:
+                        offenders.append(os.path.relpath(path, ROOT))
+    assert offenders == []
+    scripts = [n for n in os.listdir(os.path.join(ROOT, "scripts")) if n.endswith(".py")]
+    assert scripts == []  # every tool is python -m sglang_sawint4.<tool>

@@ -26,7 +26,6 @@ import inspect
 import os
 import re
 import subprocess
-import sys
 
 
 POINTERS = {"q_ptr": "*bf16", "kw_ptr": "*i16", "kd_ptr": "*u8", "km_ptr": "*i32", "vd_ptr": "*u8",

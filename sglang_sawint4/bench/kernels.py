@@ -35,6 +35,7 @@ from sglang_sawint4.kernels.decode import (
     default_num_warps, int4_decode_attention)
 from sglang_sawint4.kernels.splits import num_kv_splits_reference
 from sglang_sawint4.kernels.store import rotate_quantize_store
+from sglang_sawint4.serving.server import command_line
 
 HQ, HK, D = 32, 8, 128
 MAX_SPLITS = 16  # split scratch capacity; waves-rule A/Bs may use up to this many
@@ -298,7 +299,7 @@ def ab_decode(args, rounds=3):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result = {"gpu": torch.cuda.get_device_name(0), "triton": triton.__version__, "copy_gbps": copy_bandwidth(),
               "head_dim": args.ab_head_dim,
-              "command": " ".join(["python"] + sys.argv), "rows": []}
+              "command": command_line(), "rows": []}
     print(f"{result['gpu']}: D2D copy {result['copy_gbps']:.0f} GB/s", flush=True)
     layout = fmt.Int4Format(args.ab_head_dim, min(128, args.ab_head_dim))
     batches = [int(b) for b in args.batches.split(",")]
@@ -382,7 +383,7 @@ def main():
     sms = props.multi_processor_count
     result = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "copy_gbps": copy_bandwidth(),
-              "command": " ".join(["python"] + sys.argv),
+              "command": command_line(),
               "timing": f"decode: median of {args.rounds} rounds (methods interleaved) of triton.testing.do_bench "
                         f"medians, or, for calls under {GRAPH_BELOW_US} us, of CUDA-graph replay medians "
                         "(bench_decode; timing_modes says which each method got); store: CUDA-graph replay "

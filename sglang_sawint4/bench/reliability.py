@@ -51,7 +51,7 @@ from sglang_sawint4.serving.client import (
     served_model_id,
     stream_events,
 )
-from sglang_sawint4.serving.server import Server, gpu_name, nvidia_smi, versions
+from sglang_sawint4.serving.server import Server, command_line, gpu_name, nvidia_smi, versions
 
 LAUNCHER = [sys.executable, "-m", "sglang_sawint4.launch_server"]
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
@@ -356,7 +356,7 @@ def probe(port, ids, n=48):
 # --------------------------------------------------------------------------- #
 def run(args):
     result = {"gpu": gpu_name(), "versions": versions(), "model": os.path.basename(args.model.rstrip("/")),
-              "command": " ".join(["python"] + sys.argv)}
+              "command": command_line()}
     # the launcher cases are CPU-only subprocesses: run them while the server starts and warms up
     bad_cfg_pool = ThreadPoolExecutor(1)
     bad_cfg_future = bad_cfg_pool.submit(run_bad_config_cases)

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Tuple
 
 
 from sglang_sawint4.serving.client import load_row, random_token_ids, served_model_id
-from sglang_sawint4.serving.server import Server, config_flags, gpu_name, nvidia_smi, versions
+from sglang_sawint4.serving.server import Server, command_line, config_flags, gpu_name, nvidia_smi, versions
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: units are left, run the same command again
 
@@ -407,7 +407,7 @@ def write_result(result, out):
 def finalize(records, args, out):
     uuids = sorted({r.get("gpu_uuid") for r in records if r.get("gpu_uuid")})
     result = {"gpu": records[0]["gpu"], "model": os.path.basename(args.model.rstrip("/")),
-              "versions": versions(), "command": " ".join(["python"] + sys.argv),
+              "versions": versions(), "command": command_line(),
               "one_gpu": len(uuids) <= 1, "gpu_uuids": uuids,
               "units": [{k: r[k] for k in ("unit", "gpu_uuid", "startup_s", "seconds", "finished_at",
                                            "server_command")} for r in records],
@@ -425,7 +425,7 @@ def rebuild(state_path, out):
     old = json.load(open(out))
     if sorted(u["unit"] for u in old["units"]) != sorted(r["unit"] for r in records):
         raise SystemExit(f"--rebuild: the units in {state_path} are not the units of {out}")
-    result = {**old, **measured(records), "rebuilt_by": " ".join(["python"] + sys.argv)}
+    result = {**old, **measured(records), "rebuilt_by": command_line()}
     return write_result(result, out)
 
 

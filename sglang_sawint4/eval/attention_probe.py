@@ -16,13 +16,13 @@ a plot of the error per layer is written beside it.
 import argparse
 import json
 import os
-import sys
 
 import torch
 
 
 from sglang_sawint4 import format as fmt
 from sglang_sawint4.eval.kv_methods import KVMethod, load_model, start_tokens, use_attention
+from sglang_sawint4.serving.server import command_line
 
 
 def probe_methods(head_dim: int) -> list:
@@ -115,7 +115,7 @@ def main():
         if "models" not in result:
             raise SystemExit(f"{args.out}: not a per-model attention probe file; write to another path")
     result["models"][args.model_name] = {
-        "tokens": len(ids), "command": " ".join(["python"] + sys.argv), "device": "cpu",
+        "tokens": len(ids), "command": command_line(), "device": "cpu",
         "layers": probe_model(model, ids)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sglang_sawint4.eval.perplexity import plot
-
 from sglang_sawint4.eval.results import load_results, merge_results, save_results
 
 

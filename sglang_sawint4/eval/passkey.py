@@ -18,7 +18,6 @@ file's first 2048 tokens, as in eval_tasks.py).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time

@@ -13,10 +13,11 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 
 import torch
+
+from sglang_sawint4.serving.server import command_line
 
 
 def add_common_args(parser, seed: int = 0):
@@ -43,7 +44,7 @@ def task_row(model_name, method, task, correct, n, context=None) -> dict:
 def run_info(t0: float, device: str = "cpu") -> dict:
     """What ran, where, and for how long (stored next to the rows)."""
     on_gpu = torch.device(device).type == "cuda"
-    return {"command": " ".join(["python"] + sys.argv), "device": "cuda" if on_gpu else "cpu",
+    return {"command": command_line(), "device": "cuda" if on_gpu else "cpu",
             "machine": torch.cuda.get_device_name(device) if on_gpu else f"{platform.machine()} {os.cpu_count()} cores",
             "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
 
@@ -92,9 +93,11 @@ def merge_task_rows(path: str, rows: list, model_name: str, run_key: str, run: d
 def merge_results(result: dict, other: dict) -> dict:
     """``other``'s rows replace the rows they would replace had their runs written into
     ``result`` (method rows by context, task rows by task); its run records are added
-    per model, replacing records of the same name."""
+    per model, replacing records of the same name; so are its served checks, per model."""
     result = merge_method_rows(result, [r for r in other["rows"] if r.get("metric") != "task_acc"])
     result = _replace_rows(result, [r for r in other["rows"] if r.get("metric") == "task_acc"], task_rows=True)
     for model, runs in other["runs"].items():
         result["runs"].setdefault(model, {}).update(runs)
+    for model, served in other.get("served", {}).items():
+        result.setdefault("served", {})[model] = served
     return result

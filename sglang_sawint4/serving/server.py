@@ -108,6 +108,14 @@ def nvidia_smi(field):
         return None
 
 
+def command_line() -> str:
+    """The command that is running, as typed: ``python -m package.module ...`` for a module
+    (what results files record next to their rows)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
+    return " ".join(prog + sys.argv[1:])
+
+
 def gpu_name():
     try:
         import torch
