@@ -137,7 +137,11 @@ def resolve_served_policy(config: KVQuantConfig, argv: List[str], env) -> str:
                                 config.symmetric, config.bf16_layers)
     except PolicyError as e:
         raise ConfigError(str(e)) from None
-    out = policy.save_in(cache_dir())
+    try:
+        out = policy.save_in(cache_dir())
+    except OSError as e:
+        raise ConfigError(f"cannot write the KV policy under {cache_dir()} ({e.strerror}); set "
+                          f"SGLANG_SAWINT4_CACHE_DIR to a writable directory") from None
     env[ENV_POLICY_FILE] = out
     return f"{POLICY_LOG_PREFIX} ({out}): {policy.describe()}"
 

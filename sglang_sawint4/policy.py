@@ -257,7 +257,9 @@ def decide(record, block: Optional[int] = None, bf16_layers: Optional[Sequence[i
 def plain_policy(method: str, facts: ModelFacts, block: Optional[int] = None, rotate: str = "k",
                  symmetric: bool = False, bf16_layers: Sequence[int] = (), source: str = "none") -> KVPolicy:
     """Every layer in one INT4 format, no centering (the paper's configuration); with
-    ``bf16_layers`` those layers keep BF16."""
+    ``bf16_layers`` those layers keep BF16.  int4-bdr without a block takes the default block."""
+    if method == "int4-bdr" and block is None:
+        block = fmt.default_block_size(facts.head_dim)
     return KVPolicy(method, facts, block if method == "int4-bdr" else None, rotate, symmetric,
                     tuple(sorted(set(bf16_layers))), {}, source)
 

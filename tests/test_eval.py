@@ -387,3 +387,23 @@ def test_text_window_starts_like_the_evaluated_windows(tmp_path, bos):
     path.write_text("abcdefghij")
     window = text_window(_CharTokenizer(bos), str(path), tokens=5).tolist()
     assert window == ([bos] if bos is not None else []) + [ord(c) for c in "abcdefghij"][: 5 - (bos is not None)]
+
+
+def test_policy_plot_takes_the_paper_default_block_and_the_served_rows(tmp_path):
+    from sglang_sawint4.eval.perplexity import plot_policy, policy_rows
+
+    def row(method, block, context, value, rotate="k"):
+        return {"model": "m", "method": method, "block": block, "rotate": rotate if block else None,
+                "context": context, "metric": "ppl", "value": value, "corpus": "all"}
+
+    rows = [row("bf16", None, 2048, 10.0), row("int4", None, 2048, 40.0), row("int4-bdr", 32, 2048, 30.0),
+            row("int4-bdr", 128, 2048, 20.0), row("int4-bdr", 128, 2048, 21.0, "kv"),
+            row("served-default", 64, 2048, 11.0), row("policy-fallback", 128, 2048, 12.0),
+            row("served-default", 64, 32768, 13.0)]
+    result = {"rows": rows, "runs": {"m": {"policies": {"served-default": {"head_dim": 128, "capacity_vs_bf16": 3.1}}},
+                                     "other": {}}}
+    got = {k: r["value"] for k, r in policy_rows(result, "m").items()}
+    assert got == {("bf16", 2048): 10.0, ("int4", 2048): 40.0, ("int4-bdr", 2048): 20.0,
+                   ("served-default", 2048): 11.0, ("policy-fallback", 2048): 12.0, ("served-default", 32768): 13.0}
+    plot_policy(result, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 10000

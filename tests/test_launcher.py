@@ -126,3 +126,29 @@ def test_qwen2_config_with_disabled_window_is_accepted():
     mistral = {**LLAMA, "model_type": "mistral", "sliding_window": 4096}
     with pytest.raises(ConfigError, match="sliding-window"):
         check_model(mistral, KVQuantConfig("int4-bdr"))
+
+
+def test_policy_resolution_writes_the_workers_file_and_one_log_line(tmp_path, monkeypatch):
+    """The launcher's policy step: none needs no calibration; the file goes where the workers
+    read it; an unwritable cache is one line."""
+    from sglang_sawint4.config import ENV_POLICY_FILE
+    from sglang_sawint4.launch_server import POLICY_LOG_PREFIX, resolve_served_policy
+    from sglang_sawint4.policy import KVPolicy
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 4, "num_attention_heads": 8,
+                                                   "num_key_value_heads": 2, "head_dim": 128}))
+    monkeypatch.setenv("SGLANG_SAWINT4_CACHE_DIR", str(tmp_path / "cache"))
+    env = {}
+    line = resolve_served_policy(KVQuantConfig("int4-bdr", policy="none", bf16_layers=(3,)),
+                                 ["--model-path", str(model)], env)
+    assert line.startswith(POLICY_LOG_PREFIX + f" ({env[ENV_POLICY_FILE]}): INT4 + BDR-128 on K; BF16 layers [3]")
+    assert KVPolicy.load(env[ENV_POLICY_FILE]).bf16_layers == (3,)
+    (tmp_path / "ro").write_text("a file, not a directory")
+    monkeypatch.setenv("SGLANG_SAWINT4_CACHE_DIR", str(tmp_path / "ro" / "sub"))
+    with pytest.raises(ConfigError, match="cannot write the KV policy under .*SGLANG_SAWINT4_CACHE_DIR"):
+        resolve_served_policy(KVQuantConfig("int4-bdr", policy="none"), ["--model-path", str(model)], {})
+    with pytest.raises(ConfigError, match="outside the model's 4 layers"):
+        resolve_served_policy(KVQuantConfig("int4-bdr", policy="none", bf16_layers=(4,)),
+                              ["--model-path", str(model)], {})

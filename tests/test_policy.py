@@ -283,3 +283,12 @@ def test_calibration_text_ships_with_the_package():
     text = cal.calibration_text()
     assert "Dashwood" in text and "def topological_order" in text and len(text) > 6000
     assert os.path.dirname(cal.__file__) in str(cal.files("sglang_sawint4") / "data")
+
+
+def test_calibration_is_deterministic_for_a_model():
+    model = tiny_llama(64, 128, 64, num_hidden_layers=2)
+    first = cal.calibrate(model, _ByteTokenizer(), "int4-bdr", tokens=192, sensitivity_tokens=96).to_json()
+    second = cal.calibrate(model, _ByteTokenizer(), "int4-bdr", tokens=192, sensitivity_tokens=96).to_json()
+    for record in (first, second):
+        record.pop("seconds")
+    assert first == second

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sglang_sawint4.eval.perplexity import plot
+from sglang_sawint4.eval.perplexity import plot, plot_policy
 from sglang_sawint4.eval.results import load_results, merge_results, save_results
 
 
@@ -27,6 +27,7 @@ def main():
     result = merge_results(load_results(args.out), other)
     save_results(args.out, result)
     plot(result, os.path.splitext(args.out)[0] + ".png")
+    plot_policy(result, os.path.join(os.path.dirname(args.out) or ".", "policy_accuracy.png"))
     print(f"{len(other['rows'])} rows from {args.source} merged into {args.out} ({len(result['rows'])} rows)")
 
 

@@ -225,6 +225,7 @@ def main():
     save_results(args.out, result)
     if not args.no_plot:
         plot(result, os.path.splitext(args.out)[0] + ".png")
+        plot_policy(result, os.path.join(os.path.dirname(args.out) or ".", "policy_accuracy.png"))
     for r in out_rows:
         if r["corpus"] == "all":
             print(f"{label_row(r):16} {r['metric']:10} {r['value']:.4f}")
@@ -251,6 +252,60 @@ def method_order(key) -> tuple:
     base = method.split("[")[0]
     family = base.split("-")[0] if base.startswith(("kmeans", "served", "policy")) else base
     return "[" in method, METHOD_ORDER.index(family), method, -(block or 0), rotate or ""
+
+
+POLICY_METHODS = [("bf16", "BF16"), ("int4", "naive INT4"), ("int4-bdr", "paper default (BDR, every layer)"),
+                  ("served-default", "served default (KV policy)"), ("policy-fallback", "fallback (uncalibrated)")]
+
+
+def policy_rows(result, model_name):
+    """{(method, context): ppl row} of the five methods of POLICY_METHODS for one model; the paper
+    default is BDR with the largest block dividing head_dim on K (``format.default_block_size``)."""
+    from sglang_sawint4 import format as fmt
+
+    policy = result["runs"].get(model_name, {}).get("policies", {}).get("served-default")
+    paper_block = fmt.default_block_size(policy["head_dim"]) if policy else None
+    out = {}
+    for r in result["rows"]:
+        if r["model"] != model_name or r["metric"] != "ppl" or r["corpus"] != "all" or not r.get("context"):
+            continue
+        if r["method"] == "int4-bdr" and (r["block"] != paper_block or r["rotate"] != "k"):
+            continue
+        if r["method"] in dict(POLICY_METHODS):
+            out[(r["method"], r["context"])] = r
+    return out
+
+
+def plot_policy(result, path):
+    """Per model with a served-default row: perplexity of BF16, naive INT4, the paper's default,
+    the served default and the fallback, at 2,048 tokens and the longest context measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in result["runs"] if any(k[0] == "served-default" for k in policy_rows(result, m))]
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 4.4), squeeze=False)
+    for ax, model_name in zip(axes[0], models):
+        rows = policy_rows(result, model_name)
+        contexts = sorted({c for _, c in rows})
+        width = 0.8 / len(contexts)
+        for i, (c, color) in enumerate(zip(contexts, ("tab:red", "tab:blue"))):
+            xs = [x for x, (m, _) in enumerate(POLICY_METHODS) if (m, c) in rows]
+            ax.bar([x + (i - (len(contexts) - 1) / 2) * width for x in xs],
+                   [rows[(POLICY_METHODS[x][0], c)]["value"] for x in xs], width, color=color, label=f"{c} tokens")
+        ax.set_xticks(range(len(POLICY_METHODS)), [label for _, label in POLICY_METHODS], rotation=30, ha="right",
+                      fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (3 texts)")
+        policy = result["runs"][model_name]["policies"]["served-default"]
+        ax.set_title(f"{model_name}\nserved default: {policy['capacity_vs_bf16']:.2f}x BF16's KV capacity",
+                     fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(result, path):
