@@ -157,8 +157,9 @@ class Int4TritonAttnBackend(TritonAttnBackend):
     def _reference(self, layer, q, qo_indptr, kv_indptr, kv_indices, **kw):
         """Float64 attention over the pages this layer's kernels read (INT4 or BF16)."""
         pool = self.int4_pool
-        if pool.is_bf16_layer(layer.layer_id):
-            kw.pop("round_prefix_to", None), kw.pop("round_rotated_q_to", None)
+        if pool.is_bf16_layer(layer.layer_id):  # SGLang's kernels read the BF16 pages as they are
+            kw.pop("round_prefix_to", None)
+            kw.pop("round_rotated_q_to", None)
             return bf16_attention_reference(q, qo_indptr, kv_indptr, kv_indices, pool.get_key_buffer(layer.layer_id),
                                             pool.get_value_buffer(layer.layer_id), layer.scaling, **kw)
         return int4_attention_reference(q, qo_indptr, kv_indptr, kv_indices, pool.get_int4_layer(layer.layer_id),

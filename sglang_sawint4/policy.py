@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -39,8 +38,6 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from sglang_sawint4 import format as fmt
-
-logger = logging.getLogger("sglang_sawint4")
 
 POLICY_VERSION = 1
 # The auto policy keeps at least this multiple of BF16's KV capacity.

@@ -260,3 +260,31 @@ def test_backend_split_count_is_ours_unless_static(device):
     backend.static_kv_splits = True
     backend.get_num_kv_splits(splits, seq_lens)
     assert splits.tolist() == [16] * 32
+
+
+def test_debug_poison_reaches_bf16_and_int4_layers(device):
+    """Across mixed layers: freed slots get NaN rows in BF16 layers and NaN scales in INT4 ones."""
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    from sglang_sawint4.pool import Int4TokenToKVPool
+
+    layout = fmt.Int4Format(64, 64)
+    pool = Int4TokenToKVPool(32, page_size=1, dtype=torch.float16, head_num=2, head_dim=64, layer_num=3,
+                             device=device, enable_memory_saver=False, int4_format=layout, bf16_layers=(1,),
+                             key_centers={2: torch.ones(2, 64)})
+    loc = torch.tensor([3, 4, 5], device=device)
+    k = torch.randn(3, 2, 64, dtype=torch.float16, device=device)
+    for layer in range(3):
+        pool.set_kv_buffer(SimpleNamespace(layer_id=layer), KVWriteLoc(loc), k, k)
+    assert torch.equal(pool.get_key_buffer(1)[loc], k)  # the BF16 layer stores exactly
+    pool.poison_slots(loc[1:])
+    assert torch.isnan(pool.get_key_buffer(1)[loc[1:]]).all() and torch.isnan(pool.get_value_buffer(1)[loc[1:]]).all()
+    assert not torch.isnan(pool.get_key_buffer(1)[loc[:1]]).any()
+    for layer in (0, 2):
+        _, km, _, vm = pool.get_int4_layer(layer)
+        assert torch.isnan(km[loc[1:]]).all() and torch.isnan(vm[loc[1:]]).all() and not torch.isnan(km[loc[:1]]).any()
+    assert pool.key_center(0) is None and torch.equal(pool.key_center(2).cpu(), torch.ones(2, 64))
+    k_bytes, v_bytes = pool.get_kv_size_bytes()
+    assert k_bytes + v_bytes == 33 * 2 * (2 * 72 + 256)  # two INT4 layers and one BF16 layer, 33 slots
