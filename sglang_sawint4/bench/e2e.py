@@ -329,6 +329,13 @@ def attention_check(args, prompts_ids, vocab, rng, flags=()):
     finally:
         srv.stop()
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    return {**summarize_attention_checks(rows), "command": " ".join(srv.cmd)}
+
+
+def summarize_attention_checks(rows) -> dict:
+    """The served-vs-reference rows of --kv-quant-debug-check-attention, per mode: passes when
+    decode, extend and extend over a cached prefix were all checked and none failed.
+    ``processes``: how many server processes (TP ranks) wrote rows."""
     by_mode = {}
     for r in rows:
         m = by_mode.setdefault(r["mode"], {"checks": 0, "failed": 0, "max_rel_err": 0.0, "layers": set()})
@@ -341,23 +348,56 @@ def attention_check(args, prompts_ids, vocab, rng, flags=()):
     want = {"decode", "extend", "extend_prefix"}
     return {"ok": bool(rows) and want <= set(by_mode) and all(not m["failed"] for m in by_mode.values()),
             "checks": len(rows), "by_mode": by_mode, "tolerance_rel": rows[0].get("tolerance_rel") if rows else None,
-            "kv_kinds": sorted({r.get("kv", "int4") for r in rows}), "command": " ".join(srv.cmd)}
+            "kv_kinds": sorted({r.get("kv", "int4") for r in rows}), "processes": len({r["pid"] for r in rows})}
+
+
+def tp2_verdict(load, pool_lines, captured, attention) -> bool:
+    """TP 2 passes when every request completed, both ranks built the INT4 pool, decode CUDA
+    graphs were captured and the served attention matched the reference on both ranks."""
+    return (load["complete"] == load["requests"] > 0 and len(pool_lines) == 2 and captured
+            and attention.get("ok") is True and attention.get("processes") == 2)
 
 
 def tp2(args):
-    flags = ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--tp", "2", *args.extra]
-    srv = Server(args.model, args.port, flags, os.path.join(args.log_dir, "int4_e2e_tp2.log")).start()
-    try:
-        name = served_model_id(args.port)
-        load = load_test(args.port, name, args.requests, args.concurrency)
-        info = srv.info()
-    finally:
-        srv.stop()
-    ok = load["complete"] == load["requests"]
+    """--tp 2 with the launcher's default INT4 configuration: both ranks' pools, a load test
+    with CUDA graphs, greedy outputs against the same server at TP 1 (reported: TP changes the
+    reduction order), and the served attention against the reference on both ranks."""
     import torch
 
-    return {"tp2": ok, "gpu": f"{torch.cuda.device_count()}x {gpu_name()}", "load": load,
-            "max_total_num_tokens": info.get("max_total_num_tokens"), "command": " ".join(srv.cmd)}, ok
+    rng = random.Random(0)
+    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    prompts_ids = [random_token_ids(rng, vocab, rng.randrange(64, 1024)) for _ in range(args.agree_prompts)]
+    base = ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--chunked-prefill-size", str(args.chunk),
+            "--mem-fraction-static", str(args.mem_fraction), *args.extra]
+    result = {"gpu": f"{torch.cuda.device_count()}x {gpu_name()}", "versions": versions(), "commands": {}}
+    srv = Server(args.model, args.port, [*base, "--disable-prefill-cuda-graph"],
+                 os.path.join(args.log_dir, "int4_tp1.log"))
+    result["commands"]["tp1"] = " ".join(srv.cmd)
+    srv.start()
+    try:
+        tp1 = greedy_outputs(args.port, prompts_ids, args.agree_tokens)
+    finally:
+        srv.stop()
+    log = os.path.join(args.log_dir, "int4_e2e_tp2.log")
+    srv = Server(args.model, args.port, [*base, "--tp", "2"], log)
+    result["commands"]["tp2"] = " ".join(srv.cmd)
+    srv.start()
+    try:
+        name = served_model_id(args.port)
+        result["load"] = load_test(args.port, name, args.requests, args.concurrency)
+        tp2_out = greedy_outputs(args.port, prompts_ids, args.agree_tokens)
+        result["max_total_num_tokens"] = srv.info().get("max_total_num_tokens")
+    finally:
+        srv.stop()
+    result["pool_lines"] = [l.strip() for l in open(log, errors="replace") if "INT4 KV cache is allocated" in l]
+    result["cuda_graph"] = log_has(log, r"Capture target decode CUDA graph end")
+    result["greedy_agreement_vs_tp1"] = agreement(tp2_out, tp1)
+    result["logprob_error_vs_tp1"] = logprob_error(tp2_out, tp1)
+    result["attention_vs_reference"] = attention_check(args, prompts_ids, vocab, rng, ["--tp", "2"])
+    ok = tp2_verdict(result["load"], result["pool_lines"], result["cuda_graph"], result["attention_vs_reference"])
+    result["tp2"] = ok
+    result["command"] = result["commands"]["tp2"]
+    return result, ok
 
 
 def fold_tp2(e2e_path: str, tp2_path: str, gpu: str = None) -> dict:
@@ -371,7 +411,9 @@ def fold_tp2(e2e_path: str, tp2_path: str, gpu: str = None) -> dict:
     if not gpu:
         raise SystemExit(f"{tp2_path} does not say its GPU (runs before it did): pass --gpu")
     e2e["checks"]["tp2"] = bool(run["tp2"])
-    e2e["details"]["tp2"] = {"gpu": gpu, "load": run["load"], "max_total_num_tokens": run["max_total_num_tokens"]}
+    e2e["details"]["tp2"] = {"gpu": gpu, **{k: run[k] for k in (
+        "load", "max_total_num_tokens", "pool_lines", "cuda_graph", "greedy_agreement_vs_tp1", "logprob_error_vs_tp1",
+        "attention_vs_reference") if k in run}}
     e2e["commands"]["tp2"] = run["command"]
     return e2e
 
