@@ -70,7 +70,7 @@ def candidate_blocks(method: str, head_dim: int) -> List[Optional[int]]:
     if method == "int4":
         return [None]
     if method == "int4-bdr":
-        return [b for b in fmt.ALLOWED_BLOCK_SIZES if head_dim % b == 0]
+        return fmt.blocks_dividing(head_dim)
     raise ValueError(f"no INT4 candidates for method {method!r}")
 
 
@@ -242,11 +242,11 @@ def _rope_tables(model, module, positions: int, device) -> Optional[Tuple[torch.
         x = torch.zeros(1, dtype=torch.float32, device=device)
         with torch.no_grad():
             cos, sin = rotary(x, pos, layer_type=layer_type) if layer_type is not None else rotary(x, pos)
-        _rope_cache.clear()  # one model at a time
         _rope_cache[key] = (cos[0].float(), sin[0].float())
     return _rope_cache[key]
 
 
+# (rotary module, layer type, positions) -> tables; emptied by each calibrate() call
 _rope_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -255,9 +255,10 @@ def calibrate(model, tok, method: str, rotate: str = "k", symmetric: bool = Fals
               progress=None, sensitivity_tokens: int = SENSITIVITY_TOKENS) -> CalibrationRecord:
     """Run the calibration forward pass of a loaded Hugging Face causal LM and measure every
     attention layer (see the module docstring).  ``progress(layer)`` is called per layer."""
-    from sglang_sawint4.eval.kv_methods import use_attention
+    from sglang_sawint4.eval.kv_methods import start_tokens, use_attention
 
     t0 = time.time()
+    _rope_cache.clear()
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     max_positions = min(max_positions or getattr(cfg, "max_position_embeddings", tokens), MAX_ROPE_POSITIONS)
@@ -266,7 +267,7 @@ def calibrate(model, tok, method: str, rotate: str = "k", symmetric: bool = Fals
     if not modules:
         raise RuntimeError("no attention modules with k_proj and layer_idx: not a supported architecture")
     device = next(model.parameters()).device
-    ids = (_start_tokens(tok) + tok(calibration_text(), add_special_tokens=False)["input_ids"])[:tokens]
+    ids = (start_tokens(tok) + tok(calibration_text(), add_special_tokens=False)["input_ids"])[:tokens]
     pre_rope: Dict[int, torch.Tensor] = {}
     records: Dict[int, LayerRecord] = {}
     sources = set()
@@ -395,25 +396,10 @@ def _layer_center(model, module, key_post: torch.Tensor, key_pre: Optional[torch
     return center_from_pre_rope(mean_pre, avg_cos, avg_sin), "rope-average"
 
 
-def _start_tokens(tok) -> list:
-    return tok("", add_special_tokens=True)["input_ids"]
-
-
 def load_model(model_path: str, device: Optional[str] = None):
     """(tokenizer, model) for calibration: BF16 on the GPU when there is one (as served),
     float32 on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sglang_sawint4.eval.kv_methods import load_model as load
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    return tok, model
-
-
-def weights_bytes(model_path: str) -> int:
-    import glob
-    import os
-
-    return sum(os.path.getsize(p) for ext in ("safetensors", "bin")
-               for p in glob.glob(os.path.join(model_path, f"*.{ext}")))
+    return load(model_path, device=device, dtype=torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)

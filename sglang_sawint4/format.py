@@ -159,6 +159,11 @@ def validate_block_size(block_size: int, head_dim: int) -> None:
         )
 
 
+def blocks_dividing(head_dim: int) -> list:
+    """The allowed Hadamard blocks that divide head_dim, smallest first."""
+    return [b for b in ALLOWED_BLOCK_SIZES if head_dim % b == 0]
+
+
 def default_block_size(head_dim: int) -> int:
     return min(128, head_dim)
 

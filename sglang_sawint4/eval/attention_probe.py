@@ -28,7 +28,7 @@ from sglang_sawint4.serving.server import command_line
 def probe_methods(head_dim: int) -> list:
     """The key-only methods probed: naive INT4, per-channel keys, BDR with each block."""
     return [KVMethod("int4"), KVMethod("kivi")] + [
-        KVMethod("int4-bdr", b, "k") for b in fmt.ALLOWED_BLOCK_SIZES if head_dim % b == 0]
+        KVMethod("int4-bdr", b, "k") for b in fmt.blocks_dividing(head_dim)]
 
 
 def first_token_attention(module, q, k, mask) -> float:

@@ -255,7 +255,7 @@ def policy_methods(path, fallback: bool, hf_config) -> list:
 
 def standard_methods(head_dim: int) -> list:
     methods = [KVMethod("bf16"), KVMethod("fp8_e4m3"), KVMethod("int4"), KVMethod("kivi")]
-    blocks = [b for b in fmt.ALLOWED_BLOCK_SIZES if head_dim % b == 0]
+    blocks = fmt.blocks_dividing(head_dim)
     methods += [KVMethod("int4-bdr", b, "k") for b in blocks]
     methods += [KVMethod("int4-bdr", max(blocks), "kv")]
     return methods
@@ -291,18 +291,18 @@ def default_methods(head_dim: int) -> list:
     return [KVMethod("bf16"), KVMethod("int4"), KVMethod("int4-bdr", fmt.default_block_size(head_dim), "k")]
 
 
-def load_model(path: str, threads: Optional[int] = None, device: str = "cpu"):
+def load_model(path: str, threads: Optional[int] = None, device: str = "cpu", dtype=torch.float32):
     """(tokenizer, model) of a converted model directory, for evaluation on ``device``.
 
-    float32 compute on every device: the weights are the BF16 values, CPU matmuls are
-    fast in fp32, and a GPU run then computes what a CPU run would (long contexts).
+    float32 compute on every device by default: the weights are the BF16 values, CPU matmuls
+    are fast in fp32, and a GPU run then computes what a CPU run would (long contexts).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads:
         torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return tok, model
 
 
