@@ -297,8 +297,9 @@ def calibrate(model, tok, method: str, rotate: str = "k", symmetric: bool = Fals
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     previous = cfg._attn_implementation
-    with torch.no_grad():  # the exact model's next-token distributions, for the KLs
-        ref = _log_probs(model, torch.tensor([ids[:sensitivity_tokens]], device=device))
+    head = torch.tensor([ids[:sensitivity_tokens]], device=device)  # the prefix the KLs are measured on
+    with torch.no_grad():  # the exact model's next-token distributions
+        ref = _log_probs(model, head)
     try:
         use_attention(model, "sawint4_calibration", observe)
         with torch.no_grad():
@@ -316,7 +317,7 @@ def calibrate(model, tok, method: str, rotate: str = "k", symmetric: bool = Fals
         num_layers=len(records), num_kv_heads=kv_heads, head_dim=head_dim, method=method, rotate=rotate,
         symmetric=symmetric, tokens=len(ids), max_positions=max_positions, center_source=source,
         device=str(device), seconds=0.0, layers=dict(sorted(records.items())))
-    measure_sensitivity(model, record, torch.tensor([ids[:sensitivity_tokens]], device=device), ref, progress)
+    measure_sensitivity(model, record, head, ref, progress)
     record.seconds = round(time.time() - t0, 2)
     return record
 

@@ -196,6 +196,11 @@ class KVPolicy:
         d.update(changes)
         return KVPolicy(**d)
 
+    def with_bf16_layers(self, layers: Sequence[int]) -> "KVPolicy":
+        """The user's ``--kv-quant-bf16-layers``: exactly these layers BF16, none of them centered."""
+        keep = tuple(sorted(set(layers)))
+        return self.replace(bf16_layers=keep, key_centers={l: c for l, c in self.key_centers.items() if l not in keep})
+
 
 # --------------------------------------------------------------------------- #
 # the rule
@@ -314,33 +319,28 @@ def calibration_record(model_path: str, method: str, rotate: str, symmetric: boo
     return record, f"calibrated in {time.time() - t0:.1f} s on {record.device}, cached at {path}"
 
 
-def resolve_policy(spec: str, model_path: Optional[str], facts: Optional[ModelFacts], method: str,
+def resolve_policy(spec: str, model_path: str, facts: ModelFacts, method: str,
                    block: Optional[int] = None, rotate: str = "k", symmetric: bool = False,
                    bf16_layers: Optional[Sequence[int]] = None) -> KVPolicy:
-    """The policy the server will use (see the module docstring); ``block`` and ``bf16_layers``
-    are the user's overrides.  Raises PolicyError for a policy that does not fit."""
+    """The policy the server will use for the model in local directory ``model_path`` (see the
+    module docstring); ``block`` and ``bf16_layers`` are the user's overrides.  Raises
+    PolicyError for a policy that does not fit."""
     if spec == "none":
-        if facts is None:
-            raise PolicyError("--kv-quant-policy none needs the model's config.json (a local model directory)")
         return plain_policy(method, facts, block, rotate, symmetric, bf16_layers or (),
                             source="none (every layer INT4)" if not bf16_layers else "none, BF16 layers given")
     if spec != "auto":
         policy = load_policy_file(spec, method, block, rotate, symmetric, bf16_layers)
-        if facts is not None and policy.facts != facts:
+        if policy.facts != facts:
             raise PolicyError(f"{spec} was made for {policy.facts}, the model has {facts}")
         return policy
-    if facts is None:
-        raise PolicyError("the KV policy needs the model's config.json (a local model directory)")
     try:
-        if model_path is None:
-            raise RuntimeError("no local model directory")
         record, note = calibration_record(model_path, method, rotate, symmetric)
         record_facts = ModelFacts(record.num_layers, record.num_kv_heads, record.head_dim)
         if record_facts != facts:
             raise RuntimeError(f"calibration saw {record_facts}, config.json says {facts}")
     except Exception as e:  # noqa: BLE001 - any failure to calibrate gets the stated fallback
         policy = fallback_policy(method, facts, block, rotate, symmetric, why=str(e).strip()[:200])
-        return policy if bf16_layers is None else policy.replace(bf16_layers=tuple(sorted(set(bf16_layers))))
+        return policy if bf16_layers is None else policy.with_bf16_layers(bf16_layers)
     return decide(record, block, bf16_layers, source=f"auto: {note}")
 
 
@@ -391,9 +391,7 @@ def load_policy_file(path: str, method: str, block=None, rotate="k", symmetric=F
     if policy.method != method or (block is not None and policy.block_size != block):
         raise PolicyError(f"{path} is a {policy.method} policy with block {policy.block_size}, "
                           f"not the requested {method}" + (f" block {block}" if block else ""))
-    return policy if bf16_layers is None else policy.replace(bf16_layers=tuple(sorted(set(bf16_layers))),
-                                                             key_centers={l: c for l, c in policy.key_centers.items()
-                                                                          if l not in bf16_layers})
+    return policy if bf16_layers is None else policy.with_bf16_layers(bf16_layers)
 
 
 # what SGLang itself fetches of a hub model (weights, configs, tokenizer files)

@@ -315,3 +315,10 @@ def test_qwen3_weights_calibrate_and_evaluate():
         current["m"] = KVMethod("bf16")
         exact = model(torch.arange(2, 40)[None]).logits
     assert torch.isfinite(served).all() and 0 < (served - exact).abs().max() < (exact.abs().max() + 1)
+
+
+def test_bf16_layers_override_drops_their_centers():
+    c = torch.ones(2, 64)
+    p = KVPolicy("int4-bdr", ModelFacts(4, 2, 64), 64, key_centers={1: c, 2: c})
+    q = p.with_bf16_layers([2, 0, 2])
+    assert q.bf16_layers == (0, 2) and set(q.key_centers) == {1}
