@@ -10,7 +10,9 @@ Patch points (see ../shared/docs/sglang.md):
     KVCacheConfigurator._build_mha_kv_pool   -> build Int4TokenToKVPool with the served KV policy
     KVCacheConfigurator._build_token_to_kv_pool -> refuse pool families we do not support
     DefaultPoolConfigurator._compute_cell_size -> the policy's true bytes/token for the profiler
-    DefaultPoolConfigurator.calculate_pool_sizes -> log INT4 vs BF16 capacity
+    DefaultPoolConfigurator.calculate_pool_sizes -> keep the FlashInfer prefill staging out of
+                                                the pool; log INT4 vs BF16 capacity
+    ATTENTION_BACKENDS["flashinfer"]         -> FlashInfer prefill on INT4 pages + INT4 Triton decode
     ATTENTION_BACKENDS["triton"]             -> Int4TritonAttnBackend; other backends refuse
     models.utils.enable_fused_set_kv_buffer   -> False: fused RoPE+store writes BF16 rows
     Token/PagedTokenToKVPoolAllocator.free    -> (--kv-quant-debug-poison only) poison freed slots
@@ -60,7 +62,7 @@ def apply(config: KVQuantConfig) -> None:
     check_sglang_version()
     _patch_pool_builder(config)
     _patch_cell_size(config)
-    _patch_attention_backends()
+    _patch_attention_backends(config)
     _patch_fused_set_kv_buffer()
     _patch_input_id_validation()
     if config.debug_poison_freed:
@@ -155,10 +157,20 @@ def _patch_cell_size(config: KVQuantConfig) -> None:
                         cell, policy.layout(), list(policy.bf16_layers) or "none", bf16_cell,
                         kvc.kv_cache_dtype, bf16_cell / cell)
         self._sawint4_bf16_cell_size = bf16_cell
+        self._sawint4_staging_bytes = _staging_bytes(config, kvc, heads)
         return cell
 
     @functools.wraps(calculate)
     def calculate_pool_sizes(self, available_bytes, page_size):
+        staging = getattr(self, "_sawint4_staging_bytes", 0)
+        if staging:
+            if staging >= available_bytes:
+                raise ConfigError(
+                    f"--kv-quant-prefill-staging-rows {config.prefill_staging_rows} needs {staging / 2**20:.0f} MiB, "
+                    f"more than the {available_bytes / 2**20:.0f} MiB left for the KV cache; lower it")
+            logger.info("sglang-sawint4: %.0f MiB of the KV memory reserved for FlashInfer prefill staging "
+                        "(%d rows)", staging / 2**20, config.prefill_staging_rows)
+            available_bytes -= staging
         result = calculate(self, available_bytes, page_size)
         bf16_cell = getattr(self, "_sawint4_bf16_cell_size", None)
         if bf16_cell:
@@ -173,7 +185,24 @@ def _patch_cell_size(config: KVQuantConfig) -> None:
     cls.calculate_pool_sizes = _mark(calculate_pool_sizes, calculate)
 
 
-def _patch_attention_backends() -> None:
+def prefill_uses_flashinfer() -> bool:
+    """Whether this SGLang process prefills through our FlashInfer path (its server args)."""
+    from sglang.srt.server_args import get_global_server_args
+
+    prefill, _ = get_global_server_args().get_attention_backends()
+    return prefill == "flashinfer"
+
+
+def _staging_bytes(config: KVQuantConfig, kvc, heads: int) -> int:
+    """Device bytes the FlashInfer prefill staging takes on this rank (0 on the Triton path)."""
+    if not prefill_uses_flashinfer():
+        return 0
+    from sglang_sawint4.flashinfer_prefill import staging_bytes
+
+    return staging_bytes(config.prefill_staging_rows, heads, int(kvc.model_config.head_dim), kvc.model_config.dtype)
+
+
+def _patch_attention_backends(config: KVQuantConfig) -> None:
     from sglang.srt.layers.attention import attention_registry as reg
 
     def create_int4_triton_backend(runner):
@@ -181,20 +210,23 @@ def _patch_attention_backends() -> None:
 
         return Int4TritonAttnBackend(runner)
 
+    def create_int4_flashinfer_backend(runner):
+        from sglang_sawint4.flashinfer_prefill import create_int4_flashinfer_backend as create
+
+        return create(runner, config.prefill_staging_rows)
+
     def refuse(name, create):
         @functools.wraps(create)
         def create_refused(runner):
             raise ConfigError(
-                f"--kv-quant needs --attention-backend triton (also for prefill/decode "
+                f"--kv-quant needs --attention-backend triton or flashinfer (also for prefill/decode "
                 f"overrides); got {name!r}")
 
         return create_refused
 
+    ours = {"triton": create_int4_triton_backend, "flashinfer": create_int4_flashinfer_backend}
     for name, create in list(reg.ATTENTION_BACKENDS.items()):
-        if name == "triton":
-            reg.ATTENTION_BACKENDS[name] = _mark(create_int4_triton_backend, create)
-        else:
-            reg.ATTENTION_BACKENDS[name] = _mark(refuse(name, create), create)
+        reg.ATTENTION_BACKENDS[name] = _mark(ours[name] if name in ours else refuse(name, create), create)
 
 
 def _patch_fused_set_kv_buffer() -> None:

@@ -10,6 +10,9 @@
 # policy (the default int4-bdr server on $POLICY_ARCH, default qwen3, a generated model:
 # its KV policy, every feature check, served attention vs reference with a BF16 layer),
 # quickstart (the README's quick start, as written, on $QUICKSTART_MODEL, default qwen15),
+# flashinfer (the FlashInfer prefill path on INT4 pages against the Triton one, its
+# feature, attention-reference and poison checks), burst (a 64 x 32k shared-prefix burst on
+# the 8B-shaped model: peak GPU memory per prefill path), model8b (generate that model),
 # tp2 (INT4 with --tp 2; needs 2 GPUs), reliability (bad config + requests, soak of
 # $SOAK_MIN minutes, default 8), serving (serving benchmark on an 8B-shaped model;
 # resumable: CALL_LIMIT_S, SERVING_STATE, SERVING_ARGS; exit 75 = call again),
@@ -120,6 +123,25 @@ for s in "$@"; do
     python3 -m sglang_sawint4.bench.e2e int4 --model "$MODELS/small" --out "$OUT/int4_e2e.json" --log-dir "$OUT" \
       2>&1 | tail -60 || status=1
     ;;
+  flashinfer)
+    stage flashinfer
+    [ -d "$MODELS/small" ] || python3 -m sglang_sawint4.tools.make_model --preset small --out "$MODELS/small" | tail -1
+    python3 -m sglang_sawint4.bench.e2e flashinfer --model "$MODELS/small" --out "$OUT/flashinfer_e2e.json" \
+      --log-dir "$OUT" 2>&1 | tail -60 || status=1
+    ;;
+  model8b)
+    stage model8b
+    [ -d "$MODELS/8b" ] || python3 -m sglang_sawint4.tools.make_model --preset 8b --out "$MODELS/8b" | tail -1
+    ;;
+  burst)
+    stage burst
+    [ -d "$MODELS/8b" ] || python3 -m sglang_sawint4.tools.make_model --preset 8b --out "$MODELS/8b" | tail -1
+    if pkill -f "sglang_sawint4.launch_server|sglang::"; then sleep 5; pkill -9 -f "sglang_sawint4.launch_server|sglang::"; fi
+    # both prefill paths, the serving benchmark's server flags (BURST_ARGS replaces them)
+    python3 -m sglang_sawint4.bench.prefix_burst --model "$MODELS/8b" --out "$OUT/prefix_burst.json" --log-dir "$OUT" \
+      ${BURST_ARGS:---configs int4-bdr-flashinfer,int4-bdr-triton -- --disable-prefill-cuda-graph \
+      --mem-fraction-static 0.3 --cuda-graph-max-bs 64 --chunked-prefill-size 8192} 2>&1 | tail -20 || status=1
+    ;;
   tp2)
     stage tp2
     [ -d "$MODELS/small" ] || python3 -m sglang_sawint4.tools.make_model --preset small --out "$MODELS/small" | tail -1
@@ -145,7 +167,8 @@ for s in "$@"; do
     BUDGET=0
     [ "${CALL_LIMIT_S:-0}" -gt 0 ] && BUDGET=$((CALL_LIMIT_S - SECONDS - 20))
     python3 -m sglang_sawint4.bench.serving --model "$MODELS/8b" --out "$OUT/serving.json" --log-dir "$OUT" \
-      --state "$STATE" --call-budget-s "$BUDGET" ${SERVING_ARGS:-} 2>&1 | tr "\r" "\n" | grep -v "it/s\]$" | tail -60
+      --state "$STATE" --call-budget-s "$BUDGET" ${SERVING_ARGS:--- --disable-prefill-cuda-graph \
+      --mem-fraction-static 0.3 --cuda-graph-max-bs 64 --chunked-prefill-size 8192} 2>&1 | tr "\r" "\n" | grep -v "it/s\]$" | tail -60
     rc=${PIPESTATUS[0]}
     cp "$STATE" "$OUT/serving_state.jsonl" 2>/dev/null
     [ "$rc" -ne 0 ] && status=$rc

@@ -71,6 +71,19 @@ def bf16_attention_reference(q, qo_indptr, kv_indptr, kv_indices, k_buffer, v_bu
                       lambda qb: qb.double(), sm_scale, k_new, v_new)
 
 
+def pool_attention_reference(pool, layer_id, q, qo_indptr, kv_indptr, kv_indices, sm_scale, k_new=None, v_new=None,
+                             round_prefix_to=None, round_rotated_q_to=None):
+    """Float64 attention over the pages one layer of an ``Int4TokenToKVPool`` holds, INT4 or
+    BF16 (the policy's BF16 layers are read as SGLang's kernels read them, without rounding)."""
+    if pool.is_bf16_layer(layer_id):
+        return bf16_attention_reference(q, qo_indptr, kv_indptr, kv_indices, pool.get_key_buffer(layer_id),
+                                        pool.get_value_buffer(layer_id), sm_scale, k_new=k_new, v_new=v_new)
+    return int4_attention_reference(q, qo_indptr, kv_indptr, kv_indices, pool.get_int4_layer(layer_id),
+                                    pool.int4_format, sm_scale, k_new=k_new, v_new=v_new,
+                                    round_prefix_to=round_prefix_to, round_rotated_q_to=round_rotated_q_to,
+                                    k_center=pool.key_center(layer_id))
+
+
 def _attention(q, qo_indptr, kv_indptr, kv_indices, read_kv, query, sm_scale, k_new, v_new):
     hq = q.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
@@ -128,3 +141,17 @@ class AttentionChecker:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         return row
+
+    def check_extend(self, pool, layer, q, k, v, o, qo_indptr, kv_indptr, kv_indices, n_prefix: int, path: str):
+        """Check one extend call of ``layer``: q / k / v [new_tokens, heads, head_dim] (the new
+        tokens), o the served output, kv_indptr / kv_indices the cached prefix's slots per
+        request (qo_indptr, kv_indptr: [batch + 1] on the device).  ``path`` names the
+        backend's extend path in the record."""
+        mode = "extend_prefix" if n_prefix else "extend"
+        if not self.wanted(mode, layer.layer_id, q.shape[0] + n_prefix):
+            return
+        batch = qo_indptr.numel() - 1
+        ref = pool_attention_reference(pool, layer.layer_id, q, qo_indptr, kv_indptr, kv_indices, layer.scaling,
+                                       k_new=k, v_new=v, round_prefix_to=q.dtype)
+        self.record(mode, layer.layer_id, o, ref, batch=batch, new_tokens=q.shape[0], prefix_tokens=n_prefix,
+                    kv="bf16" if pool.is_bf16_layer(layer.layer_id) else "int4", path=path)

@@ -1,10 +1,10 @@
-"""SGLang's Triton attention backend reading INT4 KV pages.
+"""SGLang's Triton attention backend reading INT4 KV pages: decode for both prefill paths, and
+extend/prefill with ``--attention-backend triton``.
 
-Why the Triton backend and not FlashInfer (the design's first choice): its
-metadata is already what our kernels take (``kv_indptr`` / ``kv_indices`` over
-token slots, per-request ``num_kv_splits`` and persistent split-KV scratch that
-CUDA-graph capture reuses), while FlashInfer keeps its indices inside planned
-wrappers whose kernels cannot read INT4.  Subclassing keeps SGLang's own metadata
+Why the Triton backend for decode: its metadata is already what our kernels take
+(``kv_indptr`` / ``kv_indices`` over token slots, per-request ``num_kv_splits`` and persistent
+split-KV scratch that CUDA-graph capture reuses), while FlashInfer keeps its indices inside
+planned wrappers whose kernels cannot read INT4.  Subclassing keeps SGLang's own metadata
 and CUDA-graph code unchanged; only the two attention calls (and the split count) are
 replaced:
 
@@ -15,6 +15,8 @@ replaced:
   (radix-cache hits, earlier chunks) into a BF16 scratch, and run SGLang's stock
   extend kernel on it, so attention among the new tokens stays exact.  Centered keys
   (the KV policy) get their center back in that scratch, since the new tokens' are exact.
+  The scratch holds the whole batch's prefixes; ``sglang_sawint4.flashinfer_prefill`` is the
+  bounded FlashInfer path.
 
 Layers the KV policy keeps in BF16 run SGLang's own Triton decode and extend unchanged
 (the pool hands them BF16 buffers); the choice is per layer id, so a captured CUDA graph
@@ -27,11 +29,21 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from sglang_sawint4.attention_check import AttentionChecker, bf16_attention_reference, int4_attention_reference
+from sglang_sawint4.attention_check import AttentionChecker, pool_attention_reference
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.splits import int4_num_kv_splits
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
+
+
+def check_int4_layer(layer, sinks=None, score_mod=None) -> None:
+    """Refuse attention features the INT4 paths do not implement (raises Int4KVAccessError)."""
+    if sinks is not None or score_mod is not None:
+        raise Int4KVAccessError("INT4 KV attention does not support attention sinks or score_mod")
+    if layer.logit_cap and layer.logit_cap > 0:
+        raise Int4KVAccessError("INT4 KV attention does not support logit soft-capping")
+    if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
+        raise Int4KVAccessError("INT4 KV attention supports causal self-attention without sliding window only")
 
 
 class Int4TritonAttnBackend(TritonAttnBackend):
@@ -65,15 +77,6 @@ class Int4TritonAttnBackend(TritonAttnBackend):
         int4_num_kv_splits(num_kv_splits, seq_lens, self.num_kv_head, self.max_kv_splits,
                            self.int4_format.head_dim, self.device_core_count)
 
-    @staticmethod
-    def _check_layer(layer, sinks, score_mod):
-        if sinks is not None or score_mod is not None:
-            raise Int4KVAccessError("INT4 KV attention does not support attention sinks or score_mod")
-        if layer.logit_cap and layer.logit_cap > 0:
-            raise Int4KVAccessError("INT4 KV attention does not support logit soft-capping")
-        if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
-            raise Int4KVAccessError("INT4 KV attention supports causal self-attention without sliding window only")
-
     def _store(self, forward_batch, layer, k, v):
         loc = KVWriteLoc(forward_batch.out_cache_loc, None,
                          full_loc=self.forward_metadata.out_cache_loc_full_physical)
@@ -81,7 +84,7 @@ class Int4TritonAttnBackend(TritonAttnBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
                        score_mod=None, aux_tensors=None):
-        self._check_layer(layer, sinks, score_mod)
+        check_int4_layer(layer, sinks, score_mod)
         if self.int4_pool.is_bf16_layer(layer.layer_id):
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
             if self._checker is not None:
@@ -116,7 +119,7 @@ class Int4TritonAttnBackend(TritonAttnBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
                        score_mod=None, aux_tensors=None):
-        self._check_layer(layer, sinks, score_mod)
+        check_int4_layer(layer, sinks, score_mod)
         if k is None or v is None:
             raise Int4KVAccessError("INT4 KV cache cannot hand stored K/V back to layers that share KV")
         if forward_batch.forward_mode.is_target_verify():
@@ -154,35 +157,17 @@ class Int4TritonAttnBackend(TritonAttnBackend):
         return o
 
     # -- --kv-quant-debug-check-attention: eager mode only, first calls per layer ----------
-    def _reference(self, layer, q, qo_indptr, kv_indptr, kv_indices, **kw):
-        """Float64 attention over the pages this layer's kernels read (INT4 or BF16)."""
-        pool = self.int4_pool
-        if pool.is_bf16_layer(layer.layer_id):  # SGLang's kernels read the BF16 pages as they are
-            kw.pop("round_prefix_to", None)
-            kw.pop("round_rotated_q_to", None)
-            return bf16_attention_reference(q, qo_indptr, kv_indptr, kv_indices, pool.get_key_buffer(layer.layer_id),
-                                            pool.get_value_buffer(layer.layer_id), layer.scaling, **kw)
-        return int4_attention_reference(q, qo_indptr, kv_indptr, kv_indices, pool.get_int4_layer(layer.layer_id),
-                                        self.int4_format, layer.scaling, k_center=pool.key_center(layer.layer_id), **kw)
-
-    def _kv_kind(self, layer) -> str:
-        return "bf16" if self.int4_pool.is_bf16_layer(layer.layer_id) else "int4"
-
     def _check_decode(self, layer, q, o):
         md, batch = self.forward_metadata, q.shape[0]
         if not self._checker.wanted("decode", layer.layer_id, batch):
             return
-        ref = self._reference(layer, q, torch.arange(batch + 1, device=q.device), md.kv_indptr[: batch + 1],
-                              md.kv_indices, round_rotated_q_to=q.dtype)
+        ref = pool_attention_reference(self.int4_pool, layer.layer_id, q, torch.arange(batch + 1, device=q.device),
+                                       md.kv_indptr[: batch + 1], md.kv_indices, layer.scaling,
+                                       round_rotated_q_to=q.dtype)
         self._checker.record("decode", layer.layer_id, o, ref, batch=batch, kv_tokens=int(md.kv_indptr[batch]),
-                             kv=self._kv_kind(layer))
+                             kv="bf16" if self.int4_pool.is_bf16_layer(layer.layer_id) else "int4")
 
     def _check_extend(self, layer, forward_batch, q, k, v, o, n_prefix):
         md, batch = self.forward_metadata, forward_batch.batch_size
-        mode = "extend_prefix" if n_prefix else "extend"
-        if not self._checker.wanted(mode, layer.layer_id, q.shape[0] + n_prefix):
-            return
-        ref = self._reference(layer, q, md.qo_indptr[: batch + 1], md.kv_indptr[: batch + 1], md.kv_indices,
-                              k_new=k, v_new=v, round_prefix_to=q.dtype)
-        self._checker.record(mode, layer.layer_id, o, ref, batch=batch, new_tokens=q.shape[0],
-                             prefix_tokens=n_prefix, kv=self._kv_kind(layer))
+        self._checker.check_extend(self.int4_pool, layer, q, k, v, o, md.qo_indptr[: batch + 1],
+                                   md.kv_indptr[: batch + 1], md.kv_indices, n_prefix, path="triton")

@@ -23,7 +23,13 @@ ENV_POISON = "SGLANG_SAWINT4_DEBUG_POISON_FREED"
 ENV_CHECK_ATTENTION = "SGLANG_SAWINT4_DEBUG_CHECK_ATTENTION"
 # the resolved KV policy file (written by the launcher, read by every worker's pool)
 ENV_POLICY_FILE = "SGLANG_SAWINT4_POLICY_FILE"
-ALL_ENV = (ENV_METHOD, ENV_BLOCK, ENV_ROTATE, ENV_SYMMETRIC, ENV_POISON, ENV_CHECK_ATTENTION, ENV_POLICY_FILE)
+ENV_STAGING_ROWS = "SGLANG_SAWINT4_PREFILL_STAGING_ROWS"
+ALL_ENV = (ENV_METHOD, ENV_BLOCK, ENV_ROTATE, ENV_SYMMETRIC, ENV_POISON, ENV_CHECK_ATTENTION, ENV_POLICY_FILE,
+           ENV_STAGING_ROWS)
+#: Prefix rows the FlashInfer prefill path dequantizes at once (sglang_sawint4.flashinfer_prefill):
+#: an 8k-token chunk after a 24k-token prefix, or 8 requests over a 4k-token radix hit, in one
+#: piece; 128 MiB at 8 KV heads x head_dim 128 in BF16.
+DEFAULT_STAGING_ROWS = 32768
 
 
 class ConfigError(ValueError):
@@ -40,6 +46,7 @@ class KVQuantConfig:
     debug_check_attention: Optional[str] = None  # JSON-lines file of served-vs-reference checks
     policy: str = "auto"  # auto | none | a policy or calibration file (sglang_sawint4.policy)
     bf16_layers: Optional[Tuple[int, ...]] = None  # None: the policy decides
+    prefill_staging_rows: int = DEFAULT_STAGING_ROWS  # FlashInfer prefill: prefix rows dequantized at once
 
     def __post_init__(self):
         if self.method not in fmt.METHODS:
@@ -60,6 +67,8 @@ class KVQuantConfig:
             raise ConfigError("--kv-quant-policy must be auto, none or a policy file")
         if self.policy not in ("auto", "none") and not os.path.isfile(self.policy):
             raise ConfigError(f"--kv-quant-policy {self.policy}: no such file (use auto, none or a policy file)")
+        if self.prefill_staging_rows < 1:
+            raise ConfigError(f"--kv-quant-prefill-staging-rows must be positive, got {self.prefill_staging_rows}")
         if (self.policy != "auto" or self.bf16_layers is not None) and not self.enabled:
             raise ConfigError("--kv-quant-policy / --kv-quant-bf16-layers need --kv-quant int4 or int4-bdr")
 
@@ -95,6 +104,7 @@ class KVQuantConfig:
             env[ENV_CHECK_ATTENTION] = os.path.abspath(self.debug_check_attention)
         else:
             env.pop(ENV_CHECK_ATTENTION, None)
+        env[ENV_STAGING_ROWS] = str(self.prefill_staging_rows)
         if self.block_size is None:
             env.pop(ENV_BLOCK, None)
         else:
@@ -102,11 +112,12 @@ class KVQuantConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "KVQuantConfig":
-        block = env.get(ENV_BLOCK)
+        block, rows = env.get(ENV_BLOCK), env.get(ENV_STAGING_ROWS)
         try:
             block_size = int(block) if block else None
+            staging_rows = int(rows) if rows else DEFAULT_STAGING_ROWS
         except ValueError:
-            raise ConfigError(f"{ENV_BLOCK} must be an integer, got {block!r}") from None
+            raise ConfigError(f"{ENV_BLOCK} and {ENV_STAGING_ROWS} must be integers, got {block!r}, {rows!r}") from None
         return cls(
             method=env.get(ENV_METHOD, "none") or "none",
             block_size=block_size,
@@ -114,6 +125,7 @@ class KVQuantConfig:
             symmetric=env.get(ENV_SYMMETRIC, "0") == "1",
             debug_poison_freed=env.get(ENV_POISON, "0") == "1",
             debug_check_attention=env.get(ENV_CHECK_ATTENTION) or None,
+            prefill_staging_rows=staging_rows,
         )
 
     @classmethod
@@ -121,7 +133,8 @@ class KVQuantConfig:
         return cls(method=ns.kv_quant, block_size=ns.kv_quant_block_size, rotate=ns.kv_quant_rotate,
                    symmetric=ns.kv_quant_symmetric, debug_poison_freed=ns.kv_quant_debug_poison,
                    debug_check_attention=ns.kv_quant_debug_check_attention,
-                   policy=ns.kv_quant_policy, bf16_layers=parse_layer_list(ns.kv_quant_bf16_layers))
+                   policy=ns.kv_quant_policy, bf16_layers=parse_layer_list(ns.kv_quant_bf16_layers),
+                   prefill_staging_rows=ns.kv_quant_prefill_staging_rows)
 
 
 def parse_layer_list(text: Optional[str]) -> Optional[Tuple[int, ...]]:
@@ -158,6 +171,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="rotate keys only (default, the paper's served config) or keys and values")
     g.add_argument("--kv-quant-symmetric", action="store_true",
                    help="symmetric INT4 grid instead of the default asymmetric min/max grid")
+    g.add_argument("--kv-quant-prefill-staging-rows", type=_int_arg("--kv-quant-prefill-staging-rows"),
+                   default=DEFAULT_STAGING_ROWS, metavar="N",
+                   help="--attention-backend flashinfer: cached-prefix rows dequantized to BF16 at once for "
+                        f"prefill (default {DEFAULT_STAGING_ROWS}); reserved at start-up out of the KV pool's "
+                        "memory, longer prefixes run in pieces")
     g.add_argument("--kv-quant-debug-poison", action="store_true",
                    help="debug: write NaN scales into KV slots when SGLang frees them, so any later "
                         "read of a stale slot turns the output into NaN (slower frees)")

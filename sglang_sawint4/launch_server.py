@@ -19,7 +19,10 @@ from typing import List, Optional, Tuple
 from sglang_sawint4.config import ALL_ENV, ENV_POLICY_FILE, ConfigError, KVQuantConfig, add_cli_args
 
 PROG = "python -m sglang_sawint4.launch_server"
-INT4_ATTENTION_BACKEND = "triton"
+#: --attention-backend values INT4 KV runs on (prefill path; decode is always our INT4 kernel),
+#: the first being the default.  FlashInfer prefill stays opt-in until it has passed the
+#: shared-prefix serving workload on a GPU (docs/results.md, 2026-12-02).
+INT4_ATTENTION_BACKENDS = ("triton", "flashinfer")
 PLUGIN_GROUP = "sglang.srt.plugins"
 PLUGIN_NAME = "sawint4"
 
@@ -49,16 +52,24 @@ def _flag_value(argv: List[str], flag: str) -> Optional[str]:
 
 
 def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
-    """Check flag combinations for INT4 KV; default the attention backend to triton."""
+    """Check flag combinations for INT4 KV; default the attention backend (INT4_ATTENTION_BACKENDS[0])."""
     if not config.enabled:
         return argv
     backend = _flag_value(argv, "--attention-backend")
-    if backend is not None and backend != INT4_ATTENTION_BACKEND:
-        raise ConfigError(f"--kv-quant {config.method} runs on --attention-backend triton; got {backend!r}")
+    if backend is not None and backend not in INT4_ATTENTION_BACKENDS:
+        raise ConfigError(f"--kv-quant {config.method} runs on --attention-backend "
+                          f"{' or '.join(INT4_ATTENTION_BACKENDS)}; got {backend!r}")
+    effective = backend or INT4_ATTENTION_BACKENDS[0]
     for flag in ("--prefill-attention-backend", "--decode-attention-backend"):
         value = _flag_value(argv, flag)
-        if value is not None and value != INT4_ATTENTION_BACKEND:
-            raise ConfigError(f"--kv-quant {config.method} needs {flag} triton (or unset); got {value!r}")
+        if value is not None and value != effective:
+            raise ConfigError(f"--kv-quant {config.method} sets the prefill path with --attention-backend "
+                              f"(decode always runs the INT4 kernel); drop {flag} {value}")
+    for flag in ("--cuda-graph-backend-prefill",):
+        value = _flag_value(argv, flag)
+        if effective == "flashinfer" and value in ("full", "tc_piecewise"):
+            raise ConfigError(f"--kv-quant {config.method} with --attention-backend flashinfer does not support "
+                              f"{flag} {value}; use the default, breakable, or disabled")
     dtype = _flag_value(argv, "--kv-cache-dtype")
     if dtype not in (None, "auto", "bf16", "bfloat16"):
         raise ConfigError(f"--kv-quant {config.method} replaces --kv-cache-dtype; drop --kv-cache-dtype {dtype}")
@@ -86,7 +97,7 @@ def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
         if "--disable-prefill-cuda-graph" not in argv:
             argv = argv + ["--disable-prefill-cuda-graph"]
     if backend is None:
-        argv = argv + ["--attention-backend", INT4_ATTENTION_BACKEND]
+        argv = argv + ["--attention-backend", effective]
     model_path = _flag_value(argv, "--model-path") or _flag_value(argv, "--model")
     if model_path is not None and os.path.isdir(model_path):
         from sglang_sawint4.model_check import check_model, load_hf_config

@@ -74,17 +74,60 @@ def test_load_client_measures_every_request():
     prompts[3][0] = 13  # one request fails
     results, secs = asyncio.run(_run(prompts, output_len=8, concurrency=4))
     s = bench_serving.summarize(results, secs, 8)
-    assert s["requests"] == 12 and s["complete"] == 11 and s["errors"] == 1
+    assert s["requests"] == 12 and s["complete"] == 11 and s["errors"] == 1 and s["error_samples"] == ["HTTP 500"]
     assert TOKEN_DELAY_S * 1e3 * 0.9 <= s["ttft_ms_p50"] <= s["ttft_ms_p99"]
     assert TOKEN_DELAY_S * 1e3 * 0.9 <= s["itl_ms_p50"] <= s["itl_ms_p99"]
     assert s["output_tok_s"] == pytest.approx(11 * 8 / secs)
 
 
 def test_prompts_are_reproducible_and_configs_validated():
+    from sglang_sawint4.serving.server import serving_config
+
     assert bench_serving.make_prompts(2, 5, 100, 7) == bench_serving.make_prompts(2, 5, 100, 7)
-    assert bench_serving.config_flags("int4-bdr-64")[-1] == "64"
-    with pytest.raises(SystemExit):
-        bench_serving.config_flags("int3")
+    flags, fields = serving_config("int4-bdr-flashinfer", 128)
+    assert flags[-2:] == ["--attention-backend", "flashinfer"] and "none" in flags
+    assert fields == {"kv": "int4-bdr", "backend": "flashinfer", "block": 128}
+    assert serving_config("int4-bdr-64-triton", 128)[1]["block"] == 64
+    assert serving_config("bf16-triton", 64)[1] == {"kv": "bf16", "backend": "triton", "block": None}
+    for bad in ("int3-flashinfer", "bf16", "int4-bdr-fa3", "-triton"):
+        with pytest.raises(SystemExit):
+            serving_config(bad, 128)
+
+
+def test_points_and_shared_prefix_prompts():
+    points = bench_serving.parse_points("1024x256@1/16,512x64", "2,4", "8192x256x128@32")
+    assert [(p.workload, p.input_len, p.output_len, p.concurrency) for p in points] == [
+        ("random", 1024, 256, 1), ("random", 1024, 256, 16), ("random", 512, 64, 2), ("random", 512, 64, 4),
+        ("shared-prefix", 8448, 128, 32)]
+    sp = points[-1]
+    assert sp.prefix_len == 8192 and sp.kv_demand() == 4 * 8192 + 32 * (256 + 128)
+    assert points[0].kv_demand() == 1 * (1024 + 256)
+    for bad in (("1024", "1", ""), ("1024x256@0", "1", ""), ("1024x256", "x", ""), ("", "1", "8x2@4"), ("", "1", "")):
+        with pytest.raises(SystemExit):
+            bench_serving.parse_points(*bad)
+    small = bench_serving.Point("shared-prefix", 20, 4, 6, prefix_len=16)
+    prefixes, prompts = bench_serving.shared_prefix_prompts(6, small, 1000, seed=3)
+    assert len(prefixes) == bench_serving.PREFIX_GROUPS and all(len(p) == 20 for p in prompts)
+    assert prompts[0][:16] == prompts[4][:16] == prefixes[0] and prompts[0][16:] != prompts[4][16:]
+    warm, timed = bench_serving.point_prompts(small, 6, 1000, seed=3)
+    assert timed == prompts and [w[:16] for w in warm] == prefixes
+
+
+def test_prefill_chunk_stats_from_the_log():
+    log = "\n".join([
+        "[x] Prefill batch, #new-seq: 1, #new-token: 8192, #cached-token: 0, token usage: 0.01, #running-req: 0, "
+        "#queue-req: 3, #pending-token: 0, cuda graph: False, input throughput (token/s): 40000.00",
+        "[x] Prefill batch, #new-seq: 1, #new-token: 8192, #cached-token: 8192, token usage: 0.02, #running-req: 1, "
+        "#queue-req: 2, #pending-token: 0, cuda graph: False, input throughput (token/s): 30000.00",
+        "[x] Prefill batch, #new-seq: 1, #new-token: 8192, #cached-token: 0, token usage: 0.02, #running-req: 1, "
+        "#queue-req: 2, #pending-token: 0, cuda graph: False, input throughput (token/s): 44000.00",
+        "[x] Prefill batch, #new-seq: 3, #new-token: 900, #cached-token: 0, token usage: 0.02, #running-req: 1, "
+        "#queue-req: 2, #pending-token: 0, cuda graph: False, input throughput (token/s): 9000.00",
+        "[x] Decode batch, #running-req: 3, gen throughput (token/s): 100.00"])
+    stats = bench_serving.prefill_chunk_stats(log, 8192)
+    assert stats["no_cached_prefix"] == {"chunks": 2, "median_tok_s": 42000.0}
+    assert stats["cached_prefix"] == {"chunks": 1, "median_tok_s": 30000.0}
+    assert bench_serving.prefill_chunk_stats("", 8192)["cached_prefix"]["median_tok_s"] is None
 
 
 def test_high_concurrency_is_really_in_flight_and_loads_are_sampled():
@@ -111,13 +154,7 @@ def test_plan_passes_and_budget():
     assert bench_serving.next_action(units, done, 300.0, 450.0, 240.0) == ("resume", units[1])
     assert bench_serving.next_action(units, done, 200.0, 450.0, 240.0) == ("run", units[1])
     assert bench_serving.next_action(units[:1], done, 1e9, 1.0, 240.0) == ("done", None)
-    # the first unit with the capacity point counts 1.5x: 200 + 1.5 x 200 > 450
-    assert bench_serving.next_action(units, done, 200.0, 450.0, 240.0, ["int4-bdr-64"]) == ("resume", units[1])
-    assert bench_serving.next_action(units, done, 100.0, 450.0, 240.0, ["int4-bdr-64"]) == ("run", units[1])
-    assert bench_serving.parse_capacity("2048x512@512") == ((2048, 512), 512)
-    for bad in ("2048x512", "2048@512", "axb@4", "2048x512@0"):
-        with pytest.raises(SystemExit):
-            bench_serving.parse_capacity(bad)
+    assert bench_serving.next_action(units, {}, 300.0, 450.0, 240.0) == ("resume", units[0])
 
 
 def test_state_round_trip(tmp_path):
@@ -130,47 +167,70 @@ def test_state_round_trip(tmp_path):
     assert sorted(done) == ["0:bf16", "0:int4"] and done["0:int4"]["seconds"] == 3.0
 
 
-def _row(config, c, tok_s, capacity, cap=False, il=1024, peak=None):
-    return {"config": config, "input_len": il, "output_len": 256, "concurrency": c, "requests": c,
-            "complete": c, "errors": 0, "output_tok_s": tok_s, "ttft_ms_p50": 10.0, "itl_ms_p50": 5.0,
-            "itl_ms_p99": 9.0, "seconds": 1.0, "capacity_point": cap, "max_total_num_tokens": capacity,
-            "max_running_requests": 4096, "peak_running": peak if peak is not None else c}
+def _row(config, c, tok_s, capacity, il=1024, peak=None, ttft=10.0, workload="random", prefix_len=0):
+    return {"config": config, "workload": workload, "input_len": il, "prefix_len": prefix_len, "output_len": 256,
+            "concurrency": c, "kv_demand_tokens": bench_serving.Point(workload, il, 256, c, prefix_len).kv_demand(),
+            "requests": c, "complete": c, "errors": 0, "output_tok_s": tok_s, "ttft_ms_p50": ttft,
+            "ttft_ms_p99": 2 * ttft, "itl_ms_p50": 5.0, "itl_ms_p99": 9.0, "seconds": 1.0,
+            "max_total_num_tokens": capacity, "max_running_requests": 4096,
+            "peak_running": peak if peak is not None else c}
+
+
+BF16, OURS, PLAIN = "bf16-flashinfer", "int4-bdr-flashinfer", "int4-flashinfer"
 
 
 def _records():
+    # BF16's pool: 100,000 tokens; concurrency 128 at 1024 + 256 tokens needs 163,840
     return [
-        {"unit": "0:int4", "pass": 0, "rows": [_row("int4", 1, 100.0, 3700), _row("int4", 64, 1000.0, 3700),
-                                                _row("int4", 512, 900.0, 3700, cap=True)]},
-        {"unit": "0:int4-bdr-64", "pass": 0, "rows": [_row("int4-bdr-64", 1, 99.0, 3600),
-                                                       _row("int4-bdr-64", 64, 1030.0, 3600),
-                                                       _row("int4-bdr-64", 512, 880.0, 3600, cap=True)]},
-        {"unit": "0:bf16", "pass": 0, "rows": [_row("bf16", 1, 101.0, 1000), _row("bf16", 64, 950.0, 1000),
-                                                _row("bf16", 512, 400.0, 1000, cap=True, peak=180)]},
-        {"unit": "1:int4-bdr-64", "pass": 1, "rows": [_row("int4-bdr-64", 1, 101.0, 3600),
-                                                       _row("int4-bdr-64", 64, 1010.0, 3600)]},
+        {"unit": "0:" + PLAIN, "config": PLAIN, "pass": 0,
+         "rows": [_row(PLAIN, 1, 100.0, 370000), _row(PLAIN, 64, 1000.0, 370000),
+                  _row(PLAIN, 128, 900.0, 370000)]},
+        {"unit": "0:" + OURS, "config": OURS, "pass": 0,
+         "rows": [_row(OURS, 1, 99.0, 360000, ttft=10.4), _row(OURS, 64, 1030.0, 360000),
+                  _row(OURS, 128, 890.0, 360000)]},
+        {"unit": "0:" + BF16, "config": BF16, "pass": 0,
+         "rows": [_row(BF16, 1, 101.0, 100000), _row(BF16, 64, 950.0, 100000),
+                  _row(BF16, 128, 400.0, 100000, peak=78)],
+         "chunked_prefill_size": 8192, "prefill_chunks": {"no_cached_prefix": {"chunks": 2, "median_tok_s": 4e4},
+                                                          "cached_prefix": {"chunks": 0, "median_tok_s": None}}},
+        {"unit": "1:" + OURS, "config": OURS, "pass": 1,
+         "rows": [_row(OURS, 1, 101.0, 360000, ttft=10.4), _row(OURS, 64, 1010.0, 360000)]},
     ]
 
 
 def test_aggregate_means_spreads_and_headlines():
     rows, spread, summary = bench_serving.aggregate(_records())
-    by = {(r["config"], r["concurrency"], r["capacity_point"]): r for r in rows}
-    bdr1 = by[("int4-bdr-64", 1, False)]
-    assert bdr1["output_tok_s"] == pytest.approx(100.0) and bdr1["output_tok_s_runs"] == [99.0, 101.0]
-    assert bdr1["requests"] == 2 and bdr1["run_spread_pct"] == pytest.approx(2.0)
+    by = {(r["config"], r["concurrency"]): r for r in rows}
+    ours1 = by[(OURS, 1)]
+    assert ours1["output_tok_s"] == pytest.approx(100.0) and ours1["output_tok_s_runs"] == [99.0, 101.0]
+    assert ours1["requests"] == 2 and ours1["run_spread_pct"] == pytest.approx(2.0)
     # prompt + generated tokens per second, the mean of the two runs: 100 + 1024 x 1 request / 1 s
-    assert bdr1["total_tok_s"] == pytest.approx(100.0 + 1024)
-    assert by[("bf16", 64, False)]["total_tok_s"] == pytest.approx(950.0 + 1024 * 64)
-    assert by[("int4-bdr-64", 64, False)]["run_spread_pct"] == pytest.approx(20 / 1020 * 100)
-    assert spread == pytest.approx(2.0)  # the largest spread of any repeated point
-    assert summary["capacity_vs_bf16"] == {"bf16": 1.0, "int4": 3.7, "int4-bdr-64": 3.6}
-    diffs = {x["concurrency"]: x["diff_pct"] for x in summary["bdr_vs_int4_pct"]}
-    assert diffs[1] == pytest.approx(0.0) and diffs[64] == pytest.approx(2.0)
-    assert summary["worst_bdr_vs_int4_pct"] == pytest.approx(0.0)
-    cap = summary["capacity_point"]
-    assert cap["concurrency"] == 512 and cap["peak_running"]["bf16"] == 180
-    assert cap["ratio_vs_bf16"]["int4-bdr-64"] == pytest.approx(2.2)
-    # at concurrency 1, INT4+BDR (100) is slower than BF16 (101): reported, not hidden
-    assert [(x["config"], x["concurrency"]) for x in summary["bdr_slower_than_bf16"]] == [("int4-bdr-64", 1)]
+    assert ours1["total_tok_s"] == pytest.approx(100.0 + 1024)
+    assert by[(BF16, 64)]["total_tok_s"] == pytest.approx(950.0 + 1024 * 64)
+    assert spread == pytest.approx(2.0)  # the largest spread of any repeated point (20 / 1020 at 64)
+    assert summary["capacity_vs_baseline"] == {BF16: 1.0, PLAIN: 3.7, OURS: 3.6}
+    # capacity points follow BF16's pool: only concurrency 128 needs more than 100,000 slots
+    assert [r["capacity_point"] for r in rows if r["config"] == PLAIN] == [False, False, True]
+    points = {p["concurrency"]: p for p in summary["points"]}
+    assert points[1]["vs_baseline"][OURS]["ttft_ms_p50"] == pytest.approx(1.04)
+    assert points[128]["vs_baseline"][OURS]["output_tok_s"] == pytest.approx(2.225)
+    assert points[128]["vs_baseline"][OURS]["baseline_peak_running"] == 78
+    assert points[64]["bdr_vs_int4"]["flashinfer"] == pytest.approx(1.02)
+    # at concurrency 1 ours (100) is slower than BF16 (101): the bar is not met, and says where
+    verdict = summary["done_when"]
+    assert not verdict["met"] and len(verdict["failures"]) == 1 and "@1: output tok/s" in verdict["failures"][0]
+
+
+def test_done_when_checks_every_clause():
+    def point(cap, tok, ttft, bdr):
+        return {"workload": "random", "input_len": 1, "output_len": 1, "concurrency": 1, "capacity_point": cap,
+                "vs_baseline": {OURS: {"output_tok_s": tok, "ttft_ms_p50": ttft}}, "bdr_vs_int4": {"triton": bdr}}
+
+    assert bench_serving.done_when([point(False, 1.0, 1.05, 0.98), point(True, 1.3, 3.0, 1.0)])["met"]
+    assert not bench_serving.done_when([point(False, 1.0, 1.06, 1.0)])["met"]  # TTFT
+    assert not bench_serving.done_when([point(True, 1.29, 1.0, 1.0)])["met"]  # capacity throughput
+    assert not bench_serving.done_when([point(False, 1.0, 1.0, 0.97)])["met"]  # BDR vs plain INT4
+    assert not bench_serving.done_when([])["met"]
 
 
 def test_finalize_writes_the_schema(tmp_path):
@@ -178,6 +238,7 @@ def test_finalize_writes_the_schema(tmp_path):
 
     class Args:
         model = "/tmp/models/8b/"
+        extra = ["--disable-prefill-cuda-graph"]
 
     records = [dict(r, gpu="Fake GPU", gpu_uuid="GPU-1", startup_s=1.0, seconds=2.0, finished_at="now",
                     server_command="x") for r in _records()]
@@ -185,11 +246,13 @@ def test_finalize_writes_the_schema(tmp_path):
     result = bench_serving.finalize(records, Args, out)
     saved = json.load(open(out))
     assert saved["gpu"] == "Fake GPU" and saved["model"] == "8b" and saved["one_gpu"]
-    assert saved["repeat_spread_pct"] == pytest.approx(2.0) and result["incomplete_requests"] == 0
+    assert saved["prefill_cuda_graph"] is False and result["incomplete_requests"] == 0
+    assert saved["summary"]["prefill_chunks"][BF16]["runs"][0]["no_cached_prefix"]["chunks"] == 2
     for row in saved["rows"]:
-        for key, kind in (("config", str), ("input_len", int), ("output_len", int), ("concurrency", int),
-                          ("output_tok_s", float), ("ttft_ms_p50", float), ("itl_ms_p50", float),
-                          ("itl_ms_p99", float), ("max_total_num_tokens", int)):
+        for key, kind in (("config", str), ("workload", str), ("input_len", int), ("output_len", int),
+                          ("concurrency", int), ("output_tok_s", float), ("ttft_ms_p50", float),
+                          ("ttft_ms_p99", float), ("itl_ms_p50", float), ("itl_ms_p99", float),
+                          ("max_total_num_tokens", int), ("capacity_point", bool)):
             assert isinstance(row[key], kind), key
     assert os.path.getsize(str(tmp_path / "serving.png")) > 10000
 
@@ -199,6 +262,7 @@ def test_rebuild_recomputes_rows_and_keeps_the_runs_provenance(tmp_path, monkeyp
 
     class Args:
         model = "/tmp/models/8b"
+        extra = []
 
     records = [dict(r, gpu="Fake GPU", gpu_uuid="GPU-1", startup_s=1.0, seconds=2.0, finished_at="now",
                     server_command="x") for r in _records()]
@@ -218,7 +282,7 @@ def test_rebuild_recomputes_rows_and_keeps_the_runs_provenance(tmp_path, monkeyp
     assert "--rebuild" in new["rebuilt_by"] and all("total_tok_s" in r for r in new["rows"])
     assert new["summary"] == old["summary"] and len(new["rows"]) == len(old["rows"])
     # records of another run are refused
-    bench_serving.append_state(state, dict(records[0], unit="1:bf16"))
+    bench_serving.append_state(state, dict(records[0], unit="1:" + BF16))
     with pytest.raises(SystemExit, match="not the units"):
         bench_serving.main()
 
@@ -229,33 +293,51 @@ def test_main_resumes_across_calls_and_ignores_other_sweeps(tmp_path, monkeypatc
     import matplotlib  # noqa: F401 - the plot needs it
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"vocab_size": 100}))
+    (model / "config.json").write_text(json.dumps({"vocab_size": 100, "hidden_size": 256, "num_attention_heads": 2}))
     ran = []
 
-    def fake_unit(unit, args, shapes, levels, capacity, vocab):
+    def fake_unit(unit, args, points, vocab, head_dim):
+        assert head_dim == 128
         ran.append(unit.key)
-        cap = 1000 if unit.config == "bf16" else 3700
-        rows = [_row(unit.config, c, 100.0 * c, cap, il=il) for il, _ in shapes for c in levels]
+        cap = 1000 if unit.config == BF16 else 3700
+        rows = [_row(unit.config, p.concurrency, 100.0 * p.concurrency, cap, il=p.input_len) for p in points]
         return {"unit": unit.key, "config": unit.config, "pass": unit.pass_idx, "gpu": "Fake GPU",
                 "gpu_uuid": "GPU-1", "startup_s": 1.0, "seconds": 100.0, "finished_at": "now",
                 "server_command": "x", "rows": rows}
 
     monkeypatch.setattr(bench_serving, "run_unit", fake_unit)
     state, out = str(tmp_path / "state.jsonl"), str(tmp_path / "serving.json")
-    argv = ["bench_serving.py", "--model", str(model), "--out", out, "--state", state, "--configs", "int4,bf16",
-            "--repeat-configs", "int4", "--shapes", "1024x256", "--concurrency", "1,64", "--capacity", "",
-            "--unit-estimate-s", "1"]
+    argv = ["bench_serving.py", "--model", str(model), "--out", out, "--state", state, "--configs",
+            f"{PLAIN},{BF16}", "--repeat-configs", PLAIN, "--shapes", "1024x256", "--concurrency", "1,64",
+            "--shared-prefix", "", "--unit-estimate-s", "1"]
     monkeypatch.setattr(sys, "argv", argv + ["--call-budget-s", "50"])
     with pytest.raises(SystemExit) as stop:
         bench_serving.main()
-    assert stop.value.code == bench_serving.EXIT_RESUME and ran == ["0:int4"] and not os.path.exists(out)
+    assert stop.value.code == bench_serving.EXIT_RESUME and ran == ["0:" + PLAIN] and not os.path.exists(out)
+    # --finalize writes the result of the finished unit, running none, with the versions given
+    versions_file = tmp_path / "other.json"
+    versions_file.write_text(json.dumps({"versions": {"sglang": "0.5.17"}}))
+    partial = str(tmp_path / "partial.json")
+    monkeypatch.setattr(sys, "argv", [a if a != out else partial for a in argv]
+                        + ["--finalize", "--versions-from", str(versions_file)])
+    bench_serving.main()
+    assert ran == ["0:" + PLAIN] and json.load(open(partial))["versions"] == {"sglang": "0.5.17"}
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stop:
         bench_serving.main()
-    assert stop.value.code == 0 and ran == ["0:int4", "0:bf16", "1:int4"]
+    assert stop.value.code == 0 and ran == ["0:" + PLAIN, "0:" + BF16, "1:" + PLAIN]
     result = json.load(open(out))
-    assert result["one_gpu"] and len(result["rows"]) == 4 and result["summary"]["capacity_vs_bf16"]["int4"] == 3.7
+    assert result["one_gpu"] and len(result["rows"]) == 4 and result["summary"]["capacity_vs_baseline"][PLAIN] == 3.7
     monkeypatch.setattr(sys, "argv", [a if a != "1024x256" else "512x64" for a in argv])
     with pytest.raises(SystemExit):
         bench_serving.main()
-    assert ran[3:] == ["0:int4", "0:bf16", "1:int4"]  # measured again: other shapes
+
+
+def test_prefix_burst_verdict():
+    from sglang_sawint4.bench.prefix_burst import verdict
+
+    row = {"complete": 64, "requests": 64, "healthy_after": True, "before_mib": 1000, "peak_mib": 1500}
+    assert verdict(row, 1024)
+    assert not verdict(dict(row, peak_mib=3000), 1024)  # grew with the burst
+    assert not verdict(dict(row, complete=63), 1024)
+    assert not verdict(dict(row, healthy_after=False), 1024)

@@ -39,9 +39,12 @@ def test_bad_flag_values(argv, match):
 
 
 @pytest.mark.parametrize("sglang_argv,match", [
-    (["--attention-backend", "flashinfer"], "attention-backend triton"),
-    (["--attention-backend=fa3"], "attention-backend triton"),
-    (["--decode-attention-backend", "flashinfer"], "decode-attention-backend triton"),
+    (["--attention-backend", "fa3"], "triton or flashinfer"),
+    (["--attention-backend=fa3"], "triton or flashinfer"),
+    (["--decode-attention-backend", "flashinfer", "--attention-backend", "triton"], "drop --decode-attention-backend"),
+    (["--prefill-attention-backend", "flashinfer"], "drop --prefill-attention-backend"),
+    (["--attention-backend", "flashinfer", "--cuda-graph-backend-prefill", "tc_piecewise"],
+     "does not support --cuda-graph-backend-prefill"),
     (["--kv-cache-dtype", "fp8_e4m3"], "replaces --kv-cache-dtype"),
     (["--speculative-algorithm", "EAGLE"], "speculative decoding"),
     (["--enable-hierarchical-cache"], "hierarchical"),
@@ -53,9 +56,26 @@ def test_incompatible_flags_are_refused(sglang_argv, match):
         prepare_int4_argv(KVQuantConfig("int4-bdr"), ["--model-path", "/nonexistent"] + sglang_argv)
 
 
-def test_int4_defaults_attention_backend_to_triton():
+def test_int4_attention_backend_default_and_choices():
     argv = prepare_int4_argv(KVQuantConfig("int4"), ["--model-path", "/nonexistent", "--disaggregation-mode", "null"])
     assert argv[-2:] == ["--attention-backend", "triton"]
+    for backend in ("flashinfer", "triton"):
+        argv = ["--model-path", "/x", "--attention-backend", backend, "--decode-attention-backend", backend]
+        assert prepare_int4_argv(KVQuantConfig("int4"), argv) == argv
+    # the Triton path runs under any prefill CUDA-graph backend SGLang offers
+    argv = ["--model-path", "/x", "--attention-backend", "triton", "--cuda-graph-backend-prefill", "tc_piecewise"]
+    assert prepare_int4_argv(KVQuantConfig("int4"), argv) == argv
+
+
+def test_staging_rows_flag():
+    cfg, _ = split_args(["--kv-quant", "int4", "--kv-quant-prefill-staging-rows", "4096"])
+    assert cfg.prefill_staging_rows == 4096
+    env = {}
+    cfg.to_env(env)
+    assert KVQuantConfig.from_env(env).prefill_staging_rows == 4096
+    for bad, match in (("0", "positive"), ("many", "integer")):
+        with pytest.raises(ConfigError, match=match):
+            split_args(["--kv-quant", "int4", "--kv-quant-prefill-staging-rows", bad])
 
 
 def test_env_round_trip():

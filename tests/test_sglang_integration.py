@@ -139,8 +139,8 @@ def test_patches_target_real_sglang_objects(applied):
                model_utils.enable_fused_set_kv_buffer):
         assert hasattr(fn, "__sawint4_original__"), fn
     assert model_utils.enable_fused_set_kv_buffer(None) is False
-    with pytest.raises(ConfigError, match="attention-backend triton"):
-        reg.ATTENTION_BACKENDS["flashinfer"](None)
+    with pytest.raises(ConfigError, match="triton or flashinfer"):
+        reg.ATTENTION_BACKENDS["fa3"](None)
     # idempotent; a different config is an error
     patches.apply(cfg)
     with pytest.raises(RuntimeError, match="already applied"):
@@ -170,10 +170,12 @@ def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch, caplog, tmp_pa
 
     model_config = SimpleNamespace(head_dim=128, v_head_dim=128, get_num_kv_heads=lambda tp: 8,
                                    num_hidden_layers=32, get_total_num_kv_heads=lambda: 8,
-                                   hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]))
+                                   hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]), dtype=torch.bfloat16)
     kvc = SimpleNamespace(use_mla_backend=False, model_config=model_config, kv_cache_dtype=torch.bfloat16,
                           kv_cache_dtype_str=None)
     monkeypatch.setattr(pc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
+    patches, cfg = applied
+    monkeypatch.setattr(patches, "prefill_uses_flashinfer", lambda: False)
     monkeypatch.setattr("sglang.srt.layers.cp.utils.get_glm_dsa_layer_split_effective_num_layers",
                         lambda kvc, n: n)
     conf = pc.DefaultPoolConfigurator.__new__(pc.DefaultPoolConfigurator)
@@ -190,6 +192,16 @@ def test_cell_size_patch_reports_int4_bytes(applied, monkeypatch, caplog, tmp_pa
     conf._cell_size = cell
     conf._zero_kv_max_tokens = 0
     assert sizes(conf, 136 * 8 * 32 * 1000, 1).max_total_num_tokens == 1000
+    # on the FlashInfer prefill path the staging buffer comes out of the pool's memory
+    monkeypatch.setattr(patches, "prefill_uses_flashinfer", lambda: True)
+    pc.DefaultPoolConfigurator._compute_cell_size(conf, kvc, 32)
+    staging = 2 * cfg.prefill_staging_rows * 8 * 128 * 2
+    assert conf._sawint4_staging_bytes == staging
+    assert sizes(conf, staging + 136 * 8 * 32 * 1000, 1).max_total_num_tokens == 1000
+    with pytest.raises(ConfigError, match="kv-quant-prefill-staging-rows"):
+        sizes(conf, staging // 2, 1)
+    monkeypatch.setattr(patches, "prefill_uses_flashinfer", lambda: False)
+    pc.DefaultPoolConfigurator._compute_cell_size(conf, kvc, 32)
     # a policy with BF16 layers: the profiler sizes the pool by the true bytes of every layer
     from sglang_sawint4.config import ENV_POLICY_FILE
     from sglang_sawint4.policy import ModelFacts, plain_policy

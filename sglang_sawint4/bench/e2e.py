@@ -6,6 +6,9 @@
     # INT4 KV: bf16 / int4 / int4-bdr servers in turn, features, served-attention check
     python -m sglang_sawint4.bench.e2e int4 --model /tmp/m --out bench/results/int4_e2e.json
 
+    # the FlashInfer prefill path against the Triton one, its features, attention and poison checks
+    python -m sglang_sawint4.bench.e2e flashinfer --model /tmp/m --out bench/results/flashinfer_e2e.json
+
 Each server is started as a subprocess with its own log; a check that could not
 run is recorded as null, never true.  Only the standard library is used on the
 client side (threads + http.client), so it runs on the bare GPU host.
@@ -161,6 +164,20 @@ def check_radix_reuse(port, vocab, rng):
             "leading_tokens_equal_to_uncached": leading, "tokens": len(ids[0])}
 
 
+def check_shared_prefix_batch(port, vocab, rng, requests=4, prefix_len=600, suffix_len=40):
+    """Requests over one cached prefix sent at once, so that they share an extend batch (and,
+    on the FlashInfer path with a small staging buffer, pieces that span several requests).
+    Passes when every one returns its tokens with the prefix cached."""
+    prefix = random_token_ids(rng, vocab, prefix_len)
+    generate_ids(port, prefix + random_token_ids(rng, vocab, 4), 1)  # caches the prefix
+    prompts = [prefix + random_token_ids(rng, vocab, suffix_len) for _ in range(requests)]
+    with ThreadPoolExecutor(requests) as pool:
+        replies = list(pool.map(lambda ids: generate_ids(port, ids, 8), prompts))
+    cached = [r.get("meta_info", {}).get("cached_tokens", 0) for r in replies]
+    return {"ok": all(len(r["output_ids"]) == 8 for r in replies) and min(cached) >= prefix_len,
+            "cached_tokens": cached}
+
+
 def check_chunked_prefill(port, vocab, rng, chunk):
     ids = random_token_ids(rng, vocab, 3 * chunk + 17)
     r = generate_ids(port, ids, 16)
@@ -306,17 +323,17 @@ def policy(args):
     return result, ok
 
 
-def attention_check(args, prompts_ids, vocab, rng, flags=()):
+def attention_check(args, prompts_ids, vocab, rng, flags=(), backend="triton"):
     """An int4-bdr server in eager mode with --kv-quant-debug-check-attention: every
     layer's first decode / extend / extend-over-a-cached-prefix outputs are compared in
     the server with the float64 torch reference of the same pages."""
-    path = os.path.join(args.log_dir, "attention_check.jsonl")
+    path = os.path.join(args.log_dir, f"attention_check_{backend}.jsonl")
     if os.path.exists(path):
         os.remove(path)
-    flags = ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--disable-decode-cuda-graph",
+    flags = ["--kv-quant", "int4-bdr", "--attention-backend", backend, "--disable-decode-cuda-graph",
              "--kv-quant-debug-check-attention", path, "--chunked-prefill-size", str(args.chunk),
              "--mem-fraction-static", str(args.mem_fraction), *flags, *args.extra]
-    srv = Server(args.model, args.port, flags, os.path.join(args.log_dir, "int4_e2e_attention_check.log"))
+    srv = Server(args.model, args.port, flags, os.path.join(args.log_dir, f"int4_e2e_attention_check_{backend}.log"))
     try:
         srv.start()
     except RuntimeError as e:
@@ -325,11 +342,64 @@ def attention_check(args, prompts_ids, vocab, rng, flags=()):
         for ids in prompts_ids[:4]:  # extends without a prefix, then decode steps
             generate_ids(args.port, ids, 8)
         check_radix_reuse(args.port, vocab, rng)  # extend over a cached prefix
+        check_shared_prefix_batch(args.port, vocab, rng)  # several requests over one cached prefix at once
         check_chunked_prefill(args.port, vocab, rng, args.chunk)  # later chunks over earlier ones
     finally:
         srv.stop()
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     return {**summarize_attention_checks(rows), "command": " ".join(srv.cmd)}
+
+
+def flashinfer(args):
+    """``--attention-backend flashinfer`` (the launcher's default with INT4 KV): greedy outputs
+    and logprobs against the Triton path on the same prompts (same pages, other prefill
+    kernels), every feature check with SGLang's defaults (prefill and decode CUDA graphs), and
+    the served attention against the reference with the poison mode on, a BF16 layer and a
+    staging buffer of STAGING rows, so that long prefixes run in several pieces."""
+    rng = random.Random(0)
+    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    prompts_ids = [random_token_ids(rng, vocab, rng.randrange(64, 1024)) for _ in range(args.agree_prompts)]
+    # shared prefixes too: the second prompt of each pair extends the first one's cached pages
+    shared = random_token_ids(rng, vocab, 1200)
+    prompts_ids += [shared + random_token_ids(rng, vocab, 40 + i) for i in range(4)]
+    base = ["--kv-quant", "int4-bdr", "--chunked-prefill-size", str(args.chunk),
+            "--mem-fraction-static", str(args.mem_fraction), *args.extra]
+    result = {"gpu": gpu_name(), "versions": versions(), "model": args.model_name or os.path.basename(args.model.rstrip("/")),
+              "checks": {k: None for k in ("cuda_graph", "radix_reuse", "chunked_prefill", "streaming", "abort")},
+              "requests": 0, "complete": 0, "details": {}, "commands": {}}
+    outputs = {}
+    for backend in () if args.only_attention else ("triton", "flashinfer"):
+        log = os.path.join(args.log_dir, f"flashinfer_e2e_{backend}.log")
+        # the Triton comparison skips SGLang's prefill CUDA-graph capture; the FlashInfer server
+        # (every feature check) keeps SGLang's defaults
+        fast = ["--disable-prefill-cuda-graph"] if backend == "triton" else []
+        srv = Server(args.model, args.port, [*base, "--attention-backend", backend, *fast], log)
+        result["commands"][backend] = " ".join(srv.cmd)
+        try:
+            srv.start()
+        except RuntimeError as e:
+            result["details"][backend] = {"start_error": str(e)[-2000:]}
+            continue
+        try:
+            outputs[backend] = greedy_outputs(args.port, prompts_ids, args.agree_tokens)
+            d = {"startup_s": round(srv.startup_s, 1), "max_total_num_tokens": srv.info().get("max_total_num_tokens")}
+            if backend == "flashinfer":
+                d.update(feature_checks(args, result, log, vocab, rng))
+                d["staging_lines"] = [l.strip() for l in open(log, errors="replace") if "staging" in l]
+            result["details"][backend] = d
+        finally:
+            srv.stop()
+    if len(outputs) == 2:
+        result["greedy_agreement_vs_triton"] = agreement(outputs["flashinfer"], outputs["triton"])
+        result["logprob_error_vs_triton"] = logprob_error(outputs["flashinfer"], outputs["triton"])
+    result["attention_vs_reference"] = attention_check(
+        args, prompts_ids, vocab, rng, ["--kv-quant-bf16-layers", "0", "--kv-quant-debug-poison",
+                                        "--kv-quant-prefill-staging-rows", str(args.staging_rows)], backend="flashinfer")
+    paths = set(result["attention_vs_reference"].get("paths", []))
+    ok = result["attention_vs_reference"].get("ok") is True and "flashinfer" in paths
+    if not args.only_attention:
+        ok = ok and result["complete"] == result["requests"] > 0 and all(v is True for v in result["checks"].values())
+    return result, ok
 
 
 def summarize_attention_checks(rows) -> dict:
@@ -348,7 +418,8 @@ def summarize_attention_checks(rows) -> dict:
     want = {"decode", "extend", "extend_prefix"}
     return {"ok": bool(rows) and want <= set(by_mode) and all(not m["failed"] for m in by_mode.values()),
             "checks": len(rows), "by_mode": by_mode, "tolerance_rel": rows[0].get("tolerance_rel") if rows else None,
-            "kv_kinds": sorted({r.get("kv", "int4") for r in rows}), "processes": len({r["pid"] for r in rows})}
+            "kv_kinds": sorted({r.get("kv", "int4") for r in rows}), "processes": len({r["pid"] for r in rows}),
+            "paths": sorted({r["path"] for r in rows if r.get("path")})}
 
 
 def tp2_verdict(load, pool_lines, captured, attention) -> bool:
@@ -420,7 +491,7 @@ def fold_tp2(e2e_path: str, tp2_path: str, gpu: str = None) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["smoke", "int4", "policy", "tp2", "fold-tp2"],
+    p.add_argument("mode", choices=["smoke", "int4", "policy", "tp2", "flashinfer", "fold-tp2"],
                    help="fold-tp2: put the tp2 result --tp2-result into the int4 result --out")
     p.add_argument("--model")
     p.add_argument("--tp2-result", help="fold-tp2: a tp2 run's JSON")
@@ -436,6 +507,9 @@ def main():
     p.add_argument("--mem-fraction", type=float, default=0.8)
     p.add_argument("--agree-prompts", type=int, default=16)
     p.add_argument("--agree-tokens", type=int, default=48)
+    p.add_argument("--staging-rows", type=int, default=256,
+                   help="flashinfer: staging rows of the attention-check server (small: prefixes run in pieces)")
+    p.add_argument("--only-attention", action="store_true", help="flashinfer: the attention-reference check only")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[: len(argv) - len(extra) - (1 if extra or "--" in argv else 0)])
@@ -451,7 +525,7 @@ def main():
     if not args.model:
         p.error(f"{args.mode} needs --model")
     os.makedirs(args.log_dir, exist_ok=True)
-    result, ok = {"smoke": smoke, "int4": int4, "policy": policy, "tp2": tp2}[args.mode](args)
+    result, ok = {"smoke": smoke, "int4": int4, "policy": policy, "tp2": tp2, "flashinfer": flashinfer}[args.mode](args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

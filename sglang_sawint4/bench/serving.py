@@ -1,24 +1,31 @@
 """Serving benchmark over the OpenAI HTTP API: throughput, latency and capacity per KV config.
 
     python -m sglang_sawint4.bench.serving --model /tmp/models/8b --out bench/results/serving.json \
-        --configs int4,int4-bdr-64,bf16,fp8_e4m3,int4-bdr-128 --repeat-configs int4-bdr-64,int4 \
-        --shapes 1024x256,2048x512 --concurrency 1,4,16,64,128,256 \
-        --capacity 2048x512@512 --capacity-configs bf16,int4-bdr-64 \
-        --state /tmp/serving_state.jsonl --call-budget-s 560
+        --configs bf16-flashinfer,int4-bdr-flashinfer,int4-flashinfer,fp8_e4m3-flashinfer,bf16-triton,int4-triton,int4-bdr-triton \
+        --repeat-configs int4-bdr-flashinfer,bf16-flashinfer \
+        --shapes 1024x256@1/16/64,16384x1024@8/32 --shared-prefix 8192x256x128@32 \
+        --state /tmp/serving_state.jsonl --call-budget-s 560 -- --disable-prefill-cuda-graph
 
-Each config is one server (``python -m sglang_sawint4.launch_server``, Triton attention for
-all of them so only the KV format differs) that runs the whole sweep: every shape at every
-concurrency, then (for --capacity-configs) the capacity point, a load sized so that BF16
-runs out of KV slots.  One server lifetime is a *unit*.  Pass 0 runs every config in the
-given order; pass 1 runs --repeat-configs again in the reverse order, so that machine drift
-does not favour one of them and the run-to-run spread is measured
-(``repeat_spread_pct``: the largest spread of output tok/s between the two runs of a point).
+A config is ``<kv>-<backend>``: kv ``bf16``, ``fp8_e4m3``, ``int4``, ``int4-bdr`` (both INT4 kinds with
+every layer INT4, ``--kv-quant-policy none``, so that only the format differs; ``int4-bdr`` at
+the default block min(128, head_dim)) or ``int4-bdr-<block>``; backend ``flashinfer`` or
+``triton`` (``--attention-backend``; INT4 decode always runs our kernel).  Each config is one
+server (``python -m sglang_sawint4.launch_server``) that runs every point: the ``random``
+workload (random token-id prompts, every shape at each of its concurrencies) and the
+``shared-prefix`` workload (PREFIXxSUFFIXxOUTPUT: 4 groups of requests, each group's prompts
+one PREFIX-token prefix plus a SUFFIX-token suffix of their own; each group's prefix is
+cached by one untimed request first, as a system prompt or an earlier turn would be).
+One server lifetime is a *unit*.  Pass 0 runs every config in the given order; pass 1
+runs --repeat-configs again in the reverse order, so that machine drift does not favour
+one of them and the run-to-run spread is measured (``repeat_spread_pct``).
 
-Requests are random token-id prompts from a fixed seed with ``ignore_eos``, so every config
-generates the same tokens; streaming gives TTFT (first chunk) and inter-token latency (gaps
-between chunks); /v1/loads is sampled during each level for the peak of running requests
-and used KV slots (where BF16 runs out of slots, its peak of running requests stays below
-the concurrency).
+Every request has ``ignore_eos``, so every config generates the same tokens; streaming
+gives TTFT (first chunk, p50 and p99) and inter-token latency; /v1/loads is sampled
+during each point for the peak of running requests and used KV slots.  A point is a
+*capacity point* (``capacity_point: true``) when its KV demand exceeds the pool of the
+BF16 baseline config (``bf16-flashinfer``): there BF16 cannot run every request at once.
+Prefill-chunk throughput comes from the server log's ``Prefill batch`` lines of the timed
+points (``prefill_chunks`` per unit: full chunks with and without a cached prefix).
 
 Resumable: each finished unit is appended to --state; a later call with the same command
 skips the units already there.  With --call-budget-s the script stops before a unit that
@@ -36,6 +43,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -44,30 +52,70 @@ from typing import Dict, List, Optional, Tuple
 
 
 from sglang_sawint4.serving.client import load_row, random_token_ids, served_model_id
-from sglang_sawint4.serving.server import Server, command_line, config_flags, gpu_name, nvidia_smi, versions
+from sglang_sawint4.serving.server import Server, command_line, gpu_name, nvidia_smi, serving_config, versions
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: units are left, run the same command again
+BASELINE = "bf16-flashinfer"
+PREFIX_GROUPS = 4
 
 
-def parse_shape(text: str) -> Tuple[int, int]:
-    """'1024x256' -> (input_len, output_len)."""
+def _lengths(text: str, n: int, what: str) -> Tuple[int, ...]:
     try:
-        il, ol = (int(x) for x in text.split("x"))
+        vals = tuple(int(x) for x in text.split("x"))
     except ValueError:
-        raise SystemExit(f"bad shape {text!r}: use INPUTxOUTPUT, e.g. 1024x256") from None
-    if il < 1 or ol < 1:
-        raise SystemExit(f"bad shape {text!r}: lengths must be positive")
-    return il, ol
+        raise SystemExit(f"bad {what} {text!r}") from None
+    if len(vals) != n or min(vals) < 1:
+        raise SystemExit(f"bad {what} {text!r}: {n} positive lengths joined by x")
+    return vals
 
 
-def parse_capacity(text: Optional[str]):
-    """'2048x512@512' -> ((2048, 512), 512), or None."""
-    if not text:
-        return None
+def _levels(text: str, default: List[int], what: str) -> List[int]:
     shape, _, conc = text.partition("@")
-    if not conc.isdigit() or int(conc) < 1:
-        raise SystemExit(f"bad --capacity {text!r}: use INPUTxOUTPUT@CONCURRENCY, e.g. 2048x512@512")
-    return parse_shape(shape), int(conc)
+    if not conc:
+        return default
+    try:
+        levels = [int(c) for c in conc.split("/")]
+    except ValueError:
+        raise SystemExit(f"bad {what} {text!r}: concurrencies as c1/c2/...") from None
+    if min(levels) < 1:
+        raise SystemExit(f"bad {what} {text!r}: concurrencies must be positive")
+    return levels
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured load.  input_len counts the whole prompt (prefix included)."""
+    workload: str  # random | shared-prefix
+    input_len: int
+    output_len: int
+    concurrency: int
+    prefix_len: int = 0  # shared-prefix: tokens every request of a group shares
+
+    def kv_demand(self, groups: int = PREFIX_GROUPS) -> int:
+        """KV slots needed to run every request at once (shared prefixes counted once)."""
+        if self.workload == "shared-prefix":
+            return groups * self.prefix_len + self.concurrency * (self.input_len - self.prefix_len + self.output_len)
+        return self.concurrency * (self.input_len + self.output_len)
+
+
+def parse_points(shapes: str, concurrency: str, shared_prefix: str = "") -> List[Point]:
+    """--shapes 'ILxOL[@c1/c2],...', --concurrency 'c1,c2' (shapes without @), --shared-prefix
+    'PxSxO[@c1/c2],...' -> the points, in that order."""
+    try:
+        default = [int(c) for c in concurrency.split(",") if c]
+    except ValueError:
+        raise SystemExit(f"bad --concurrency {concurrency!r}") from None
+    points = []
+    for text in (x for x in shapes.split(",") if x):
+        il, ol = _lengths(text.partition("@")[0], 2, "shape")
+        points += [Point("random", il, ol, c) for c in _levels(text, default, "shape")]
+    for text in (x for x in shared_prefix.split(",") if x):
+        pl, sl, ol = _lengths(text.partition("@")[0], 3, "--shared-prefix")
+        points += [Point("shared-prefix", pl + sl, ol, c, prefix_len=pl)
+                   for c in _levels(text, default, "--shared-prefix")]
+    if not points:
+        raise SystemExit("no points: give --shapes and/or --shared-prefix")
+    return points
 
 
 # --------------------------------------------------------------------------- #
@@ -187,7 +235,7 @@ def summarize(results, seconds, output_len):
         "ttft_ms_p50": statistics.median(r.ttft_s for r in ok) * 1e3 if ok else None,
         "ttft_ms_p99": pct([r.ttft_s for r in ok], 99),
         "itl_ms_p50": statistics.median(itl) * 1e3 if itl else None, "itl_ms_p99": pct(itl, 99),
-        "seconds": seconds,
+        "seconds": seconds, "error_samples": sorted({r.error for r in results if not r.ok})[:3],
     }
 
 
@@ -200,6 +248,15 @@ def total_tok_s(row) -> float:
 def make_prompts(n, input_len, vocab, seed):
     rng = random.Random(seed)
     return [random_token_ids(rng, vocab, input_len) for _ in range(n)]
+
+
+def shared_prefix_prompts(n, point: Point, vocab, seed, groups=PREFIX_GROUPS):
+    """(prefixes, prompts): `groups` random prefixes of point.prefix_len tokens; request i gets
+    prefix i % groups plus a suffix of its own, point.input_len tokens in all."""
+    rng = random.Random(seed)
+    prefixes = [random_token_ids(rng, vocab, point.prefix_len) for _ in range(groups)]
+    suffix = point.input_len - point.prefix_len
+    return prefixes, [prefixes[i % groups] + random_token_ids(rng, vocab, suffix) for i in range(n)]
 
 
 def num_requests(concurrency, min_requests):
@@ -251,67 +308,102 @@ def append_state(path: Optional[str], record: dict):
             f.write(json.dumps(record) + "\n")
 
 
-def next_action(units, done, elapsed_s, budget_s, default_unit_s, capacity_configs=()):
+def next_action(units, done, elapsed_s, budget_s, default_unit_s):
     """('run', unit), ('resume', unit) when the budget would be exceeded, or ('done', None).
-
-    The estimate is the longest finished unit; a unit with the capacity point counts 1.5x
-    that while no unit with it has finished (the point is the longest level)."""
+    The estimate is the longest finished unit (else default_unit_s)."""
     todo = [u for u in units if u.key not in done]
     if not todo:
         return "done", None
     unit = todo[0]
     estimate = max((rec["seconds"] for rec in done.values()), default=default_unit_s)
-
-    def has_capacity(u):
-        return u.pass_idx == 0 and u.config in capacity_configs
-
-    if has_capacity(unit) and not any(has_capacity(u) for u in units if u.key in done):
-        estimate *= 1.5
     if budget_s and elapsed_s + estimate > budget_s:
         return "resume", unit
     return "run", unit
 
 
-def run_unit(unit, args, shapes, levels, capacity, vocab):
+_PREFILL_LINE = re.compile(r"Prefill batch.*?#new-token: (\d+), #cached-token: (\d+),.*?"
+                           r"input throughput \(token/s\): ([0-9.]+)")
+
+
+def prefill_chunk_stats(log_text: str, chunk_tokens: int) -> dict:
+    """Prefill throughput of full chunks (#new-token >= chunk_tokens) from SGLang's log, split
+    by whether the batch had radix-cached or earlier-chunk tokens (#cached-token > 0).
+
+    SGLang's "input throughput" is a batch's new tokens over the time since the previous
+    prefill log line; for back-to-back full chunks that is the chunk's prefill time."""
+    out = {}
+    groups = {"no_cached_prefix": [], "cached_prefix": []}
+    for new, cached, tok_s in _PREFILL_LINE.findall(log_text):
+        if int(new) >= chunk_tokens:
+            groups["cached_prefix" if int(cached) else "no_cached_prefix"].append(float(tok_s))
+    for name, vals in groups.items():
+        out[name] = {"chunks": len(vals), "median_tok_s": statistics.median(vals) if vals else None}
+    return out
+
+
+def _send_all(base, model_id, prompts, output_len, concurrency, bar=None, peak=None):
+    return asyncio.run(run_load(base, model_id, prompts, output_len, concurrency, bar, peak))
+
+
+def point_prompts(point: Point, n: int, vocab: int, seed: int):
+    """(warm-up prompts sent untimed first, the timed prompts) of a point."""
+    if point.workload == "shared-prefix":
+        prefixes, prompts = shared_prefix_prompts(n, point, vocab, seed)
+        # one request per group caches its prefix (with a suffix of its own, so the timed
+        # requests hit the prefix and compute their suffixes)
+        warm = [pre + random_token_ids(random.Random(seed + 1 + g), vocab, 8) for g, pre in enumerate(prefixes)]
+        return warm, prompts
+    return [], make_prompts(n, point.input_len, vocab, seed)
+
+
+def run_unit(unit, args, points: List[Point], vocab, head_dim):
     from tqdm import tqdm
 
     t_unit = time.time()
     log = os.path.join(args.log_dir, f"serving_{unit.config}_p{unit.pass_idx}.log")
-    srv = Server(args.model, args.port, [*config_flags(unit.config), "--attention-backend", "triton", *args.extra],
-                 log).start()
+    flags, info_fields = serving_config(unit.config, head_dim)
+    srv = Server(args.model, args.port, [*flags, *args.extra], log).start()
     base = f"http://127.0.0.1:{args.port}"
     rows = []
     try:
         info = srv.info()
         states = info.get("internal_states") or [{}]
         max_running = states[0].get("effective_max_running_requests_per_dp")
+        chunk = info.get("chunked_prefill_size") or 8192
         model_id = served_model_id(args.port)
-        points = [(il, ol, c, False) for il, ol in shapes for c in levels]
-        if capacity and unit.pass_idx == 0 and unit.config in args.capacity_configs:
-            points.append((*capacity[0], capacity[1], True))
         # untimed warm-up at every shape, with enough requests for full prefill chunks and
         # mixed prefill/decode batches: Triton specializes kernels on argument values (e.g.
         # divisible by 16), and a compile inside a timed level would count against that config
         # (decode batch sizes up to 256 are compiled by the CUDA-graph capture already)
-        n_warm = min(64, max(c for _, _, c, _ in points))
-        for il, ol in sorted({(p[0], p[1]) for p in points}):
-            asyncio.run(run_load(base, model_id, make_prompts(n_warm, il, vocab, args.seed - 1), min(ol, 8), n_warm))
-        total = sum(num_requests(c, args.min_requests) for _, _, c, _ in points)
+        for il, ol in sorted({(p.input_len, p.output_len) for p in points}):
+            n_warm = min(64, max(p.concurrency for p in points if (p.input_len, p.output_len) == (il, ol)))
+            _send_all(base, model_id, make_prompts(n_warm, il, vocab, args.seed - 1), min(ol, 8), n_warm)
+        log_start = os.path.getsize(log)
+        total = sum(num_requests(p.concurrency, args.min_requests) for p in points)
         bar = tqdm(total=total, desc=f"pass {unit.pass_idx} {unit.config}", file=sys.stdout, mininterval=10)
-        for il, ol, c, is_capacity in points:
-            prompts = make_prompts(num_requests(c, args.min_requests), il, vocab, args.seed + c + il)
+        for p in points:
+            n = num_requests(p.concurrency, args.min_requests)
+            warm, prompts = point_prompts(p, n, vocab, args.seed + p.concurrency + p.input_len + p.prefix_len)
+            if warm:
+                _send_all(base, model_id, warm, 1, len(warm))
             peak = {}
-            res, secs = asyncio.run(run_load(base, model_id, prompts, ol, c, bar, peak))
-            rows.append({"config": unit.config, "input_len": il, "output_len": ol, "concurrency": c,
-                         **summarize(res, secs, ol), **peak, "capacity_point": is_capacity,
+            res, secs = _send_all(base, model_id, prompts, p.output_len, p.concurrency, bar, peak)
+            rows.append({"config": unit.config, **info_fields, "workload": p.workload, "input_len": p.input_len,
+                         "prefix_len": p.prefix_len, "output_len": p.output_len, "concurrency": p.concurrency,
+                         "kv_demand_tokens": p.kv_demand(), **summarize(res, secs, p.output_len), **peak,
                          "max_total_num_tokens": info.get("max_total_num_tokens"),
                          "max_running_requests": max_running})
         bar.close()
+        with open(log, errors="replace") as f:
+            f.seek(log_start)
+            chunks = prefill_chunk_stats(f.read(), chunk)
     finally:
         srv.stop()
     return {"unit": unit.key, "config": unit.config, "pass": unit.pass_idx, "gpu": gpu_name(),
-            "gpu_uuid": nvidia_smi("uuid"), "startup_s": srv.startup_s, "seconds": time.time() - t_unit,
-            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "server_command": " ".join(srv.cmd), "rows": rows}
+            "gpu_uuid": nvidia_smi("uuid"), "versions": versions(), "command": command_line(),
+            "startup_s": srv.startup_s, "seconds": time.time() - t_unit,
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "server_command": " ".join(srv.cmd),
+            "chunked_prefill_size": chunk, "prefill_chunks": chunks, "rows": rows}
 
 
 # --------------------------------------------------------------------------- #
@@ -320,13 +412,21 @@ def run_unit(unit, args, shapes, levels, capacity, vocab):
 METRICS = ("output_tok_s", "total_tok_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99")
 
 
-def aggregate(records: List[dict], bdr_reference="int4", baseline="bf16"):
+def point_key(row) -> tuple:
+    return (row.get("workload", "random"), row["input_len"], row.get("prefix_len", 0), row["output_len"],
+            row["concurrency"])
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def aggregate(records: List[dict], baseline=BASELINE):
     """Rows (mean over the runs of each point), the spreads and the headline comparisons."""
     per_point: Dict[tuple, List[dict]] = {}
     for rec in sorted(records, key=lambda r: r["pass"]):
         for row in rec["rows"]:
-            key = (row["config"], row["input_len"], row["output_len"], row["concurrency"], row["capacity_point"])
-            per_point.setdefault(key, []).append(dict(row, total_tok_s=total_tok_s(row)))
+            per_point.setdefault((row["config"], *point_key(row)), []).append(dict(row, total_tok_s=total_tok_s(row)))
     rows, spreads = [], {}
     for key, runs in per_point.items():
         row = dict(runs[0])
@@ -343,55 +443,79 @@ def aggregate(records: List[dict], bdr_reference="int4", baseline="bf16"):
             spreads[key] = (max(vals) - min(vals)) / row["output_tok_s"] * 100
             row["run_spread_pct"] = spreads[key]
         rows.append(row)
-    rows.sort(key=lambda r: (r["capacity_point"], r["input_len"], r["config"], r["concurrency"]))
-
-    def tok_s(config, il, ol, c, cap=False):
-        r = next((r for r in rows if (r["config"], r["input_len"], r["output_len"], r["concurrency"],
-                                      r["capacity_point"]) == (config, il, ol, c, cap)), None)
-        return r["output_tok_s"] if r else None
-
-    configs = sorted({r["config"] for r in rows})
     capacity = {r["config"]: r["max_total_num_tokens"] for r in rows}
-    summary = {"capacity_vs_" + baseline: {c: capacity[c] / capacity[baseline] for c in configs
-                                           if capacity.get(baseline) and capacity.get(c)}}
-    bdr_vs = []
-    for cfg in (c for c in configs if c.startswith("int4-bdr-")):
-        for r in rows:
-            if r["config"] == cfg and not r["capacity_point"]:
-                ref = tok_s(bdr_reference, r["input_len"], r["output_len"], r["concurrency"])
-                if ref:
-                    bdr_vs.append({"config": cfg, "input_len": r["input_len"], "output_len": r["output_len"],
-                                   "concurrency": r["concurrency"],
-                                   "diff_pct": (r["output_tok_s"] / ref - 1) * 100})
-    summary[f"bdr_vs_{bdr_reference}_pct"] = bdr_vs
-    summary["worst_bdr_vs_" + bdr_reference + "_pct"] = min((x["diff_pct"] for x in bdr_vs), default=None)
-    cap_rows = [r for r in rows if r["capacity_point"]]
-    if cap_rows:
-        r0 = cap_rows[0]
-        point = (r0["input_len"], r0["output_len"], r0["concurrency"])
-        summary["capacity_point"] = {
-            "input_len": point[0], "output_len": point[1], "concurrency": point[2],
-            "output_tok_s": {r["config"]: r["output_tok_s"] for r in cap_rows},
-            "peak_running": {r["config"]: r.get("peak_running") for r in cap_rows},
-            "ratio_vs_" + baseline: {r["config"]: r["output_tok_s"] / tok_s(baseline, *point, cap=True)
-                                     for r in cap_rows if tok_s(baseline, *point, cap=True)},
-        }
-    # bf16 vs int4-bdr outside the capacity point: where is ours slower than BF16?
-    slower = []
-    for r in rows:
-        if r["config"].startswith("int4-bdr-") and not r["capacity_point"]:
-            ref = tok_s(baseline, r["input_len"], r["output_len"], r["concurrency"])
-            if ref and r["output_tok_s"] < ref:
-                slower.append({"config": r["config"], "input_len": r["input_len"], "output_len": r["output_len"],
-                               "concurrency": r["concurrency"], "diff_pct": (r["output_tok_s"] / ref - 1) * 100})
-    summary[f"bdr_slower_than_{baseline}"] = slower
+    bf16_pool = capacity.get(baseline)
+    for row in rows:
+        row["capacity_point"] = bool(bf16_pool) and row["kv_demand_tokens"] > bf16_pool
+    rows.sort(key=lambda r: (r.get("workload", "random"), r["input_len"], r["config"], r["concurrency"]))
+    by = {(r["config"], *point_key(r)): r for r in rows}
+    configs = sorted({r["config"] for r in rows})
+    summary = {"baseline": baseline,
+               "capacity_vs_baseline": {c: capacity[c] / bf16_pool for c in configs if bf16_pool and capacity.get(c)}}
+    # per point: every config against the baseline, and INT4+BDR against plain INT4 per backend
+    versus = []
+    for key in sorted({point_key(r) for r in rows}):
+        base = by.get((baseline, *key))
+        if base is None:
+            continue
+        entry = {"workload": key[0], "input_len": key[1], "prefix_len": key[2], "output_len": key[3],
+                 "concurrency": key[4], "capacity_point": base["capacity_point"], "vs_baseline": {}, "bdr_vs_int4": {}}
+        for c in configs:
+            r = by.get((c, *key))
+            if r is None or c == baseline:
+                continue
+            entry["vs_baseline"][c] = {
+                "output_tok_s": _ratio(r["output_tok_s"], base["output_tok_s"]),
+                "ttft_ms_p50": _ratio(r["ttft_ms_p50"], base["ttft_ms_p50"]),
+                "ttft_ms_p99": _ratio(r["ttft_ms_p99"], base["ttft_ms_p99"]),
+                "itl_ms_p50": _ratio(r["itl_ms_p50"], base["itl_ms_p50"]),
+                "peak_running": r.get("peak_running"), "baseline_peak_running": base.get("peak_running")}
+        for backend in ("flashinfer", "triton"):
+            bdr, plain = by.get((f"int4-bdr-{backend}", *key)), by.get((f"int4-{backend}", *key))
+            if bdr and plain:
+                entry["bdr_vs_int4"][backend] = _ratio(bdr["output_tok_s"], plain["output_tok_s"])
+        versus.append(entry)
+    summary["points"] = versus
+    summary["done_when"] = done_when(versus)
     spread = max(spreads.values()) if spreads else None
     return rows, spread, summary
+
+
+def _fmt(x) -> str:
+    return "unmeasured (no request completed)" if x is None else f"{x:.3f}x"
+
+
+def done_when(points: List[dict], ours="int4-bdr-flashinfer") -> dict:
+    """The issue's bar, point by point: TTFT p50 within 5% of the baseline where its pool is not
+    the limit, output throughput >= the baseline everywhere and >= 1.3x where it is, and
+    INT4+BDR / plain INT4 >= 0.98 everywhere (both backends measured)."""
+    fails = []
+    for p in points:
+        v = p["vs_baseline"].get(ours)
+        where = f"{p['workload']} {p['input_len']}x{p['output_len']}@{p['concurrency']}"
+        if v is None:
+            fails.append(f"{where}: {ours} not measured")
+            continue
+        if not p["capacity_point"] and (v["ttft_ms_p50"] is None or v["ttft_ms_p50"] > 1.05):
+            fails.append(f"{where}: TTFT p50 {_fmt(v['ttft_ms_p50'])} the baseline's")
+        need = 1.3 if p["capacity_point"] else 1.0
+        if v["output_tok_s"] is None or v["output_tok_s"] < need:
+            fails.append(f"{where}: output tok/s {_fmt(v['output_tok_s'])} the baseline's (needs >= {need})")
+        for backend, ratio in p["bdr_vs_int4"].items():
+            if ratio is None or ratio < 0.98:
+                fails.append(f"{where}: BDR / plain INT4 on {backend} {_fmt(ratio)}")
+    return {"met": not fails and bool(points), "failures": fails}
 
 
 def measured(records) -> dict:
     """The part of the result computed from the unit records."""
     rows, spread, summary = aggregate(list(records))
+    chunks = {}
+    for rec in sorted(records, key=lambda r: r["pass"]):
+        if rec.get("prefill_chunks") is not None:
+            chunks.setdefault(rec["config"], {"chunked_prefill_size": rec.get("chunked_prefill_size"), "runs": []})
+            chunks[rec["config"]]["runs"].append(rec["prefill_chunks"])
+    summary["prefill_chunks"] = chunks
     return {"repeat_spread_pct": spread, "incomplete_requests": sum(r["requests"] - r["complete"] for r in rows),
             "summary": summary, "rows": rows}
 
@@ -404,13 +528,21 @@ def write_result(result, out):
     return result
 
 
-def finalize(records, args, out):
+def finalize(records, args, out, run_versions=None):
+    """The result of finished units.  Versions and command are the units' own when they
+    recorded them (else ``run_versions``, else this process's: finalize runs on the GPU host
+    right after the last unit)."""
     uuids = sorted({r.get("gpu_uuid") for r in records if r.get("gpu_uuid")})
+    unit_versions = [r["versions"] for r in records if r.get("versions")]
+    if unit_versions and any(v != unit_versions[0] for v in unit_versions):
+        raise SystemExit("the units ran with different software versions: not one run")
     result = {"gpu": records[0]["gpu"], "model": os.path.basename(args.model.rstrip("/")),
-              "versions": versions(), "command": command_line(),
+              "versions": unit_versions[0] if unit_versions else (run_versions or versions()),
+              "command": records[0].get("command") or command_line(),
               "one_gpu": len(uuids) <= 1, "gpu_uuids": uuids,
-              "units": [{k: r[k] for k in ("unit", "gpu_uuid", "startup_s", "seconds", "finished_at",
-                                           "server_command")} for r in records],
+              "prefill_cuda_graph": "--disable-prefill-cuda-graph" not in args.extra,
+              "units": [{k: r.get(k) for k in ("unit", "gpu_uuid", "startup_s", "seconds", "finished_at",
+                                               "server_command")} for r in records],
               **measured(records)}
     return write_result(result, out)
 
@@ -430,68 +562,81 @@ def rebuild(state_path, out):
 
 
 def plot(result, path):
+    """Per (workload, shape): output tok/s and TTFT p50 (p99 dashed) against concurrency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = [r for r in result["rows"] if not r.get("capacity_point")]
-    shapes = sorted({(r["input_len"], r["output_len"]) for r in sweep})
-    configs = sorted({r["config"] for r in result["rows"]})
-    fig, axes = plt.subplots(len(shapes) + 1, 2, figsize=(12, 4 * (len(shapes) + 1)), squeeze=False)
-    for i, (il, ol) in enumerate(shapes):
+    rows = result["rows"]
+    panels = sorted({(r.get("workload", "random"), r["input_len"], r.get("prefix_len", 0), r["output_len"])
+                     for r in rows})
+    configs = sorted({r["config"] for r in rows})
+    colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(configs)}
+    fig, axes = plt.subplots(len(panels), 2, figsize=(13, 3.8 * len(panels)), squeeze=False)
+    for i, (wl, il, pl, ol) in enumerate(panels):
         for cfg in configs:
-            pts = sorted((r["concurrency"], r["output_tok_s"], r["itl_ms_p50"]) for r in sweep
-                         if r["config"] == cfg and (r["input_len"], r["output_len"]) == (il, ol))
-            axes[i][0].plot([x[0] for x in pts], [x[1] for x in pts], "-o", label=cfg)
-            axes[i][1].plot([x[0] for x in pts], [x[2] for x in pts], "-o", label=cfg)
-        for ax, ylabel in zip(axes[i], ("output tok/s", "ITL p50 (ms)")):
+            pts = sorted((r["concurrency"], r["output_tok_s"], r["ttft_ms_p50"], r["ttft_ms_p99"], r["capacity_point"],
+                          r["errors"]) for r in rows if r["config"] == cfg and point_key(r)[:4] == (wl, il, pl, ol))
+            if not pts:
+                continue
+            xs = [x[0] for x in pts]
+            style = "-o" if cfg.endswith("flashinfer") else "--s"
+            axes[i][0].plot(xs, [x[1] for x in pts], style, color=colors[cfg], label=cfg, ms=5)
+            axes[i][1].plot(xs, [x[2] for x in pts], style, color=colors[cfg], label=f"{cfg} p50", ms=5)
+            axes[i][1].plot(xs, [x[3] for x in pts], ":x", color=colors[cfg], lw=1, ms=6)
+            for x in pts:
+                if x[4]:
+                    axes[i][0].axvspan(x[0] * 0.93, x[0] * 1.07, color="0.9", zorder=0)
+                if x[5]:
+                    axes[i][0].annotate(f"{cfg}: {x[5]} requests failed", (x[0], x[1]), color="red", fontsize=7,
+                                        xytext=(5, 5), textcoords="offset points")
+        axes[i][0].set_ylim(bottom=0)
+        title = (f"shared prefix {pl} + {il - pl} in / {ol} out" if wl == "shared-prefix"
+                 else f"random {il} in / {ol} out")
+        for ax, ylabel in zip(axes[i], ("output tok/s", "TTFT ms (p50 o, p99 x)")):
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("concurrency")
+            ax.set_xlabel("concurrency (grey: BF16's KV pool is the limit)")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{il} in / {ol} out")
-            ax.legend(fontsize=8)
-    cap = {r["config"]: r["max_total_num_tokens"] for r in result["rows"]}
-    ax = axes[-1][0]
-    ax.bar(configs, [cap[c] / 1e6 for c in configs], color="tab:gray")
-    for x, c in enumerate(configs):
-        ax.text(x, cap[c] / 1e6, f"{cap[c] / 1e6:.2f}M", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("KV capacity (million tokens)")
-    ax.set_title("max_total_num_tokens")
-    ax = axes[-1][1]
-    point = result["summary"].get("capacity_point")
-    if point:
-        names = list(point["output_tok_s"])
-        ax.bar(names, [point["output_tok_s"][c] for c in names], color="tab:blue")
-        for x, c in enumerate(names):
-            ax.text(x, point["output_tok_s"][c], f"peak running {point['peak_running'][c]}",
-                    ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel("output tok/s")
-        ax.set_title(f"capacity point: {point['input_len']} in / {point['output_len']} out, "
-                     f"concurrency {point['concurrency']}")
-    else:
-        ax.axis("off")
+            ax.set_title(title)
+        axes[i][1].set_yscale("log")
+        axes[i][0].legend(fontsize=7)
     spread = result["repeat_spread_pct"]
-    fig.suptitle(f"{result['gpu']}, {result['model']}, run-to-run spread "
+    fig.suptitle(f"{result['gpu']}, {result['model']}, prefill CUDA graphs "
+                 f"{'on' if result.get('prefill_cuda_graph') else 'off'}, run-to-run spread "
                  f"{'n/a' if spread is None else f'{spread:.1f}%'}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+
+
+def model_facts(model_dir: str) -> Tuple[int, int]:
+    """(vocab_size, head_dim) from a model directory's config.json."""
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["vocab_size"], head_dim
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rebuild", action="store_true",
                    help="only recompute --out from the unit records in --state (no GPU, no server)")
+    p.add_argument("--finalize", action="store_true",
+                   help="write --out from the units already in --state (same command), running none; for "
+                        "a run cut short before it wrote --out")
+    p.add_argument("--versions-from", help="--finalize: a JSON result of the same GPU call whose 'versions' "
+                                           "the units did not record themselves")
     p.add_argument("--model", help="the served model's directory (required unless --rebuild)")
     p.add_argument("--out", required=True)
-    p.add_argument("--configs", default="int4,int4-bdr-64,bf16,fp8_e4m3,int4-bdr-128")
-    p.add_argument("--repeat-configs", default="int4-bdr-64,int4",
+    p.add_argument("--configs", default="bf16-flashinfer,int4-bdr-flashinfer,int4-flashinfer,fp8_e4m3-flashinfer,"
+                                        "bf16-triton,int4-triton,int4-bdr-triton")
+    p.add_argument("--repeat-configs", default="int4-bdr-flashinfer,bf16-flashinfer",
                    help="configs run a second time, in reverse order (comma list; empty: none)")
-    p.add_argument("--shapes", default="1024x256,2048x512", help="input x output lengths")
-    p.add_argument("--concurrency", default="1,4,16,64,128,256")
+    p.add_argument("--shapes", default="1024x256@1/16/64,16384x1024@8/32",
+                   help="random workload: INPUTxOUTPUT[@c1/c2/...] (without @: --concurrency)")
+    p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--shared-prefix", default="8192x256x128@32",
+                   help="shared-prefix workload: PREFIXxSUFFIXxOUTPUT[@c1/c2/...] ('' for none)")
     p.add_argument("--min-requests", type=int, default=4, help="requests per level = max(this, concurrency)")
-    p.add_argument("--capacity", default="2048x512@512", help="INPUTxOUTPUT@CONCURRENCY ('' for none)")
-    p.add_argument("--capacity-configs", default="bf16,int4-bdr-64")
     p.add_argument("--state", help="JSON-lines file of finished units (resume)")
     p.add_argument("--call-budget-s", type=float, default=0.0,
                    help="stop (exit 75) before a unit that would end after this many seconds")
@@ -509,18 +654,17 @@ def main():
     if not args.model:
         p.error("--model is required")
     configs = [c for c in args.configs.split(",") if c]
-    for c in configs:
-        config_flags(c)
-    args.capacity_configs = [c for c in args.capacity_configs.split(",") if c]
+    vocab = head_dim = None
+    if not args.finalize:  # the model may be gone by then: its units are in --state
+        vocab, head_dim = model_facts(args.model)
+        for c in configs:
+            serving_config(c, head_dim)
     units = plan_units(configs, [c for c in args.repeat_configs.split(",") if c])
-    shapes = [parse_shape(s) for s in args.shapes.split(",")]
-    levels = [int(c) for c in args.concurrency.split(",")]
-    capacity = parse_capacity(args.capacity)
-    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    points = parse_points(args.shapes, args.concurrency, args.shared_prefix)
     os.makedirs(args.log_dir, exist_ok=True)
 
     # a unit is reused only if it ran the same measurement (a state file from another sweep is ignored)
-    plan = {"model": os.path.abspath(args.model), "shapes": shapes, "concurrency": levels, "capacity": capacity,
+    plan = {"model": os.path.abspath(args.model), "points": [vars(pt) for pt in points],
             "min_requests": args.min_requests, "seed": args.seed, "extra": args.extra}
     plan = json.loads(json.dumps(plan))  # tuples -> lists, as read back from the state file
     t_call = time.time()
@@ -530,9 +674,16 @@ def main():
         print(f"ignoring units in {args.state} measured with other settings", flush=True)
     if done:
         print(f"resuming: {len(done)}/{len(units)} units already in {args.state}", flush=True)
+    if args.finalize:
+        units = [u for u in units if u.key in done]
+        if not units:
+            raise SystemExit(f"--finalize: no finished unit of this command in {args.state}")
+        run_versions = json.load(open(args.versions_from))["versions"] if args.versions_from else None
+        result = finalize([done[u.key] for u in units], args, args.out, run_versions)
+        print(json.dumps(result["summary"]["done_when"], indent=1))
+        return
     while True:
-        action, unit = next_action(units, done, time.time() - t_call, args.call_budget_s, args.unit_estimate_s,
-                                   args.capacity_configs if capacity else ())
+        action, unit = next_action(units, done, time.time() - t_call, args.call_budget_s, args.unit_estimate_s)
         if action == "done":
             break
         if action == "resume":
@@ -540,15 +691,16 @@ def main():
             print(f"stopping before unit {unit.key}: {left} units left would not fit in "
                   f"--call-budget-s {args.call_budget_s:.0f}; run the same command again to resume", flush=True)
             sys.exit(EXIT_RESUME)
-        rec = dict(run_unit(unit, args, shapes, levels, capacity, vocab), plan=plan)
+        rec = dict(run_unit(unit, args, points, vocab, head_dim), plan=plan)
         append_state(args.state, rec)
         done[unit.key] = rec
         bad = sum(r["requests"] - r["complete"] for r in rec["rows"])
         print(f"unit {unit.key}: {rec['seconds']:.0f} s (server start {rec['startup_s']:.0f} s), "
               f"{len(rec['rows'])} points, incomplete or failed requests {bad}", flush=True)
     result = finalize([done[u.key] for u in units], args, args.out)
-    print(json.dumps({k: result[k] for k in ("gpu", "model", "repeat_spread_pct", "one_gpu", "incomplete_requests",
-                                             "summary")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("gpu", "model", "repeat_spread_pct", "one_gpu", "incomplete_requests")},
+                     indent=1))
+    print(json.dumps(result["summary"]["done_when"], indent=1))
     # every request must come back whole: ignore_eos makes each one exactly output_len tokens
     sys.exit(1 if result["incomplete_requests"] else 0)
 

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List
+from typing import List, Tuple
 
 from sglang_sawint4.serving.client import HOST, request
 
@@ -32,6 +32,32 @@ def config_flags(name: str) -> List[str]:
     if name.startswith("int4-bdr-"):
         return ["--kv-quant", "int4-bdr", "--kv-quant-policy", "none", "--kv-quant-block-size", name.rsplit("-", 1)[1]]
     raise SystemExit(f"unknown config {name!r}: use bf16, fp8_e4m3, int4, int4-bdr or int4-bdr-<block>")
+
+
+SERVING_BACKENDS = ("flashinfer", "triton")
+
+
+def serving_config(name: str, head_dim: int) -> Tuple[List[str], dict]:
+    """Launcher flags and row fields of a serving-benchmark config ``<kv>-<backend>``.
+
+    kv: bf16, fp8_e4m3, int4 or int4-bdr (every layer INT4, ``--kv-quant-policy none``: the
+    benchmark compares formats; int4-bdr at the format's default block min(128, head_dim)),
+    or int4-bdr-<block>; backend: flashinfer or triton (``--attention-backend``).
+    Fields: kv, backend and block (the Hadamard block, None without rotation)."""
+    kv, _, backend = name.rpartition("-")
+    if backend not in SERVING_BACKENDS or not kv:
+        raise SystemExit(f"unknown serving config {name!r}: use <kv>-<backend>, backend one of "
+                         f"{', '.join(SERVING_BACKENDS)}, e.g. int4-bdr-flashinfer")
+    block = None
+    if kv == "int4":
+        flags = ["--kv-quant", "int4", "--kv-quant-policy", "none"]
+    elif kv == "int4-bdr":
+        flags, block = ["--kv-quant", "int4-bdr", "--kv-quant-policy", "none"], min(128, head_dim)
+    else:
+        flags = config_flags(kv)
+        if kv.startswith("int4-bdr-"):
+            block = int(kv.rsplit("-", 1)[1])
+    return [*flags, "--attention-backend", backend], {"kv": kv, "backend": backend, "block": block}
 
 
 class Server:

@@ -1,0 +1,296 @@
+"""Prefill/extend on INT4 KV pages through SGLang's FlashInfer backend.
+
+With ``--kv-quant`` and ``--attention-backend flashinfer`` (opt-in; the launcher's default is
+``triton``) SGLang gets
+:func:`create_int4_flashinfer_backend`: SGLang's own ``HybridAttnBackend`` with
+
+* prefill/extend: :class:`Int4FlashInferPrefillBackend`, a ``FlashInferAttnBackend`` whose
+  extend attends the new tokens to themselves exactly (FlashInfer's ragged causal prefill,
+  as SGLang's FlashInfer backend does) and to their cached INT4 prefix (radix-cache hits,
+  earlier chunks) through FlashInfer's paged prefill over a BF16 *staging* buffer, merging
+  the partial results by their base-2 log-sum-exp (FlashInfer's ``merge_state``);
+* decode: ``Int4TritonAttnBackend`` (our INT4 decode kernel, CUDA graphs as before).
+
+The staging buffer has a fixed number of rows (``--kv-quant-prefill-staging-rows``),
+allocated when the backend is built and taken out of the KV pool's memory (the pool patch
+subtracts it).  A batch whose prefixes exceed it is processed in pieces
+(``sglang_sawint4.prefix_pieces``): dequantize a piece, attend, merge, repeat; so no
+request mix can grow it.  Keys the KV policy centered get their center back in the
+staging rows (they are mixed with the exact new keys).
+
+Layers the policy keeps in BF16 run SGLang's FlashInfer extend unchanged (the pool hands
+them BF16 pages).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+from sglang.kernels.ops.attention.utils import create_flashinfer_kv_indices_triton
+from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from sglang_sawint4.attention_check import AttentionChecker
+from sglang_sawint4.backend import Int4TritonAttnBackend, check_int4_layer
+from sglang_sawint4.kernels.dequant import dequantize_pages
+from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
+from sglang_sawint4.prefix_pieces import PrefixPiece, plan_prefix_pieces
+
+logger = logging.getLogger("sglang_sawint4")
+
+# Pieces planned once per batch (each on its own FlashInfer wrapper, shared by every
+# layer).  A batch with more pieces re-plans the rest in every layer, in turn on
+# OVERFLOW_WRAPPERS wrappers: FlashInfer's plan fills a pinned host buffer that an
+# asynchronous copy moves to the GPU when the stream reaches it, so a wrapper is re-planned
+# only once the run after its previous plan has finished (a CUDA event), never while the
+# GPU, running layers behind the host, has yet to copy that plan.
+PLANNED_PIECES = 4
+OVERFLOW_WRAPPERS = 2
+
+
+def staging_bytes(rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Device bytes of the K and V staging buffers."""
+    return 2 * rows * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
+    """Extend/prefill over INT4 pages: FlashInfer ragged causal attention for the new tokens,
+    FlashInfer paged attention over the dequantized prefix, merged by log-sum-exp."""
+
+    def __init__(self, model_runner, staging_rows: int):
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, Int4TokenToKVPool):
+            raise Int4KVAccessError(
+                f"Int4FlashInferPrefillBackend needs the INT4 KV pool, got {type(pool).__name__}")
+        if staging_rows <= 0:
+            raise ValueError(f"staging_rows must be positive, got {staging_rows}")
+        super().__init__(model_runner)
+        for bad, why in (
+            (self.dispatch_reason is not None, "sliding-window or cross attention"),
+            (self.is_multimodal, "multimodal models on the FlashInfer prefill path (use --attention-backend triton)"),
+            (self.enable_mis, "multi-item scoring"),
+            (self.enable_deterministic, "--enable-deterministic-inference"),
+            (self.use_paged, "SGLANG_FLASHINFER_USE_PAGED"),
+        ):
+            if bad:
+                raise Int4KVAccessError(f"INT4 KV cache does not support {why}")
+        self.int4_pool = pool
+        self.int4_format = pool.int4_format
+        self.staging_rows = staging_rows
+        updater = self.indices_updater_prefill
+        self._heads = (updater.num_qo_heads, updater.num_kv_heads, updater.head_dim)
+        dtype, device = model_runner.dtype, model_runner.device
+        shape = (staging_rows, updater.num_kv_heads, updater.head_dim)
+        self._k_stage = torch.empty(shape, dtype=dtype, device=device)
+        self._v_stage = torch.empty(shape, dtype=dtype, device=device)
+        self._stage_slots = torch.arange(staging_rows, dtype=torch.int32, device=device)
+        logger.info("sglang-sawint4: FlashInfer prefill on INT4 pages, staging %d prefix rows (%.0f MiB)",
+                    staging_rows, staging_bytes(staging_rows, updater.num_kv_heads, updater.head_dim, dtype) / 2**20)
+        self._piece_wrappers: List = []
+        self._overflow: List = []  # (wrapper, event after its last run), used in turn
+        self._overflow_next = 0
+        # recorded after the first run of the planned wrappers in a batch: their plans have
+        # been copied to the GPU, so the next batch may plan them again
+        self._planned_copied = torch.cuda.Event() if torch.cuda.is_available() else None
+        self._planned_pending = False
+        self._pieces: List[PrefixPiece] = []
+        self._prefix = None  # (qo_indptr, kv_indptr, kv_indices) of the batch, on the device
+        self._checker = AttentionChecker.from_env()  # None unless --kv-quant-debug-check-attention
+
+    # -- plan ---------------------------------------------------------------------------
+    def _new_wrapper(self):
+        from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+
+        return BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=self.prefill_backend)
+
+    def _plan_piece(self, wrapper, piece: PrefixPiece) -> None:
+        """Plan ``wrapper`` for one piece from host-side offsets (no device sync): page size 1,
+        the piece's staging rows as its pages."""
+        reqs = piece.reqs[1] - piece.reqs[0]
+        num_qo_heads, num_kv_heads, head_dim = self._heads
+        wrapper.begin_forward(
+            torch.tensor(piece.qo_indptr, dtype=torch.int32), torch.tensor(piece.kv_indptr, dtype=torch.int32),
+            self._stage_slots[: piece.num_rows], torch.ones(reqs, dtype=torch.int32),
+            num_qo_heads, num_kv_heads, head_dim, 1,
+            q_data_type=self._k_stage.dtype, kv_data_type=self._k_stage.dtype, non_blocking=True,
+        )
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        self._pieces, self._prefix = [], None
+        mode = forward_batch.forward_mode
+        if mode.is_decode_or_idle() or mode.is_target_verify():
+            return
+        prefix_cpu = forward_batch.extend_prefix_lens_cpu
+        extend_cpu = forward_batch.extend_seq_lens_cpu
+        if prefix_cpu is None or extend_cpu is None:  # gpu-only scheduling: one sync
+            prefix_cpu = forward_batch.extend_prefix_lens.tolist()
+            extend_cpu = forward_batch.extend_seq_lens.tolist()
+        self._pieces = plan_prefix_pieces(prefix_cpu, extend_cpu, self.staging_rows)
+        if not self._pieces and self._checker is None:
+            return
+        bs = forward_batch.batch_size
+        device = forward_batch.req_pool_indices.device
+        prefix_lens = forward_batch.extend_prefix_lens[:bs]
+        kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        kv_indptr[1:] = torch.cumsum(prefix_lens, dim=0)
+        qo_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        qo_indptr[1:] = torch.cumsum(forward_batch.extend_seq_lens[:bs], dim=0)
+        # the prefixes' slot ids, request after request (the rows the pieces cut)
+        kv_indices = torch.empty(max(sum(prefix_cpu), 1), dtype=torch.int32, device=device)
+        req_to_token = self.req_to_token_pool.req_to_token
+        create_flashinfer_kv_indices_triton[(bs,)](
+            req_to_token, forward_batch.req_pool_indices, prefix_lens, kv_indptr, None, kv_indices,
+            req_to_token.shape[1])
+        self._prefix = (qo_indptr, kv_indptr, kv_indices)
+        while len(self._piece_wrappers) < min(len(self._pieces), PLANNED_PIECES):
+            self._piece_wrappers.append(self._new_wrapper())
+        if len(self._pieces) > PLANNED_PIECES and not self._overflow:
+            self._overflow = [(self._new_wrapper(), torch.cuda.Event()) for _ in range(OVERFLOW_WRAPPERS)]
+        if self._planned_pending:  # the previous batch's plans are still to be copied: rare, brief
+            self._planned_copied.synchronize()
+        for wrapper, piece in zip(self._piece_wrappers, self._pieces[:PLANNED_PIECES]):
+            self._plan_piece(wrapper, piece)
+        self._planned_pending = bool(self._pieces)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        if not forward_batch.forward_mode.is_decode_or_idle():
+            raise Int4KVAccessError(
+                "INT4 KV prefill on FlashInfer does not run inside a full prefill CUDA graph; "
+                "use the default prefill CUDA graph backend or --disable-prefill-cuda-graph")
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+
+    def _attend_piece(self, i: int, piece: PrefixPiece, q, k_stage, v_stage, sm_scale: float):
+        """(o, lse) of the piece's queries over its staging rows, on its planned wrapper or,
+        past PLANNED_PIECES, on an overflow wrapper re-planned here."""
+        event = None
+        if i < PLANNED_PIECES:
+            wrapper = self._piece_wrappers[i]
+            if self._planned_pending and i == min(len(self._pieces), PLANNED_PIECES) - 1:
+                event, self._planned_pending = self._planned_copied, False
+        else:
+            wrapper, event = self._overflow[self._overflow_next % OVERFLOW_WRAPPERS]
+            self._overflow_next += 1
+            event.synchronize()  # the copy of this wrapper's previous plan has run (no-op if never recorded)
+            self._plan_piece(wrapper, piece)
+        out = wrapper.forward_return_lse(q, (k_stage, v_stage), causal=False, sm_scale=sm_scale, logits_soft_cap=0.0)
+        if event is not None:
+            event.record()
+        return out
+
+    # -- run ------------------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        check_int4_layer(layer, sinks, kwargs.get("score_mod"))
+        if k is None or v is None:
+            raise Int4KVAccessError("INT4 KV cache cannot hand stored K/V back to layers that share KV")
+        hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q3 = q.contiguous().view(-1, hq, d)
+        k3, v3 = k.view(-1, hk, d), v.view(-1, hk, d)
+        pool = self.int4_pool
+        if pool.is_bf16_layer(layer.layer_id):
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        else:
+            if not self.forward_metadata.use_ragged:
+                raise Int4KVAccessError("INT4 KV prefill on FlashInfer needs its ragged prefill path, which "
+                                        "this batch turned off (tc_piecewise prefill CUDA graph?)")
+            if save_kv_cache:
+                pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+            o = self._int4_extend(q3, k3, v3, layer)
+        if self._checker is not None:
+            self._check(layer, q3, k3, v3, o)
+        return o.view(-1, hq * layer.v_head_dim)
+
+    def _int4_extend(self, q, k, v, layer) -> torch.Tensor:
+        """q: [new_tokens, num_q_heads, head_dim]; k, v: [new_tokens, num_kv_heads, head_dim].
+        Returns [new_tokens, num_q_heads, head_dim] in q's dtype."""
+        ragged = self.prefill_wrapper_ragged
+        if not self._pieces:
+            return ragged.forward(q, k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
+        o, lse = ragged.forward_return_lse(q, k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
+        data = self.int4_pool.get_int4_layer(layer.layer_id)
+        center = self.int4_pool.key_center(layer.layer_id)
+
+        def stage(slots):
+            dequantize_pages(*data, slots, self._k_stage, self._v_stage, self.int4_format, k_center=center)
+            return self._k_stage, self._v_stage
+
+        def attend(i, piece, q_piece, k_stage, v_stage):
+            return self._attend_piece(i, piece, q_piece, k_stage, v_stage, layer.scaling)
+
+        return attend_prefix_pieces(q, o, lse, self._pieces, self._prefix[2], stage, attend, merge_partial_attention)
+
+    def forward_decode(self, *args, **kwargs):
+        raise Int4KVAccessError("INT4 KV decode runs on the INT4 Triton kernel, not on FlashInfer")
+
+    # -- --kv-quant-debug-check-attention ----------------------------------------------------
+    def _check(self, layer, q, k, v, o):
+        if self._prefix is None:
+            return
+        qo_indptr, kv_indptr, kv_indices = self._prefix
+        n_prefix = sum(p.num_rows for p in self._pieces)
+        self._checker.check_extend(self.int4_pool, layer, q, k, v, o, qo_indptr, kv_indptr, kv_indices, n_prefix,
+                                   path="flashinfer")
+
+
+def attend_prefix_pieces(q, o, lse, pieces, kv_indices, stage, attend, merge):
+    """Fold each request's attention to its cached prefix into (o, lse), piece by piece.
+
+    Args:
+        q: [new_tokens, num_q_heads, head_dim]; o, lse: the new tokens' attention among
+            themselves ([new_tokens, num_q_heads, head_dim], [new_tokens, num_q_heads]).
+        pieces: ``plan_prefix_pieces`` of the batch; kv_indices: [prefix rows] slot ids.
+        stage(slots) -> (k, v): the slots' K/V as dense rows (staging rows 0..n-1).
+        attend(i, piece, q_rows, k, v) -> (o, lse): non-causal attention of the piece's
+            queries to its staging rows, request by request (``piece.kv_indptr``).
+        merge(o_a, lse_a, o_b, lse_b) -> (o, lse): log-sum-exp merge.
+    Returns o over the new tokens and every cached prefix.
+    """
+    for i, piece in enumerate(pieces):
+        k_stage, v_stage = stage(kv_indices[piece.rows[0]: piece.rows[1]])
+        q0, q1 = piece.q_rows
+        o_p, lse_p = attend(i, piece, q[q0:q1], k_stage, v_stage)
+        if q1 - q0 == q.shape[0]:
+            o, lse = merge(o_p, lse_p, o, lse)
+        else:
+            o[q0:q1], lse[q0:q1] = merge(o_p, lse_p, o[q0:q1], lse[q0:q1])
+    return o
+
+
+def merge_partial_attention(o_a, lse_a, o_b, lse_b):
+    """Attention over two disjoint key sets merged by their log-sum-exp.
+
+    o_a, o_b: [tokens, heads, head_dim]; lse_a, lse_b: [tokens, heads] float32, base 2 as
+    FlashInfer returns them.  Returns new (o, lse).  FlashInfer's own merge (the base its
+    kernels write) where its CUDA kernel takes the shape (head_dim / vec x heads threads
+    per block, at most 1024), else the torch reference.
+    """
+    vec = max(16 // o_a.element_size(), o_a.shape[2] // 32)
+    if o_a.is_cuda and o_a.shape[1] * max(o_a.shape[2] // vec, 1) <= 1024:
+        from flashinfer import merge_state
+
+        return merge_state(o_a, lse_a, o_b, lse_b)
+    return merge_partial_attention_reference(o_a, lse_a, o_b, lse_b)
+
+
+def merge_partial_attention_reference(o_a, lse_a, o_b, lse_b):
+    """Torch reference of :func:`merge_partial_attention` (base-2 log-sum-exp; a side with
+    lse -inf, no keys, gets weight 0)."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_a, w_b = torch.exp2(lse_a - m), torch.exp2(lse_b - m)
+    total = w_a + w_b
+    acc = torch.promote_types(o_a.dtype, torch.float32)
+    o = (o_a.to(acc) * (w_a / total)[..., None] + o_b.to(acc) * (w_b / total)[..., None]).to(o_a.dtype)
+    return o, torch.log2(total) + m
+
+
+def create_int4_flashinfer_backend(model_runner, staging_rows: int):
+    """``--attention-backend flashinfer`` with INT4 KV: FlashInfer prefill, INT4 Triton decode."""
+    return HybridAttnBackend(
+        model_runner,
+        prefill_backend=Int4FlashInferPrefillBackend(model_runner, staging_rows),
+        decode_backend=Int4TritonAttnBackend(model_runner),
+    )

@@ -1,0 +1,217 @@
+"""The FlashInfer prefill path's host side: prefix pieces, and the piecewise prefix attention
+with its merge, run with torch attention in place of FlashInfer (the GPU run checks the
+FlashInfer calls themselves: bench/e2e.py flashinfer)."""
+
+import random
+
+import pytest
+import torch
+
+from helpers import keys_with_outliers, require_sglang
+from sglang_sawint4 import format as fmt
+from sglang_sawint4.attention_check import int4_attention_reference
+from sglang_sawint4.kernels.dequant import dequantize_pages
+from sglang_sawint4.prefix_pieces import plan_prefix_pieces
+
+
+def test_pieces_of_a_small_batch():
+    # prefixes 5, 0, 9 (rows 0-4, -, 5-13), new tokens 2, 3, 1; 6 staging rows
+    pieces = plan_prefix_pieces([5, 0, 9], [2, 3, 1], 6)
+    assert [p.rows for p in pieces] == [(0, 6), (6, 12), (12, 14)]
+    assert [p.reqs for p in pieces] == [(0, 3), (2, 3), (2, 3)]
+    assert pieces[0].kv_indptr == (0, 5, 5, 6) and pieces[0].qo_indptr == (0, 2, 5, 6)
+    assert pieces[1].q_rows == (5, 6) and pieces[1].kv_indptr == (0, 6)
+    assert pieces[2].num_rows == 2
+    assert plan_prefix_pieces([0, 0], [4, 4], 8) == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pieces_cover_every_prefix_row_once(seed):
+    rng = random.Random(seed)
+    batch = rng.randint(1, 9)
+    prefix = [rng.choice([0, rng.randint(1, 40)]) for _ in range(batch)]
+    extend = [rng.randint(1, 7) for _ in range(batch)]
+    max_rows = rng.randint(1, 50)
+    pieces = plan_prefix_pieces(prefix, extend, max_rows)
+    assert sum(p.num_rows for p in pieces) == sum(prefix)
+    got = [0] * batch
+    end = 0
+    for p in pieces:
+        assert p.rows[0] == end and 0 < p.num_rows <= max_rows
+        end = p.rows[1]
+        assert p.kv_indptr[-1] == p.num_rows and len(p.kv_indptr) == len(p.qo_indptr) == p.reqs[1] - p.reqs[0] + 1
+        assert p.q_rows == (sum(extend[: p.reqs[0]]), sum(extend[: p.reqs[1]]))
+        assert p.qo_indptr[-1] == p.q_rows[1] - p.q_rows[0]
+        for i, b in enumerate(range(*p.reqs)):
+            got[b] += p.kv_indptr[i + 1] - p.kv_indptr[i]
+    assert got == prefix
+
+
+def test_bad_piece_arguments():
+    with pytest.raises(ValueError, match="positive"):
+        plan_prefix_pieces([1], [1], 0)
+    with pytest.raises(ValueError, match="extend lengths"):
+        plan_prefix_pieces([1, 2], [1], 4)
+    with pytest.raises(ValueError, match="non-negative"):
+        plan_prefix_pieces([-1], [1], 4)
+
+
+def _attention_lse(q, k, v, scale, causal_offset=None):
+    """[n, hq, d] x [m, hk, d] -> (o [n, hq, d], natural-log lse [n, hq]); with causal_offset,
+    query i sees keys 0 .. causal_offset + i."""
+    hq, hk = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
+    s = torch.einsum("qhd,nhd->hqn", q, k) * scale
+    if causal_offset is not None:
+        allowed = torch.arange(k.shape[0])[None, :] <= causal_offset + torch.arange(q.shape[0])[:, None]
+        s = s.masked_fill(~allowed[None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [hq, n]
+    o = torch.einsum("hqn,nhd->qhd", torch.softmax(s, dim=-1).nan_to_num(0.0), v)
+    return o, lse.transpose(0, 1).contiguous()
+
+
+def _ragged(q, k, v, qo_indptr, kv_indptr, scale, causal):
+    outs, lses = [], []
+    for b in range(len(qo_indptr) - 1):
+        qs = slice(qo_indptr[b], qo_indptr[b + 1])
+        ks = slice(kv_indptr[b], kv_indptr[b + 1])
+        o, lse = _attention_lse(q[qs], k[ks], v[ks], scale, causal_offset=0 if causal else None)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _torch_merge(o_a, lse_a, o_b, lse_b):
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a, w_b = (lse_a - lse).exp().nan_to_num(0.0), (lse_b - lse).exp().nan_to_num(0.0)
+    return o_a * w_a[..., None] + o_b * w_b[..., None], lse
+
+
+@pytest.mark.parametrize("layout,centered", [(fmt.Int4Format(64), False), (fmt.Int4Format(128, 32), True)],
+                         ids=["int4-d64", "bdr32-d128-centered"])
+@pytest.mark.parametrize("max_rows", [1000, 23, 5])
+def test_piecewise_prefix_attention_equals_the_reference(layout, centered, max_rows, rng, device):
+    from sglang_sawint4.flashinfer_prefill import attend_prefix_pieces
+
+    heads, group, d, slots = 2, 2, layout.head_dim, 200
+    k = keys_with_outliers(slots, heads, d, rng, dtype=torch.float32)
+    center = k.mean(0).contiguous() if centered else None
+    kd, km = fmt.encode(k if center is None else k - center, layout, is_value=False)
+    vd, vm = fmt.encode(torch.randn(slots, heads, d, generator=rng), layout, is_value=True)
+    data = tuple(t.to(device) for t in (kd, km, vd, vm))
+    prefix, new = [30, 0, 57, 9], [3, 5, 1, 4]
+    kv_indptr = [0, *torch.tensor(prefix).cumsum(0).tolist()]
+    qo_indptr = [0, *torch.tensor(new).cumsum(0).tolist()]
+    kv_indices = torch.randperm(slots, generator=rng)[: sum(prefix)].to(torch.int32)
+    n, scale = sum(new), d ** -0.5
+    q = torch.randn(n, heads * group, d, generator=rng)
+    k_new = torch.randn(n, heads, d, generator=rng)
+    v_new = torch.randn(n, heads, d, generator=rng)
+    k_stage = torch.empty(max_rows, heads, d, device=device)
+    v_stage = torch.empty(max_rows, heads, d, device=device)
+
+    def stage(rows):
+        dequantize_pages(*data, rows.to(device), k_stage, v_stage, layout,
+                         k_center=None if center is None else center.to(device))
+        return k_stage.cpu(), v_stage.cpu()
+
+    def attend(i, piece, q_rows, ks, vs):
+        return _ragged(q_rows, ks, vs, piece.qo_indptr, piece.kv_indptr, scale, causal=False)
+
+    pieces = plan_prefix_pieces(prefix, new, max_rows)
+    assert len(pieces) == -(-sum(prefix) // max_rows)
+    o, lse = _ragged(q, k_new, v_new, qo_indptr, qo_indptr, scale, causal=True)
+    out = attend_prefix_pieces(q, o, lse, pieces, kv_indices, stage, attend, _torch_merge)
+    ref = int4_attention_reference(q.double(), torch.tensor(qo_indptr), torch.tensor(kv_indptr), kv_indices, (kd, km, vd, vm),
+                                   layout, scale, k_new=k_new, v_new=v_new, k_center=center)
+    assert (out.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_merge_reference_is_attention_over_both_key_sets(rng):
+    from sglang_sawint4.flashinfer_prefill import merge_partial_attention_reference
+
+    q = torch.randn(3, 2, 16, generator=rng, dtype=torch.float64)
+    k = torch.randn(2, 10, 2, 16, generator=rng, dtype=torch.float64)
+    v = torch.randn(2, 10, 2, 16, generator=rng, dtype=torch.float64)
+    o_a, ln_a = _attention_lse(q, k[0], v[0], 0.3)
+    o_b, ln_b = _attention_lse(q, k[1], v[1], 0.3)
+    log2e = 1.4426950408889634
+    o, lse = merge_partial_attention_reference(o_a, ln_a * log2e, o_b, ln_b * log2e)
+    o_all, ln_all = _attention_lse(q, torch.cat([k[0], k[1]]), torch.cat([v[0], v[1]]), 0.3)
+    assert torch.allclose(o, o_all, atol=1e-12) and torch.allclose(lse, ln_all * log2e, atol=1e-12)
+    # a side without keys (lse -inf) leaves the other unchanged
+    o, lse = merge_partial_attention_reference(o_a, ln_a * log2e, o_b, torch.full_like(ln_b, float("-inf")))
+    assert torch.allclose(o, o_a) and torch.allclose(lse, ln_a * log2e)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer's merge kernel needs a GPU")
+def test_merge_on_the_gpu_equals_the_reference(rng):
+    from sglang_sawint4.flashinfer_prefill import merge_partial_attention, merge_partial_attention_reference
+
+    o_a, o_b = torch.randn(2, 5, 32, 128, generator=rng).to("cuda", torch.bfloat16)
+    lse_a, lse_b = (torch.randn(2, 5, 32, generator=rng) * 4).cuda()
+    o, lse = merge_partial_attention(o_a, lse_a, o_b, lse_b)
+    o_ref, lse_ref = merge_partial_attention_reference(o_a, lse_a, o_b, lse_b)
+    assert (o.float() - o_ref.float()).abs().max() < 2e-2 and torch.allclose(lse, lse_ref, atol=1e-4)
+
+
+class _Log(list):
+    """The order of plan / run / event calls the prefill backend makes."""
+
+
+class _FakeWrapper:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def begin_forward(self, qo_indptr, kv_indptr, *args, **kwargs):
+        self.log.append(("plan", self.name, tuple(kv_indptr.tolist())))
+
+    def forward_return_lse(self, q, kv, **kwargs):
+        self.log.append(("run", self.name))
+        return q, q[..., 0]
+
+
+class _FakeEvent:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def record(self):
+        self.log.append(("record", self.name))
+
+    def synchronize(self):
+        self.log.append(("sync", self.name))
+
+
+def test_overflow_wrappers_are_replanned_only_after_their_last_run_finished():
+    """Past PLANNED_PIECES, pieces are re-planned in every layer on overflow wrappers in turn;
+    FlashInfer copies a plan to the GPU asynchronously from a pinned host buffer, so a wrapper
+    may be re-planned only after an event recorded behind its previous run has completed."""
+    require_sglang()
+    from sglang_sawint4 import flashinfer_prefill as fp
+
+    log = _Log()
+    backend = fp.Int4FlashInferPrefillBackend.__new__(fp.Int4FlashInferPrefillBackend)
+    backend._heads = (4, 2, 64)
+    backend._k_stage = torch.empty(8, 2, 64, dtype=torch.bfloat16)
+    backend._stage_slots = torch.arange(8, dtype=torch.int32)
+    backend._pieces = plan_prefix_pieces([30], [2], 4)  # 8 pieces: 4 planned, 4 overflow
+    backend._piece_wrappers = [_FakeWrapper(f"p{i}", log) for i in range(fp.PLANNED_PIECES)]
+    backend._overflow = [(_FakeWrapper(f"o{i}", log), _FakeEvent(f"o{i}", log)) for i in range(fp.OVERFLOW_WRAPPERS)]
+    backend._overflow_next = 0
+    backend._planned_copied, backend._planned_pending = _FakeEvent("planned", log), True
+    q = torch.zeros(2, 4, 64)
+    for _layer in range(2):
+        for i, piece in enumerate(backend._pieces):
+            backend._attend_piece(i, piece, q, None, None, 0.1)
+    runs = [e for e in log if e[0] == "run"]
+    assert len(runs) == 16 and [e[1] for e in runs[:8]] == ["p0", "p1", "p2", "p3", "o0", "o1", "o0", "o1"]
+    # every overflow plan follows a sync of that wrapper's event, which (after the first use)
+    # follows the record behind its previous run
+    for k, entry in enumerate(log):
+        if entry[0] == "plan":
+            assert log[k - 1] == ("sync", entry[1])
+            earlier = [e for e in log[:k] if e[1] == entry[1] and e[0] in ("run", "record")]
+            assert not earlier or earlier[-1] == ("record", entry[1])
+    # the planned wrappers' event is recorded once, after their last run in the batch
+    assert log.count(("record", "planned")) == 1 and log.index(("record", "planned")) == log.index(("run", "p3")) + 1
+    assert not backend._planned_pending
