@@ -341,8 +341,10 @@ def attention_check(args, prompts_ids, vocab, rng, flags=(), backend="triton"):
     try:
         for ids in prompts_ids[:4]:  # extends without a prefix, then decode steps
             generate_ids(args.port, ids, 8)
-        check_radix_reuse(args.port, vocab, rng)  # extend over a cached prefix
-        check_shared_prefix_batch(args.port, vocab, rng)  # several requests over one cached prefix at once
+        # extends over a cached prefix (the checker takes the first two per layer): several
+        # requests over one prefix at once first, then one request alone
+        check_shared_prefix_batch(args.port, vocab, rng)
+        check_radix_reuse(args.port, vocab, rng)
         check_chunked_prefill(args.port, vocab, rng, args.chunk)  # later chunks over earlier ones
     finally:
         srv.stop()
@@ -351,7 +353,7 @@ def attention_check(args, prompts_ids, vocab, rng, flags=(), backend="triton"):
 
 
 def flashinfer(args):
-    """``--attention-backend flashinfer`` (the launcher's default with INT4 KV): greedy outputs
+    """``--attention-backend flashinfer`` (opt-in with INT4 KV): greedy outputs
     and logprobs against the Triton path on the same prompts (same pages, other prefill
     kernels), every feature check with SGLang's defaults (prefill and decode CUDA graphs), and
     the served attention against the reference with the poison mode on, a BF16 layer and a
@@ -359,7 +361,7 @@ def flashinfer(args):
     rng = random.Random(0)
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
     prompts_ids = [random_token_ids(rng, vocab, rng.randrange(64, 1024)) for _ in range(args.agree_prompts)]
-    # shared prefixes too: the second prompt of each pair extends the first one's cached pages
+    # four prompts over one 1,200-token prefix: the later ones extend its cached pages
     shared = random_token_ids(rng, vocab, 1200)
     prompts_ids += [shared + random_token_ids(rng, vocab, 40 + i) for i in range(4)]
     base = ["--kv-quant", "int4-bdr", "--chunked-prefill-size", str(args.chunk),
