@@ -4,6 +4,7 @@ wait for it, read its log, stop it; and what machine and versions served a run.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -60,6 +61,35 @@ def serving_config(name: str, head_dim: int) -> Tuple[List[str], dict]:
     return [*flags, "--attention-backend", backend], {"kv": kv, "backend": backend, "block": block}
 
 
+_live_servers = set()
+
+
+def _stop_live_servers():
+    for srv in list(_live_servers):
+        srv.stop(timeout=30)
+
+
+def _exit_on_signal(signum, frame):
+    # SystemExit runs the callers' `finally: srv.stop()` and then the atexit hook
+    raise SystemExit(128 + signum)
+
+
+def _install_cleanup():
+    """Stop every server this process started when it exits, also on SIGTERM / SIGHUP (a
+    `timeout` around a benchmark): the servers run in their own session, so nothing else
+    would stop them, and a leftover one holds the port and the GPU's memory."""
+    if getattr(_install_cleanup, "done", False):
+        return
+    atexit.register(_stop_live_servers)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, _exit_on_signal)
+        except ValueError:  # not the main thread: atexit still covers a normal exit
+            pass
+    _install_cleanup.done = True
+
+
 class Server:
     def __init__(self, model, port, extra, log_path, env=None):
         self.port = port
@@ -71,12 +101,19 @@ class Server:
         self.startup_s = None
 
     def start(self, timeout=900):
+        try:
+            request(self.port, "GET", "/health", timeout=5)
+            raise RuntimeError(f"port {self.port} already answers: a server left running? stop it first")
+        except OSError:
+            pass
+        _install_cleanup()
         t = time.time()
         self.log = open(self.log_path, "w")
         self.log.write("$ " + " ".join(self.cmd) + "\n")
         self.log.flush()
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
+        _live_servers.add(self)
         while time.time() - t < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}:\n"
@@ -99,6 +136,7 @@ class Server:
 
     def stop(self, timeout=60):
         """SIGINT like a Ctrl-C, then SIGKILL the group if it does not exit."""
+        _live_servers.discard(self)
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         os.killpg(self.proc.pid, signal.SIGINT)
