@@ -264,14 +264,15 @@ def merge_partial_attention(o_a, lse_a, o_b, lse_b):
 
     o_a, o_b: [tokens, heads, head_dim]; lse_a, lse_b: [tokens, heads] float32, base 2 as
     FlashInfer returns them.  Returns new (o, lse).  FlashInfer's own merge (the base its
-    kernels write) where its CUDA kernel takes the shape (head_dim / vec x heads threads
-    per block, at most 1024), else the torch reference.
+    kernels write) where its CUDA kernel takes the shape (SGLang's bound on heads per block),
+    else the torch reference.
     """
-    vec = max(16 // o_a.element_size(), o_a.shape[2] // 32)
-    if o_a.is_cuda and o_a.shape[1] * max(o_a.shape[2] // vec, 1) <= 1024:
+    if o_a.is_cuda:
         from flashinfer import merge_state
+        from sglang.srt.layers.attention.flashinfer_backend import _merge_state_max_safe_num_heads
 
-        return merge_state(o_a, lse_a, o_b, lse_b)
+        if o_a.shape[1] <= _merge_state_max_safe_num_heads(o_a.shape[2], o_a.element_size()):
+            return merge_state(o_a, lse_a, o_b, lse_b)
     return merge_partial_attention_reference(o_a, lse_a, o_b, lse_b)
 
 

@@ -293,7 +293,8 @@ def test_main_resumes_across_calls_and_ignores_other_sweeps(tmp_path, monkeypatc
     import matplotlib  # noqa: F401 - the plot needs it
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"vocab_size": 100, "hidden_size": 256, "num_attention_heads": 2}))
+    (model / "config.json").write_text(json.dumps({"vocab_size": 100, "hidden_size": 256, "num_attention_heads": 2,
+                                                       "num_hidden_layers": 2}))
     ran = []
 
     def fake_unit(unit, args, points, vocab, head_dim):

@@ -25,6 +25,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from sglang_sawint4.model_check import load_hf_config
 from sglang_sawint4.serving.client import (
     generate_ids,
     greedy_outputs,
@@ -221,7 +222,7 @@ def smoke(args):
 
 def int4(args):
     rng = random.Random(0)
-    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    vocab = load_hf_config(args.model)["vocab_size"]
     prompts_ids = [random_token_ids(rng, vocab, rng.randrange(64, 1024)) for _ in range(args.agree_prompts)]
     # The comparison servers skip SGLang's prefill CUDA-graph capture (80 s per start on
     # an H100); the int4-bdr server, which runs every feature check, keeps all defaults.
@@ -233,29 +234,9 @@ def int4(args):
                                                     ("cuda_graph", "radix_reuse", "chunked_prefill", "streaming",
                                                      "abort", "tp2")},
               "greedy_agreement_vs_bf16": {}, "requests": 0, "complete": 0, "details": {}, "commands": {}}
-    outputs = {}
-    for name, flags in configs:
-        extra = [*flags, "--attention-backend", "triton", "--chunked-prefill-size", str(args.chunk),
-                 "--mem-fraction-static", str(args.mem_fraction), *args.extra]
-        log = os.path.join(args.log_dir, f"int4_e2e_{name}.log")
-        srv = Server(args.model, args.port, extra, log)
-        result["commands"][name] = " ".join(srv.cmd)
-        try:
-            srv.start()
-        except RuntimeError as e:
-            result["details"][name] = {"start_error": str(e)[-2000:]}
-            print(f"[{name}] failed to start:\n{e}", flush=True)
-            continue
-        try:
-            info = srv.info()
-            result["max_total_num_tokens"][name] = info.get("max_total_num_tokens")
-            outputs[name] = greedy_outputs(args.port, prompts_ids, args.agree_tokens)
-            d = {"startup_s": round(srv.startup_s, 1)}
-            if name == "int4-bdr":
-                d.update(feature_checks(args, result, log, vocab, rng))
-            result["details"][name] = d
-        finally:
-            srv.stop()
+    outputs = serve_and_compare(
+        args, result, [(name, [*flags, "--attention-backend", "triton"]) for name, flags in configs],
+        prompts_ids, vocab, rng, featured="int4-bdr", log_prefix="int4_e2e")
     result["logprob_error_vs_bf16"] = {}
     for name in ("int4", "int4-bdr"):
         if name in outputs and "bf16" in outputs:
@@ -266,6 +247,35 @@ def int4(args):
           and all(v is True for k, v in result["checks"].items() if k != "tp2")
           and result["attention_vs_reference"].get("ok") is True)
     return result, ok
+
+
+def serve_and_compare(args, result, servers, prompts_ids, vocab, rng, featured, log_prefix):
+    """Start each (name, flags) server in turn (its flags, then the chunk size, memory fraction
+    and the extra server flags); record its command and KV capacity, its greedy outputs on
+    ``prompts_ids`` and, on ``featured``, every feature check.  A server that does not start is
+    recorded, not raised.  Returns the greedy outputs by name."""
+    base = ["--chunked-prefill-size", str(args.chunk), "--mem-fraction-static", str(args.mem_fraction), *args.extra]
+    outputs = {}
+    for name, flags in servers:
+        log = os.path.join(args.log_dir, f"{log_prefix}_{name}.log")
+        srv = Server(args.model, args.port, [*flags, *base], log)
+        result["commands"][name] = " ".join(srv.cmd)
+        try:
+            srv.start()
+        except RuntimeError as e:
+            result["details"][name] = {"start_error": str(e)[-2000:]}
+            print(f"[{name}] failed to start:\n{e}", flush=True)
+            continue
+        try:
+            result["max_total_num_tokens"][name] = srv.info().get("max_total_num_tokens")
+            outputs[name] = greedy_outputs(args.port, prompts_ids, args.agree_tokens)
+            d = {"startup_s": round(srv.startup_s, 1)}
+            if name == featured:
+                d.update(feature_checks(args, result, log, vocab, rng))
+            result["details"][name] = d
+        finally:
+            srv.stop()
+    return outputs
 
 
 def feature_checks(args, result, log, vocab, rng) -> dict:
@@ -288,7 +298,7 @@ def feature_checks(args, result, log, vocab, rng) -> dict:
     captured = log_has(log, r"Capture target decode CUDA graph end")
     result["checks"]["cuda_graph"] = captured and d["load"]["complete"] == d["load"]["requests"]
     d["log_capacity_lines"] = [l.strip() for l in open(log, errors="replace")
-                               if "sglang-sawint4" in l and ("tokens" in l or "bytes" in l or "policy" in l)]
+                               if "sglang-sawint4" in l and any(w in l for w in ("tokens", "bytes", "policy", "staging"))]
     return d
 
 
@@ -298,7 +308,7 @@ def policy(args):
     attention against the reference with a BF16 layer forced in, so that BF16, centered
     and plain INT4 layers are all checked."""
     rng = random.Random(0)
-    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    vocab = load_hf_config(args.model)["vocab_size"]
     prompts_ids = [random_token_ids(rng, vocab, rng.randrange(64, 1024)) for _ in range(4)]
     result = {"gpu": gpu_name(), "versions": versions(), "model": args.model_name or os.path.basename(args.model.rstrip("/")),
               "checks": {k: None for k in ("cuda_graph", "radix_reuse", "chunked_prefill", "streaming", "abort")},
@@ -359,38 +369,21 @@ def flashinfer(args):
     the served attention against the reference with the poison mode on, a BF16 layer and a
     staging buffer of STAGING rows, so that long prefixes run in several pieces."""
     rng = random.Random(0)
-    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    vocab = load_hf_config(args.model)["vocab_size"]
     prompts_ids = [random_token_ids(rng, vocab, rng.randrange(64, 1024)) for _ in range(args.agree_prompts)]
     # four prompts over one 1,200-token prefix: the later ones extend its cached pages
     shared = random_token_ids(rng, vocab, 1200)
     prompts_ids += [shared + random_token_ids(rng, vocab, 40 + i) for i in range(4)]
-    base = ["--kv-quant", "int4-bdr", "--chunked-prefill-size", str(args.chunk),
-            "--mem-fraction-static", str(args.mem_fraction), *args.extra]
     result = {"gpu": gpu_name(), "versions": versions(), "model": args.model_name or os.path.basename(args.model.rstrip("/")),
+              "max_total_num_tokens": {},
               "checks": {k: None for k in ("cuda_graph", "radix_reuse", "chunked_prefill", "streaming", "abort")},
               "requests": 0, "complete": 0, "details": {}, "commands": {}}
-    outputs = {}
-    for backend in () if args.only_attention else ("triton", "flashinfer"):
-        log = os.path.join(args.log_dir, f"flashinfer_e2e_{backend}.log")
-        # the Triton comparison skips SGLang's prefill CUDA-graph capture; the FlashInfer server
-        # (every feature check) keeps SGLang's defaults
-        fast = ["--disable-prefill-cuda-graph"] if backend == "triton" else []
-        srv = Server(args.model, args.port, [*base, "--attention-backend", backend, *fast], log)
-        result["commands"][backend] = " ".join(srv.cmd)
-        try:
-            srv.start()
-        except RuntimeError as e:
-            result["details"][backend] = {"start_error": str(e)[-2000:]}
-            continue
-        try:
-            outputs[backend] = greedy_outputs(args.port, prompts_ids, args.agree_tokens)
-            d = {"startup_s": round(srv.startup_s, 1), "max_total_num_tokens": srv.info().get("max_total_num_tokens")}
-            if backend == "flashinfer":
-                d.update(feature_checks(args, result, log, vocab, rng))
-                d["staging_lines"] = [l.strip() for l in open(log, errors="replace") if "staging" in l]
-            result["details"][backend] = d
-        finally:
-            srv.stop()
+    # the Triton comparison skips SGLang's prefill CUDA-graph capture; the FlashInfer server
+    # (every feature check) keeps SGLang's defaults
+    servers = [("triton", ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--disable-prefill-cuda-graph"]),
+               ("flashinfer", ["--kv-quant", "int4-bdr", "--attention-backend", "flashinfer"])]
+    outputs = serve_and_compare(args, result, [] if args.only_attention else servers, prompts_ids, vocab, rng,
+                                featured="flashinfer", log_prefix="flashinfer_e2e")
     if len(outputs) == 2:
         result["greedy_agreement_vs_triton"] = agreement(outputs["flashinfer"], outputs["triton"])
         result["logprob_error_vs_triton"] = logprob_error(outputs["flashinfer"], outputs["triton"])
@@ -438,7 +431,7 @@ def tp2(args):
     import torch
 
     rng = random.Random(0)
-    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    vocab = load_hf_config(args.model)["vocab_size"]
     prompts_ids = [random_token_ids(rng, vocab, rng.randrange(64, 1024)) for _ in range(args.agree_prompts)]
     base = ["--kv-quant", "int4-bdr", "--attention-backend", "triton", "--chunked-prefill-size", str(args.chunk),
             "--mem-fraction-static", str(args.mem_fraction), *args.extra]

@@ -23,20 +23,21 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
 
-from sglang_sawint4.bench.serving import _send_all, model_facts
+from sglang_sawint4.bench.serving import send_all, model_facts
 from sglang_sawint4.serving.client import random_token_ids, served_model_id
-from sglang_sawint4.serving.server import Server, command_line, gpu_name, request, serving_config, versions
+from sglang_sawint4.serving.server import Server, command_line, gpu_name, nvidia_smi, request, serving_config, versions
 
 
 def used_mib() -> int:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.split()[0])
+    """GPU 0's used memory (MiB), as nvidia-smi reports it."""
+    used = nvidia_smi("memory.used")
+    if used is None:
+        raise RuntimeError("nvidia-smi did not report the GPU's used memory")
+    return int(used)
 
 
 class MemorySampler(threading.Thread):
@@ -72,12 +73,12 @@ def burst(config, args, vocab, head_dim) -> dict:
         rng = random.Random(args.seed)
         prefix = random_token_ids(rng, vocab, args.prefix)
         prompts = [prefix + random_token_ids(rng, vocab, args.suffix) for _ in range(args.requests)]
-        _send_all(base, model_id, [prefix + random_token_ids(rng, vocab, args.suffix)], 1, 1)  # caches the prefix
+        send_all(base, model_id, [prefix + random_token_ids(rng, vocab, args.suffix)], 1, 1)  # caches the prefix
         time.sleep(1.0)
         before = used_mib()
         sampler = MemorySampler()
         sampler.start()
-        results, seconds = _send_all(base, model_id, prompts, args.output, args.requests)
+        results, seconds = send_all(base, model_id, prompts, args.output, args.requests)
         peak = sampler.stop()
         status, _ = request(args.port, "GET", "/health", timeout=30)
         row = {"config": config, **fields, "prefix_len": args.prefix, "suffix_len": args.suffix,

@@ -341,7 +341,8 @@ def prefill_chunk_stats(log_text: str, chunk_tokens: int) -> dict:
     return out
 
 
-def _send_all(base, model_id, prompts, output_len, concurrency, bar=None, peak=None):
+def send_all(base, model_id, prompts, output_len, concurrency, bar=None, peak=None):
+    """run_load from synchronous code: (results, seconds)."""
     return asyncio.run(run_load(base, model_id, prompts, output_len, concurrency, bar, peak))
 
 
@@ -377,7 +378,7 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim):
         # (decode batch sizes up to 256 are compiled by the CUDA-graph capture already)
         for il, ol in sorted({(p.input_len, p.output_len) for p in points}):
             n_warm = min(64, max(p.concurrency for p in points if (p.input_len, p.output_len) == (il, ol)))
-            _send_all(base, model_id, make_prompts(n_warm, il, vocab, args.seed - 1), min(ol, 8), n_warm)
+            send_all(base, model_id, make_prompts(n_warm, il, vocab, args.seed - 1), min(ol, 8), n_warm)
         log_start = os.path.getsize(log)
         total = sum(num_requests(p.concurrency, args.min_requests) for p in points)
         bar = tqdm(total=total, desc=f"pass {unit.pass_idx} {unit.config}", file=sys.stdout, mininterval=10)
@@ -385,9 +386,9 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim):
             n = num_requests(p.concurrency, args.min_requests)
             warm, prompts = point_prompts(p, n, vocab, args.seed + p.concurrency + p.input_len + p.prefix_len)
             if warm:
-                _send_all(base, model_id, warm, 1, len(warm))
+                send_all(base, model_id, warm, 1, len(warm))
             peak = {}
-            res, secs = _send_all(base, model_id, prompts, p.output_len, p.concurrency, bar, peak)
+            res, secs = send_all(base, model_id, prompts, p.output_len, p.concurrency, bar, peak)
             rows.append({"config": unit.config, **info_fields, "workload": p.workload, "input_len": p.input_len,
                          "prefix_len": p.prefix_len, "output_len": p.output_len, "concurrency": p.concurrency,
                          "kv_demand_tokens": p.kv_demand(), **summarize(res, secs, p.output_len), **peak,
@@ -611,9 +612,11 @@ def plot(result, path):
 
 def model_facts(model_dir: str) -> Tuple[int, int]:
     """(vocab_size, head_dim) from a model directory's config.json."""
-    cfg = json.load(open(os.path.join(model_dir, "config.json")))
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["vocab_size"], head_dim
+    from sglang_sawint4.model_check import load_hf_config
+    from sglang_sawint4.policy import ModelFacts
+
+    hf = load_hf_config(model_dir)
+    return hf["vocab_size"], ModelFacts.from_hf_config(hf).head_dim
 
 
 def main():
