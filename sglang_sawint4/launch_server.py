@@ -21,7 +21,7 @@ from sglang_sawint4.config import ALL_ENV, ENV_POLICY_FILE, ConfigError, KVQuant
 PROG = "python -m sglang_sawint4.launch_server"
 #: --attention-backend values INT4 KV runs on (prefill path; decode is always our INT4 kernel),
 #: the first being the default.  FlashInfer prefill stays opt-in until it has passed the
-#: shared-prefix serving workload on a GPU (docs/results.md, 2026-12-02).
+#: shared-prefix serving workload on a GPU (docs/results.md).
 INT4_ATTENTION_BACKENDS = ("triton", "flashinfer")
 PLUGIN_GROUP = "sglang.srt.plugins"
 PLUGIN_NAME = "sawint4"
