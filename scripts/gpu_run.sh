@@ -5,7 +5,7 @@
 #   bash scripts/gpu_run.sh install tests bench smoke int4
 #
 # Stages: warm (exit 3 unless a previous call on this machine installed the bundle),
-# install (bundle + package, always first), tests (pytest on the GPU),
+# install (bundle + package, always first), tests (pytest on the GPU; $TESTS, default tests/),
 # bench (kernel benchmark), smoke (BF16 server smoke), int4 (INT4 e2e),
 # policy (the default int4-bdr server on $POLICY_ARCH, default qwen3, a generated model:
 # its KV policy, every feature check, served attention vs reference with a BF16 layer),
@@ -104,7 +104,7 @@ for s in "$@"; do
     ;;
   tests)
     stage tests
-    python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" || status=1
+    python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests} 2>&1 | tail -40 | tee "$OUT/gpu_tests.log" || status=1
     ;;
   bench)
     stage bench

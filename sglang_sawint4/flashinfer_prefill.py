@@ -129,22 +129,30 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         if prefix_cpu is None or extend_cpu is None:  # gpu-only scheduling: one sync
             prefix_cpu = forward_batch.extend_prefix_lens.tolist()
             extend_cpu = forward_batch.extend_seq_lens.tolist()
+        bs = forward_batch.batch_size
+        self._plan_prefix(prefix_cpu, extend_cpu, forward_batch.req_pool_indices[:bs],
+                          forward_batch.extend_prefix_lens[:bs], forward_batch.extend_seq_lens[:bs])
+
+    def _plan_prefix(self, prefix_cpu, extend_cpu, req_pool_indices, prefix_lens, extend_lens) -> None:
+        """Cut the batch's cached prefixes into pieces and plan the first PLANNED_PIECES.
+
+        prefix_cpu, extend_cpu: [batch] host lengths; req_pool_indices, prefix_lens,
+        extend_lens: the same on the device ([batch] int32/int64).
+        """
         self._pieces = plan_prefix_pieces(prefix_cpu, extend_cpu, self.staging_rows)
         if not self._pieces and self._checker is None:
             return
-        bs = forward_batch.batch_size
-        device = forward_batch.req_pool_indices.device
-        prefix_lens = forward_batch.extend_prefix_lens[:bs]
+        bs = len(prefix_cpu)
+        device = req_pool_indices.device
         kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
         kv_indptr[1:] = torch.cumsum(prefix_lens, dim=0)
         qo_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
-        qo_indptr[1:] = torch.cumsum(forward_batch.extend_seq_lens[:bs], dim=0)
+        qo_indptr[1:] = torch.cumsum(extend_lens, dim=0)
         # the prefixes' slot ids, request after request (the rows the pieces cut)
         kv_indices = torch.empty(max(sum(prefix_cpu), 1), dtype=torch.int32, device=device)
         req_to_token = self.req_to_token_pool.req_to_token
         create_flashinfer_kv_indices_triton[(bs,)](
-            req_to_token, forward_batch.req_pool_indices, prefix_lens, kv_indptr, None, kv_indices,
-            req_to_token.shape[1])
+            req_to_token, req_pool_indices, prefix_lens, kv_indptr, None, kv_indices, req_to_token.shape[1])
         self._prefix = (qo_indptr, kv_indptr, kv_indices)
         while len(self._piece_wrappers) < min(len(self._pieces), PLANNED_PIECES):
             self._piece_wrappers.append(self._new_wrapper())

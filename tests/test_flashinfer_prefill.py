@@ -215,3 +215,75 @@ def test_overflow_wrappers_are_replanned_only_after_their_last_run_finished():
     # the planned wrappers' event is recorded once, after their last run in the batch
     assert log.count(("record", "planned")) == 1 and log.index(("record", "planned")) == log.index(("run", "p3")) + 1
     assert not backend._planned_pending
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer's prefill kernels need a GPU")
+@pytest.mark.parametrize("prefix,new,staging_rows,shared", [
+    # the serving benchmark's shared-prefix batch: 32 requests over one cached 8k prefix,
+    # 8 pieces of 4 requests, 4 of them on the overflow wrappers
+    ([8192] * 32, [256] * 32, 32768, True),
+    # ragged lengths: pieces inside one request and across several, a request without prefix
+    ([700, 0, 1500, 33, 4000], [17, 5, 1, 64, 200], 1024, False),
+], ids=["shared-8k-x32", "ragged"])
+def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared, rng):
+    """The backend's own plan and run steps on real FlashInfer wrappers (planned and overflow
+    pieces, three layers, so overflow wrappers are re-planned layer after layer) against the
+    float64 reference over the same INT4 pages."""
+    require_sglang()
+    from types import SimpleNamespace
+
+    from flashinfer import BatchPrefillWithRaggedKVCacheWrapper
+
+    from helpers import rel_err
+    from sglang_sawint4 import flashinfer_prefill as fp
+
+    hq, hk, d, layers, dev, bf16 = 32, 8, 128, 3, "cuda", torch.bfloat16
+    layout = fmt.Int4Format(d, 128)
+    bs = len(prefix)
+    # slot ids of each request's prefix: one run of slots for all (a radix-cache hit) or its own
+    slots = max(prefix) if shared else sum(prefix)
+    perm = torch.randperm(slots, generator=rng).to(torch.int32)
+    starts = [0] * bs if shared else [0, *torch.tensor(prefix).cumsum(0).tolist()[:-1]]
+    req_to_token = torch.zeros(bs, max(prefix) + max(new), dtype=torch.int32)
+    for b in range(bs):
+        req_to_token[b, : prefix[b]] = perm[starts[b]: starts[b] + prefix[b]]
+    data, centers = [], []
+    for _ in range(layers):
+        k = keys_with_outliers(slots, hk, d, rng, dtype=torch.float32)
+        center = k.mean(0).contiguous()
+        kd, km = fmt.encode(k - center, layout, is_value=False)
+        vd, vm = fmt.encode(torch.randn(slots, hk, d, generator=rng), layout, is_value=True)
+        data.append(tuple(t.to(dev) for t in (kd, km, vd, vm)))
+        centers.append(center.to(dev))
+
+    backend = fp.Int4FlashInferPrefillBackend.__new__(fp.Int4FlashInferPrefillBackend)
+    backend.workspace_buffer = torch.empty(384 << 20, dtype=torch.uint8, device=dev)
+    backend.prefill_backend = "fa2"
+    backend._heads, backend.staging_rows, backend.int4_format = (hq, hk, d), staging_rows, layout
+    backend._k_stage = torch.empty(staging_rows, hk, d, dtype=bf16, device=dev)
+    backend._v_stage = torch.empty_like(backend._k_stage)
+    backend._stage_slots = torch.arange(staging_rows, dtype=torch.int32, device=dev)
+    backend._piece_wrappers, backend._overflow, backend._overflow_next = [], [], 0
+    backend._planned_copied, backend._planned_pending, backend._checker = torch.cuda.Event(), False, None
+    backend.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token.to(dev))
+    backend.int4_pool = SimpleNamespace(get_int4_layer=lambda i: data[i], key_center=lambda i: centers[i])
+
+    n = sum(new)
+    qo_indptr = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    ragged = BatchPrefillWithRaggedKVCacheWrapper(backend.workspace_buffer, "NHD")
+    ragged.begin_forward(qo_indptr, qo_indptr, hq, hk, d, causal=True, q_data_type=bf16)
+    backend.prefill_wrapper_ragged = ragged
+    backend._plan_prefix(prefix, new, torch.arange(bs, device=dev), torch.tensor(prefix, device=dev, dtype=torch.int32),
+                         torch.tensor(new, device=dev, dtype=torch.int32))
+    assert len(backend._pieces) == -(-sum(prefix) // staging_rows)
+
+    kv_indptr = torch.tensor([0, *torch.tensor(prefix).cumsum(0).tolist()])
+    kv_indices = torch.cat([req_to_token[b, : prefix[b]] for b in range(bs)]).to(dev)
+    scale = d ** -0.5
+    for layer in range(layers):
+        q, k_new, v_new = (torch.randn(n, h, d, generator=rng).to(dev, bf16) for h in (hq, hk, hk))
+        out = backend._int4_extend(q, k_new, v_new, SimpleNamespace(layer_id=layer, scaling=scale))
+        ref = int4_attention_reference(q.double(), qo_indptr, kv_indptr, kv_indices, data[layer], layout, scale,
+                                       k_new=k_new, v_new=v_new, round_prefix_to=bf16, k_center=centers[layer])
+        errs = [rel_err(out[a:b].double(), ref[a:b]) for a, b in zip(qo_indptr[:-1].tolist(), qo_indptr[1:].tolist())]
+        assert max(errs) < 2e-2, f"layer {layer}: rel err per request {[round(e, 4) for e in errs]}"
