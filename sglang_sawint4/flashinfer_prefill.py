@@ -13,9 +13,10 @@ With ``--kv-quant`` and ``--attention-backend flashinfer`` (opt-in; the launcher
 
 The staging buffer has a fixed number of rows (``--kv-quant-prefill-staging-rows``),
 allocated when the backend is built and taken out of the KV pool's memory (the pool patch
-subtracts it).  A batch whose prefixes exceed it is processed in pieces
-(``sglang_sawint4.prefix_pieces``): dequantize a piece, attend, merge, repeat; so no
-request mix can grow it.  Keys the KV policy centered get their center back in the
+subtracts it).  Each distinct prefix slot of a batch is staged once (requests sharing a
+radix-cache prefix read the same staging rows as their pages); a batch with more distinct
+slots than rows is processed in pieces (``sglang_sawint4.prefix_pieces``): dequantize a
+piece, attend, merge, repeat; so no request mix can grow it.  Keys the KV policy centered get their center back in the
 staging rows (they are mixed with the exact new keys).
 
 Layers the policy keeps in BF16 run SGLang's FlashInfer extend unchanged (the pool hands
@@ -37,7 +38,7 @@ from sglang_sawint4.attention_check import AttentionChecker
 from sglang_sawint4.backend import Int4TritonAttnBackend, check_int4_layer
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
-from sglang_sawint4.prefix_pieces import PrefixPiece, plan_prefix_pieces
+from sglang_sawint4.prefix_pieces import PrefixPiece, PrefixPlan, plan_prefix_pieces
 
 logger = logging.getLogger("sglang_sawint4")
 
@@ -86,7 +87,6 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         shape = (staging_rows, updater.num_kv_heads, updater.head_dim)
         self._k_stage = torch.empty(shape, dtype=dtype, device=device)
         self._v_stage = torch.empty(shape, dtype=dtype, device=device)
-        self._stage_slots = torch.arange(staging_rows, dtype=torch.int32, device=device)
         logger.info("sglang-sawint4: FlashInfer prefill on INT4 pages, staging %d prefix rows (%.0f MiB)",
                     staging_rows, staging_bytes(staging_rows, updater.num_kv_heads, updater.head_dim, dtype) / 2**20)
         self._piece_wrappers: List = []
@@ -97,7 +97,8 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         self._planned_copied = torch.cuda.Event() if torch.cuda.is_available() else None
         self._planned_pending = False
         self._pieces: List[PrefixPiece] = []
-        self._prefix = None  # (qo_indptr, kv_indptr, kv_indices) of the batch, on the device
+        self._plan: PrefixPlan = None
+        self._prefix = None  # (qo_indptr, kv_indptr, kv_indices, prefix rows) of the batch
         self._checker = AttentionChecker.from_env()  # None unless --kv-quant-debug-check-attention
 
     # -- plan ---------------------------------------------------------------------------
@@ -108,12 +109,12 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
 
     def _plan_piece(self, wrapper, piece: PrefixPiece) -> None:
         """Plan ``wrapper`` for one piece from host-side offsets (no device sync): page size 1,
-        the piece's staging rows as its pages."""
+        staging rows as pages."""
         reqs = piece.reqs[1] - piece.reqs[0]
         num_qo_heads, num_kv_heads, head_dim = self._heads
         wrapper.begin_forward(
             torch.tensor(piece.qo_indptr, dtype=torch.int32), torch.tensor(piece.kv_indptr, dtype=torch.int32),
-            self._stage_slots[: piece.num_rows], torch.ones(reqs, dtype=torch.int32),
+            self._plan.pages[piece.pages[0]: piece.pages[1]], torch.ones(reqs, dtype=torch.int32),
             num_qo_heads, num_kv_heads, head_dim, 1,
             q_data_type=self._k_stage.dtype, kv_data_type=self._k_stage.dtype, non_blocking=True,
         )
@@ -137,11 +138,16 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         """Cut the batch's cached prefixes into pieces and plan the first PLANNED_PIECES.
 
         prefix_cpu, extend_cpu: [batch] host lengths; req_pool_indices, prefix_lens,
-        extend_lens: the same on the device ([batch] int32/int64).
+        extend_lens: the same on the device ([batch] int32/int64).  A batch with cached
+        prefixes waits for the device here (``plan_prefix_pieces`` counts distinct slots).
         """
-        self._pieces = plan_prefix_pieces(prefix_cpu, extend_cpu, self.staging_rows)
-        if not self._pieces and self._checker is None:
+        self._pieces, self._plan = [], None
+        n_prefix = sum(int(n) for n in prefix_cpu)
+        if n_prefix == 0 and self._checker is None:
             return
+        if n_prefix and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise Int4KVAccessError("INT4 KV prefill on FlashInfer cannot plan a cached prefix inside a CUDA graph "
+                                    "capture; use --disable-prefill-cuda-graph")
         bs = len(prefix_cpu)
         device = req_pool_indices.device
         kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
@@ -149,11 +155,15 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         qo_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
         qo_indptr[1:] = torch.cumsum(extend_lens, dim=0)
         # the prefixes' slot ids, request after request (the rows the pieces cut)
-        kv_indices = torch.empty(max(sum(prefix_cpu), 1), dtype=torch.int32, device=device)
+        kv_indices = torch.empty(max(n_prefix, 1), dtype=torch.int32, device=device)
         req_to_token = self.req_to_token_pool.req_to_token
         create_flashinfer_kv_indices_triton[(bs,)](
             req_to_token, req_pool_indices, prefix_lens, kv_indptr, None, kv_indices, req_to_token.shape[1])
-        self._prefix = (qo_indptr, kv_indptr, kv_indices)
+        self._prefix = (qo_indptr, kv_indptr, kv_indices, n_prefix)
+        if n_prefix == 0:
+            return
+        self._plan = plan_prefix_pieces(kv_indices, prefix_cpu, extend_cpu, self.staging_rows)
+        self._pieces = self._plan.pieces
         while len(self._piece_wrappers) < min(len(self._pieces), PLANNED_PIECES):
             self._piece_wrappers.append(self._new_wrapper())
         if len(self._pieces) > PLANNED_PIECES and not self._overflow:
@@ -228,7 +238,7 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         def attend(i, piece, q_piece, k_stage, v_stage):
             return self._attend_piece(i, piece, q_piece, k_stage, v_stage, layer.scaling)
 
-        return attend_prefix_pieces(q, o, lse, self._pieces, self._prefix[2], stage, attend, merge_partial_attention)
+        return attend_prefix_pieces(q, o, lse, self._plan, stage, attend, merge_partial_attention)
 
     def forward_decode(self, *args, **kwargs):
         raise Int4KVAccessError("INT4 KV decode runs on the INT4 Triton kernel, not on FlashInfer")
@@ -237,27 +247,27 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
     def _check(self, layer, q, k, v, o):
         if self._prefix is None:
             return
-        qo_indptr, kv_indptr, kv_indices = self._prefix
-        n_prefix = sum(p.num_rows for p in self._pieces)
+        qo_indptr, kv_indptr, kv_indices, n_prefix = self._prefix
         self._checker.check_extend(self.int4_pool, layer, q, k, v, o, qo_indptr, kv_indptr, kv_indices, n_prefix,
                                    path="flashinfer")
 
 
-def attend_prefix_pieces(q, o, lse, pieces, kv_indices, stage, attend, merge):
+def attend_prefix_pieces(q, o, lse, plan: PrefixPlan, stage, attend, merge):
     """Fold each request's attention to its cached prefix into (o, lse), piece by piece.
 
     Args:
         q: [new_tokens, num_q_heads, head_dim]; o, lse: the new tokens' attention among
             themselves ([new_tokens, num_q_heads, head_dim], [new_tokens, num_q_heads]).
-        pieces: ``plan_prefix_pieces`` of the batch; kv_indices: [prefix rows] slot ids.
+        plan: ``plan_prefix_pieces`` of the batch.
         stage(slots) -> (k, v): the slots' K/V as dense rows (staging rows 0..n-1).
         attend(i, piece, q_rows, k, v) -> (o, lse): non-causal attention of the piece's
-            queries to its staging rows, request by request (``piece.kv_indptr``).
+            queries to its pages (staging rows ``plan.pages[piece.pages[0]:piece.pages[1]]``,
+            request by request as ``piece.kv_indptr`` cuts them).
         merge(o_a, lse_a, o_b, lse_b) -> (o, lse): log-sum-exp merge.
     Returns o over the new tokens and every cached prefix.
     """
-    for i, piece in enumerate(pieces):
-        k_stage, v_stage = stage(kv_indices[piece.rows[0]: piece.rows[1]])
+    for i, piece in enumerate(plan.pieces):
+        k_stage, v_stage = stage(plan.stage_slots[piece.stage[0]: piece.stage[1]])
         q0, q1 = piece.q_rows
         o_p, lse_p = attend(i, piece, q[q0:q1], k_stage, v_stage)
         if q1 - q0 == q.shape[0]:

@@ -1,16 +1,23 @@
-"""Split an extend batch's cached prefixes into pieces that fit a fixed BF16 staging buffer.
+"""Stage an extend batch's cached prefixes, each distinct slot once, in pieces that fit a
+fixed BF16 staging buffer.
 
 The FlashInfer prefill path (``sglang_sawint4.flashinfer_prefill``) attends each request's
-new tokens to its cached prefix by dequantizing the prefix's INT4 pages into a staging
-buffer of ``max_rows`` rows and running FlashInfer on it.  A batch's prefixes, laid end to
-end in request order (the order of SGLang's ``kv_indices``), are cut every ``max_rows``
-rows; each cut is a *piece*: a contiguous range of prefix rows, the contiguous range of
-requests it touches and those requests' contiguous query rows.  A request longer than
-one piece spans several; its partial results are merged by their log-sum-exp.  So no
-request mix needs more than ``max_rows`` staging rows, and the common batch (all
-prefixes within ``max_rows``) is one piece.
+new tokens to its cached prefix by dequantizing the prefix's INT4 slots into a staging
+buffer of ``max_rows`` rows and running FlashInfer's paged prefill over it (page size 1:
+a request's pages are staging rows).  Requests that share a radix-cache prefix share its
+slots, so a slot is staged once per batch however many requests read it: 32 requests over
+one 8k-token prefix stage 8k rows, not 256k.
 
-Pure host-side arithmetic on the lengths SGLang keeps on the host; no tensors.
+The batch's distinct slots, in the order of their first use (request after request, as
+SGLang's ``kv_indices`` lists them), are cut every ``max_rows``; each cut is a *piece*.  A
+request's rows that fall in a piece are its pages for that piece (a prefix longer than a
+piece spans several; its partial results are merged by their log-sum-exp).  So no request
+mix needs more than ``max_rows`` staging rows, and the common batch is one piece.  With
+first-use order a request's rows in a piece are the ones it shares with earlier requests
+or its own next rows, so the requests a piece touches are mostly consecutive.
+
+:func:`plan_prefix_pieces` does the device-side bookkeeping (one ``torch.unique``, one
+small host copy of per-piece counts) and the host-side planning; it runs on any device.
 """
 
 from __future__ import annotations
@@ -18,21 +25,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
+import torch
+
 
 @dataclass(frozen=True)
 class PrefixPiece:
     """One staging fill.
 
     Attributes:
-        rows: (start, end) into the batch's concatenated prefix rows (``kv_indices``).
+        stage: (start, end) into the plan's ``stage_slots``: the slots dequantized into
+            staging rows 0 .. end - start.
+        pages: (start, end) into the plan's ``pages``: the piece's page list.
         reqs: (start, end) request range whose queries attend to this piece.
         q_rows: (start, end) rows of the batch's new tokens (the queries of ``reqs``).
         qo_indptr: [reqs + 1] query offsets, relative to ``q_rows[0]``.
-        kv_indptr: [reqs + 1] staging-row offsets: request ``reqs[0] + i`` reads staging
-            rows ``kv_indptr[i]:kv_indptr[i + 1]`` (possibly none).
+        kv_indptr: [reqs + 1] page offsets relative to ``pages[0]``: request ``reqs[0] + i``
+            reads the staging rows ``pages[pages[0] + kv_indptr[i] : pages[0] + kv_indptr[i + 1]]``
+            (possibly none).
     """
 
-    rows: Tuple[int, int]
+    stage: Tuple[int, int]
+    pages: Tuple[int, int]
     reqs: Tuple[int, int]
     q_rows: Tuple[int, int]
     qo_indptr: Tuple[int, ...]
@@ -40,7 +53,24 @@ class PrefixPiece:
 
     @property
     def num_rows(self) -> int:
-        return self.rows[1] - self.rows[0]
+        """Staging rows this piece fills."""
+        return self.stage[1] - self.stage[0]
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """The batch's pieces and the device arrays they index.
+
+    Attributes:
+        pieces: in order; empty when no request has a cached prefix.
+        stage_slots: [distinct prefix slots] int32, in first-use order.
+        pages: [prefix rows] int32 staging row (within its piece) of every prefix row, grouped
+            by piece, then by request, then in position order.
+    """
+
+    pieces: List[PrefixPiece]
+    stage_slots: torch.Tensor
+    pages: torch.Tensor
 
 
 def _offsets(lengths: Sequence[int]) -> List[int]:
@@ -50,38 +80,84 @@ def _offsets(lengths: Sequence[int]) -> List[int]:
     return out
 
 
-def plan_prefix_pieces(prefix_lens: Sequence[int], extend_lens: Sequence[int], max_rows: int) -> List[PrefixPiece]:
-    """Pieces covering every cached prefix row of a batch, each at most ``max_rows`` rows.
-
-    Args:
-        prefix_lens: [batch] cached prefix tokens per request (SGLang's extend_prefix_lens).
-        extend_lens: [batch] new tokens per request (SGLang's extend_seq_lens).
-        max_rows: staging rows available (> 0).
-    Returns [] when no request has a prefix.
-    """
+def _check_lengths(prefix_lens: Sequence[int], extend_lens: Sequence[int], max_rows: int) -> None:
     if max_rows <= 0:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
     if len(prefix_lens) != len(extend_lens):
         raise ValueError(f"{len(prefix_lens)} prefix lengths but {len(extend_lens)} extend lengths")
     if any(int(n) < 0 for n in prefix_lens) or any(int(n) < 0 for n in extend_lens):
         raise ValueError("lengths must be non-negative")
-    kv_off, q_off = _offsets(prefix_lens), _offsets(extend_lens)
-    total = kv_off[-1]
-    pieces = []
-    first = 0  # first request that may still have rows at or after `start`
-    for start in range(0, total, max_rows):
-        end = min(start + max_rows, total)
-        while kv_off[first + 1] <= start:  # requests wholly before this piece
-            first += 1
-        last = first
-        while last + 1 < len(prefix_lens) and kv_off[last + 1] < end:
-            last += 1
-        reqs = range(first, last + 1)
-        kv_lens = [max(0, min(kv_off[b + 1], end) - max(kv_off[b], start)) for b in reqs]
-        q_start, q_end = q_off[first], q_off[last + 1]
+
+
+def pieces_from_counts(counts: Sequence[Sequence[int]], extend_lens: Sequence[int], num_slots: int,
+                       max_rows: int) -> List[PrefixPiece]:
+    """Host-side planning.
+
+    Args:
+        counts: [pieces][batch] prefix rows of each request whose slot falls in each piece.
+        extend_lens: [batch] new tokens per request.
+        num_slots: distinct prefix slots of the batch; piece k stages those ranked
+            k * max_rows .. (k + 1) * max_rows - 1 in first-use order.
+    """
+    q_off = _offsets(extend_lens)
+    pieces, page_start = [], 0
+    for k, row in enumerate(counts):
+        touched = [b for b, n in enumerate(row) if n]
+        if not touched:
+            continue
+        first, last = touched[0], touched[-1] + 1
+        kv_indptr = tuple(_offsets(row[first:last]))
+        q_start, q_end = q_off[first], q_off[last]
         pieces.append(PrefixPiece(
-            rows=(start, end), reqs=(first, last + 1), q_rows=(q_start, q_end),
-            qo_indptr=tuple(q_off[b] - q_start for b in range(first, last + 2)),
-            kv_indptr=tuple(_offsets(kv_lens)),
+            stage=(k * max_rows, min((k + 1) * max_rows, num_slots)),
+            pages=(page_start, page_start + kv_indptr[-1]),
+            reqs=(first, last), q_rows=(q_start, q_end),
+            qo_indptr=tuple(q_off[b] - q_start for b in range(first, last + 1)),
+            kv_indptr=kv_indptr,
         ))
+        page_start += kv_indptr[-1]
     return pieces
+
+
+def plan_prefix_pieces(kv_indices: torch.Tensor, prefix_lens: Sequence[int], extend_lens: Sequence[int],
+                       max_rows: int) -> PrefixPlan:
+    """Pieces covering every cached prefix row of a batch, each staging at most ``max_rows``
+    distinct slots.
+
+    Args:
+        kv_indices: [sum(prefix_lens)] slot ids of the prefixes, request after request.
+        prefix_lens: [batch] cached prefix tokens per request (SGLang's extend_prefix_lens).
+        extend_lens: [batch] new tokens per request (SGLang's extend_seq_lens).
+        max_rows: staging rows available (> 0).
+    Waits for the device twice (the distinct-slot count, then the per-piece counts).
+    """
+    _check_lengths(prefix_lens, extend_lens, max_rows)
+    total = sum(int(n) for n in prefix_lens)
+    device = kv_indices.device
+    if kv_indices.numel() < total:
+        raise ValueError(f"{kv_indices.numel()} prefix slot ids for {total} prefix rows")
+    if total == 0:
+        empty = torch.empty(0, dtype=torch.int32, device=device)
+        return PrefixPlan([], empty, empty)
+    slots = kv_indices[:total]
+    distinct, inverse = torch.unique(slots, return_inverse=True)
+    num_slots = distinct.numel()
+    rows = torch.arange(total, device=device)
+    first_use = torch.full((num_slots,), total, dtype=torch.int64, device=device)
+    first_use.scatter_reduce_(0, inverse, rows, reduce="amin")
+    order = torch.argsort(first_use)  # distinct slots by first use
+    rank_of = torch.empty_like(order)
+    rank_of[order] = torch.arange(num_slots, device=device)
+    rank = rank_of[inverse]  # [total] first-use rank of each row's slot
+    piece = rank // max_rows
+    num_pieces = -(-num_slots // max_rows)
+    bs = len(prefix_lens)
+    request = torch.repeat_interleave(torch.arange(bs, device=device),
+                                      torch.tensor([int(n) for n in prefix_lens], device=device), output_size=total)
+    counts = torch.zeros(num_pieces * bs, dtype=torch.int64, device=device)
+    counts.index_add_(0, piece * bs + request, torch.ones_like(piece))
+    in_piece = rank - piece * max_rows
+    if num_pieces > 1:  # group rows by piece, keeping request and position order
+        in_piece = in_piece[torch.sort(piece, stable=True).indices]
+    pieces = pieces_from_counts(counts.view(num_pieces, bs).tolist(), extend_lens, num_slots, max_rows)
+    return PrefixPlan(pieces, distinct[order].to(torch.int32), in_piece.to(torch.int32))

@@ -14,46 +14,87 @@ from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.prefix_pieces import plan_prefix_pieces
 
 
+def _plan(prefixes, extend, max_rows):
+    """plan_prefix_pieces of requests given by their prefix slot ids."""
+    kv_indices = torch.tensor([slot for p in prefixes for slot in p], dtype=torch.int32)
+    return plan_prefix_pieces(kv_indices, [len(p) for p in prefixes], extend, max_rows)
+
+
+def _slots_read(plan, batch):
+    """The slots each request reads, over all pieces (staging row -> slot)."""
+    got = [[] for _ in range(batch)]
+    for p in plan.pieces:
+        pages = plan.pages[p.pages[0]: p.pages[1]].tolist()
+        staged = plan.stage_slots[p.stage[0]: p.stage[1]].tolist()
+        for i, b in enumerate(range(*p.reqs)):
+            got[b] += [staged[r] for r in pages[p.kv_indptr[i]: p.kv_indptr[i + 1]]]
+    return got
+
+
 def test_pieces_of_a_small_batch():
-    # prefixes 5, 0, 9 (rows 0-4, -, 5-13), new tokens 2, 3, 1; 6 staging rows
-    pieces = plan_prefix_pieces([5, 0, 9], [2, 3, 1], 6)
-    assert [p.rows for p in pieces] == [(0, 6), (6, 12), (12, 14)]
+    # prefixes of 5, 0, 9 distinct slots, new tokens 2, 3, 1; 6 staging rows
+    plan = _plan([[40, 41, 42, 43, 44], [], list(range(9))], [2, 3, 1], 6)
+    pieces = plan.pieces
+    assert [p.stage for p in pieces] == [(0, 6), (6, 12), (12, 14)]
     assert [p.reqs for p in pieces] == [(0, 3), (2, 3), (2, 3)]
     assert pieces[0].kv_indptr == (0, 5, 5, 6) and pieces[0].qo_indptr == (0, 2, 5, 6)
     assert pieces[1].q_rows == (5, 6) and pieces[1].kv_indptr == (0, 6)
-    assert pieces[2].num_rows == 2
-    assert plan_prefix_pieces([0, 0], [4, 4], 8) == []
+    assert pieces[2].num_rows == 2 and pieces[2].pages == (12, 14)
+    assert plan.stage_slots.tolist() == [40, 41, 42, 43, 44, *range(9)]
+    assert plan.pages.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1]
+    assert _plan([[], []], [4, 4], 8).pieces == []
+
+
+def test_a_shared_prefix_is_staged_once():
+    # requests 1 and 2 share request 0's first slots (radix-cache hits)
+    prefixes = [[10, 11, 12, 13], [10, 11, 12, 13, 20, 21], [10, 11, 30]]
+    plan = _plan(prefixes, [1, 2, 3], 100)
+    assert len(plan.pieces) == 1 and plan.stage_slots.tolist() == [10, 11, 12, 13, 20, 21, 30]
+    assert plan.pages.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1, 6]
+    assert plan.pieces[0].kv_indptr == (0, 4, 10, 13) and plan.pieces[0].num_rows == 7
+    # 3 rows: slots 10-12 (read by all), 13 20 21 (requests 0 and 1), 30 (request 2)
+    plan = _plan(prefixes, [1, 2, 3], 3)
+    assert [p.reqs for p in plan.pieces] == [(0, 3), (0, 2), (2, 3)]
+    assert [p.kv_indptr for p in plan.pieces] == [(0, 3, 6, 8), (0, 1, 4), (0, 1)]
+    assert plan.pages.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 0, 0, 1, 2, 0]
+    assert _slots_read(plan, 3) == [[10, 11, 12, 13], [10, 11, 12, 13, 20, 21], [10, 11, 30]]
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_pieces_cover_every_prefix_row_once(seed):
+def test_pieces_stage_each_slot_once_and_give_every_request_its_prefix(seed):
     rng = random.Random(seed)
     batch = rng.randint(1, 9)
-    prefix = [rng.choice([0, rng.randint(1, 40)]) for _ in range(batch)]
+    fresh = iter(rng.sample(range(10_000), 1000))
+    prefixes = []
+    for _ in range(batch):  # some requests extend an earlier one's prefix (a radix-cache hit)
+        base = rng.choice(prefixes)[: rng.randint(0, 40)] if prefixes and rng.random() < 0.5 else []
+        prefixes.append(base + [next(fresh) for _ in range(rng.choice([0, rng.randint(1, 40)]))])
     extend = [rng.randint(1, 7) for _ in range(batch)]
     max_rows = rng.randint(1, 50)
-    pieces = plan_prefix_pieces(prefix, extend, max_rows)
-    assert sum(p.num_rows for p in pieces) == sum(prefix)
-    got = [0] * batch
-    end = 0
-    for p in pieces:
-        assert p.rows[0] == end and 0 < p.num_rows <= max_rows
-        end = p.rows[1]
-        assert p.kv_indptr[-1] == p.num_rows and len(p.kv_indptr) == len(p.qo_indptr) == p.reqs[1] - p.reqs[0] + 1
+    plan = _plan(prefixes, extend, max_rows)
+    distinct = {s for p in prefixes for s in p}
+    assert sorted(plan.stage_slots.tolist()) == sorted(distinct)
+    assert sum(p.num_rows for p in plan.pieces) == len(distinct)
+    assert len(plan.pieces) == -(-len(distinct) // max_rows)
+    for p in plan.pieces:
+        assert 0 < p.num_rows <= max_rows
+        assert p.kv_indptr[-1] == p.pages[1] - p.pages[0]
+        assert len(p.kv_indptr) == len(p.qo_indptr) == p.reqs[1] - p.reqs[0] + 1
         assert p.q_rows == (sum(extend[: p.reqs[0]]), sum(extend[: p.reqs[1]]))
         assert p.qo_indptr[-1] == p.q_rows[1] - p.q_rows[0]
-        for i, b in enumerate(range(*p.reqs)):
-            got[b] += p.kv_indptr[i + 1] - p.kv_indptr[i]
-    assert got == prefix
+        assert all(0 <= r < p.num_rows for r in plan.pages[p.pages[0]: p.pages[1]].tolist())
+    assert [sorted(g) for g in _slots_read(plan, batch)] == [sorted(p) for p in prefixes]
 
 
 def test_bad_piece_arguments():
     with pytest.raises(ValueError, match="positive"):
-        plan_prefix_pieces([1], [1], 0)
+        _plan([[1]], [1], 0)
     with pytest.raises(ValueError, match="extend lengths"):
-        plan_prefix_pieces([1, 2], [1], 4)
+        _plan([[1], [2, 3]], [1], 4)
     with pytest.raises(ValueError, match="non-negative"):
-        plan_prefix_pieces([-1], [1], 4)
+        plan_prefix_pieces(torch.zeros(1, dtype=torch.int32), [-1], [1], 4)
+    with pytest.raises(ValueError, match="slot ids"):
+        plan_prefix_pieces(torch.zeros(1, dtype=torch.int32), [2], [1], 4)
 
 
 def _attention_lse(q, k, v, scale, causal_offset=None):
@@ -102,7 +143,10 @@ def test_piecewise_prefix_attention_equals_the_reference(layout, centered, max_r
     prefix, new = [30, 0, 57, 9], [3, 5, 1, 4]
     kv_indptr = [0, *torch.tensor(prefix).cumsum(0).tolist()]
     qo_indptr = [0, *torch.tensor(new).cumsum(0).tolist()]
-    kv_indices = torch.randperm(slots, generator=rng)[: sum(prefix)].to(torch.int32)
+    # request 2 shares request 0's first 20 slots, request 3 request 2's first 9 (radix hits)
+    perm = torch.randperm(slots, generator=rng)[:67].to(torch.int32)
+    r0, r2 = perm[:30], torch.cat([perm[:20], perm[30:67]])
+    kv_indices = torch.cat([r0, r2, r2[:9]])
     n, scale = sum(new), d ** -0.5
     q = torch.randn(n, heads * group, d, generator=rng)
     k_new = torch.randn(n, heads, d, generator=rng)
@@ -115,13 +159,15 @@ def test_piecewise_prefix_attention_equals_the_reference(layout, centered, max_r
                          k_center=None if center is None else center.to(device))
         return k_stage.cpu(), v_stage.cpu()
 
-    def attend(i, piece, q_rows, ks, vs):
-        return _ragged(q_rows, ks, vs, piece.qo_indptr, piece.kv_indptr, scale, causal=False)
+    plan = plan_prefix_pieces(kv_indices, prefix, new, max_rows)
+    assert len(plan.pieces) == -(-67 // max_rows)
 
-    pieces = plan_prefix_pieces(prefix, new, max_rows)
-    assert len(pieces) == -(-sum(prefix) // max_rows)
+    def attend(i, piece, q_rows, ks, vs):
+        pages = plan.pages[piece.pages[0]: piece.pages[1]].long()
+        return _ragged(q_rows, ks[pages], vs[pages], piece.qo_indptr, piece.kv_indptr, scale, causal=False)
+
     o, lse = _ragged(q, k_new, v_new, qo_indptr, qo_indptr, scale, causal=True)
-    out = attend_prefix_pieces(q, o, lse, pieces, kv_indices, stage, attend, _torch_merge)
+    out = attend_prefix_pieces(q, o, lse, plan, stage, attend, _torch_merge)
     ref = int4_attention_reference(q.double(), torch.tensor(qo_indptr), torch.tensor(kv_indptr), kv_indices, (kd, km, vd, vm),
                                    layout, scale, k_new=k_new, v_new=v_new, k_center=center)
     assert (out.double() - ref).abs().max() < 1e-4 * ref.abs().max()
@@ -193,8 +239,8 @@ def test_overflow_wrappers_are_replanned_only_after_their_last_run_finished():
     backend = fp.Int4FlashInferPrefillBackend.__new__(fp.Int4FlashInferPrefillBackend)
     backend._heads = (4, 2, 64)
     backend._k_stage = torch.empty(8, 2, 64, dtype=torch.bfloat16)
-    backend._stage_slots = torch.arange(8, dtype=torch.int32)
-    backend._pieces = plan_prefix_pieces([30], [2], 4)  # 8 pieces: 4 planned, 4 overflow
+    backend._plan = plan_prefix_pieces(torch.arange(30), [30], [2], 4)  # 8 pieces: 4 planned, 4 overflow
+    backend._pieces = backend._plan.pieces
     backend._piece_wrappers = [_FakeWrapper(f"p{i}", log) for i in range(fp.PLANNED_PIECES)]
     backend._overflow = [(_FakeWrapper(f"o{i}", log), _FakeEvent(f"o{i}", log)) for i in range(fp.OVERFLOW_WRAPPERS)]
     backend._overflow_next = 0
@@ -220,11 +266,12 @@ def test_overflow_wrappers_are_replanned_only_after_their_last_run_finished():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer's prefill kernels need a GPU")
 @pytest.mark.parametrize("prefix,new,staging_rows,shared", [
     # the serving benchmark's shared-prefix batch: 32 requests over one cached 8k prefix,
-    # 8 pieces of 4 requests, 4 of them on the overflow wrappers
+    # staged once (one piece), or in 8 pieces that all 32 requests read (4 on overflow wrappers)
     ([8192] * 32, [256] * 32, 32768, True),
+    ([8192] * 32, [256] * 32, 1024, True),
     # ragged lengths: pieces inside one request and across several, a request without prefix
     ([700, 0, 1500, 33, 4000], [17, 5, 1, 64, 200], 1024, False),
-], ids=["shared-8k-x32", "ragged"])
+], ids=["shared-8k-x32", "shared-8k-x32-8-pieces", "ragged"])
 def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared, rng):
     """The backend's own plan and run steps on real FlashInfer wrappers (planned and overflow
     pieces, three layers, so overflow wrappers are re-planned layer after layer) against the
@@ -262,7 +309,6 @@ def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared
     backend._heads, backend.staging_rows, backend.int4_format = (hq, hk, d), staging_rows, layout
     backend._k_stage = torch.empty(staging_rows, hk, d, dtype=bf16, device=dev)
     backend._v_stage = torch.empty_like(backend._k_stage)
-    backend._stage_slots = torch.arange(staging_rows, dtype=torch.int32, device=dev)
     backend._piece_wrappers, backend._overflow, backend._overflow_next = [], [], 0
     backend._planned_copied, backend._planned_pending, backend._checker = torch.cuda.Event(), False, None
     backend.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token.to(dev))
@@ -275,7 +321,7 @@ def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared
     backend.prefill_wrapper_ragged = ragged
     backend._plan_prefix(prefix, new, torch.arange(bs, device=dev), torch.tensor(prefix, device=dev, dtype=torch.int32),
                          torch.tensor(new, device=dev, dtype=torch.int32))
-    assert len(backend._pieces) == -(-sum(prefix) // staging_rows)
+    assert len(backend._pieces) == -(-slots // staging_rows)
 
     kv_indptr = torch.tensor([0, *torch.tensor(prefix).cumsum(0).tolist()])
     kv_indices = torch.cat([req_to_token[b, : prefix[b]] for b in range(bs)]).to(dev)
