@@ -71,7 +71,9 @@ def _dequant_rows(data_ptr, d_st, d_sh, meta_ptr, m_st, m_sh, out_ptr, o_st, o_s
     tl.store(out_row + HALF + half[None, :], x_hi.to(out_ty), mask=mask_t[:, None])
 
 
-@triton.jit
+# n and the index pointers unspecialized: the piece sizes a server meets are arbitrary, and
+# each new divisibility or alignment class would compile a variant in the middle of serving
+@triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["kv_indices", "k_center_ptr"])
 def _dequantize_pages_kernel(
     kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh,
     vd_ptr, vd_st, vd_sh, vm_ptr, vm_st, vm_sh,

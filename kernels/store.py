@@ -62,7 +62,9 @@ def _quantize_store_rows(x_ptr, stride_xt, stride_xh, data_ptr, stride_dt, strid
     tl.store(meta + META_OFFSET, offset.to(tl.float16), mask=mask_t)
 
 
-@triton.jit
+# num_tokens unspecialized: every batch size would otherwise compile its divisibility class
+# (and size 1) separately, some for the first time in the middle of serving
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rotate_quantize_store_kernel(
     k_ptr, stride_kt, stride_kh, v_ptr, stride_vt, stride_vh,
     kd_ptr, kd_st, kd_sh, km_ptr, km_st, km_sh,

@@ -5,8 +5,9 @@ The FlashInfer prefill path (``sglang_sawint4.flashinfer_prefill``) attends each
 new tokens to its cached prefix by dequantizing the prefix's INT4 slots into a staging
 buffer of ``max_rows`` rows and running FlashInfer's paged prefill over it (page size 1:
 a request's pages are staging rows).  Requests that share a radix-cache prefix share its
-slots, so a slot is staged once per batch however many requests read it: 32 requests over
-one 8k-token prefix stage 8k rows, not 256k.
+slots, so when a batch's prefix rows exceed the buffer each slot is staged once however many
+requests read it: 32 requests over one 8k-token prefix stage 8k rows, not 256k.  (A batch
+whose rows fit is staged row by row: no wait for the device to count distinct slots.)
 
 The batch's distinct slots, in the order of their first use (request after request, as
 SGLang's ``kv_indices`` lists them), are cut every ``max_rows``; each cut is a *piece*.  A
@@ -129,7 +130,9 @@ def plan_prefix_pieces(kv_indices: torch.Tensor, prefix_lens: Sequence[int], ext
         prefix_lens: [batch] cached prefix tokens per request (SGLang's extend_prefix_lens).
         extend_lens: [batch] new tokens per request (SGLang's extend_seq_lens).
         max_rows: staging rows available (> 0).
-    Waits for the device twice (the distinct-slot count, then the per-piece counts).
+    A batch whose prefix rows fit ``max_rows`` is staged row by row, without waiting for the
+    device; a larger one waits for its distinct-slot count (``torch.unique``) and, past one
+    piece, for the per-piece counts.
     """
     _check_lengths(prefix_lens, extend_lens, max_rows)
     total = sum(int(n) for n in prefix_lens)
@@ -140,6 +143,9 @@ def plan_prefix_pieces(kv_indices: torch.Tensor, prefix_lens: Sequence[int], ext
         empty = torch.empty(0, dtype=torch.int32, device=device)
         return PrefixPlan([], empty, empty)
     slots = kv_indices[:total]
+    if total <= max_rows:  # every row fits: staged as they come, without waiting for the device
+        pieces = pieces_from_counts([list(prefix_lens)], extend_lens, total, max_rows)
+        return PrefixPlan(pieces, slots.to(torch.int32), torch.arange(total, dtype=torch.int32, device=device))
     distinct, inverse = torch.unique(slots, return_inverse=True)
     num_slots = distinct.numel()
     rows = torch.arange(total, device=device)
@@ -149,6 +155,10 @@ def plan_prefix_pieces(kv_indices: torch.Tensor, prefix_lens: Sequence[int], ext
     rank_of = torch.empty_like(order)
     rank_of[order] = torch.arange(num_slots, device=device)
     rank = rank_of[inverse]  # [total] first-use rank of each row's slot
+    stage_slots = distinct[order].to(torch.int32)
+    if num_slots <= max_rows:  # one piece: every request reads all its rows from it
+        pieces = pieces_from_counts([list(prefix_lens)], extend_lens, num_slots, max_rows)
+        return PrefixPlan(pieces, stage_slots, rank.to(torch.int32))
     piece = rank // max_rows
     num_pieces = -(-num_slots // max_rows)
     bs = len(prefix_lens)
@@ -156,8 +166,7 @@ def plan_prefix_pieces(kv_indices: torch.Tensor, prefix_lens: Sequence[int], ext
                                       torch.tensor([int(n) for n in prefix_lens], device=device), output_size=total)
     counts = torch.zeros(num_pieces * bs, dtype=torch.int64, device=device)
     counts.index_add_(0, piece * bs + request, torch.ones_like(piece))
-    in_piece = rank - piece * max_rows
-    if num_pieces > 1:  # group rows by piece, keeping request and position order
-        in_piece = in_piece[torch.sort(piece, stable=True).indices]
+    # group rows by piece, keeping request and position order
+    in_piece = (rank - piece * max_rows)[torch.sort(piece, stable=True).indices]
     pieces = pieces_from_counts(counts.view(num_pieces, bs).tolist(), extend_lens, num_slots, max_rows)
-    return PrefixPlan(pieces, distinct[order].to(torch.int32), in_piece.to(torch.int32))
+    return PrefixPlan(pieces, stage_slots, in_piece.to(torch.int32))

@@ -48,7 +48,12 @@ def test_pieces_of_a_small_batch():
 def test_a_shared_prefix_is_staged_once():
     # requests 1 and 2 share request 0's first slots (radix-cache hits)
     prefixes = [[10, 11, 12, 13], [10, 11, 12, 13, 20, 21], [10, 11, 30]]
-    plan = _plan(prefixes, [1, 2, 3], 100)
+    # all 13 rows fit: staged as they come (no wait for the device to count distinct slots)
+    plan = _plan(prefixes, [1, 2, 3], 13)
+    assert len(plan.pieces) == 1 and plan.stage_slots.tolist() == [s for p in prefixes for s in p]
+    assert plan.pages.tolist() == list(range(13)) and plan.pieces[0].kv_indptr == (0, 4, 10, 13)
+    # 10 rows: the 7 distinct slots, once each
+    plan = _plan(prefixes, [1, 2, 3], 10)
     assert len(plan.pieces) == 1 and plan.stage_slots.tolist() == [10, 11, 12, 13, 20, 21, 30]
     assert plan.pages.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1, 6]
     assert plan.pieces[0].kv_indptr == (0, 4, 10, 13) and plan.pieces[0].num_rows == 7
@@ -72,10 +77,11 @@ def test_pieces_stage_each_slot_once_and_give_every_request_its_prefix(seed):
     extend = [rng.randint(1, 7) for _ in range(batch)]
     max_rows = rng.randint(1, 50)
     plan = _plan(prefixes, extend, max_rows)
-    distinct = {s for p in prefixes for s in p}
-    assert sorted(plan.stage_slots.tolist()) == sorted(distinct)
-    assert sum(p.num_rows for p in plan.pieces) == len(distinct)
-    assert len(plan.pieces) == -(-len(distinct) // max_rows)
+    rows = [s for p in prefixes for s in p]
+    staged = sorted(set(rows)) if len(rows) > max_rows else sorted(rows)  # rows that fit: staged as they come
+    assert sorted(plan.stage_slots.tolist()) == staged
+    assert sum(p.num_rows for p in plan.pieces) == len(staged)
+    assert len(plan.pieces) == -(-len(staged) // max_rows)
     for p in plan.pieces:
         assert 0 < p.num_rows <= max_rows
         assert p.kv_indptr[-1] == p.pages[1] - p.pages[0]
@@ -269,9 +275,11 @@ def test_overflow_wrappers_are_replanned_only_after_their_last_run_finished():
     # staged once (one piece), or in 8 pieces that all 32 requests read (4 on overflow wrappers)
     ([8192] * 32, [256] * 32, 32768, True),
     ([8192] * 32, [256] * 32, 1024, True),
+    # prefixes that fit the staging rows as they are (no distinct-slot count)
+    ([300, 0, 50], [64, 8, 1], 1024, False),
     # ragged lengths: pieces inside one request and across several, a request without prefix
     ([700, 0, 1500, 33, 4000], [17, 5, 1, 64, 200], 1024, False),
-], ids=["shared-8k-x32", "shared-8k-x32-8-pieces", "ragged"])
+], ids=["shared-8k-x32", "shared-8k-x32-8-pieces", "rows-fit", "ragged"])
 def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared, rng):
     """The backend's own plan and run steps on real FlashInfer wrappers (planned and overflow
     pieces, three layers, so overflow wrappers are re-planned layer after layer) against the
@@ -321,7 +329,7 @@ def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared
     backend.prefill_wrapper_ragged = ragged
     backend._plan_prefix(prefix, new, torch.arange(bs, device=dev), torch.tensor(prefix, device=dev, dtype=torch.int32),
                          torch.tensor(new, device=dev, dtype=torch.int32))
-    assert len(backend._pieces) == -(-slots // staging_rows)
+    assert len(backend._pieces) == (1 if sum(prefix) <= staging_rows else -(-slots // staging_rows))
 
     kv_indptr = torch.tensor([0, *torch.tensor(prefix).cumsum(0).tolist()])
     kv_indices = torch.cat([req_to_token[b, : prefix[b]] for b in range(bs)]).to(dev)
