@@ -219,7 +219,7 @@ def _patch_attention_backends(config: KVQuantConfig) -> None:
         @functools.wraps(create)
         def create_refused(runner):
             raise ConfigError(
-                f"--kv-quant needs --attention-backend triton or flashinfer (also for prefill/decode "
+                f"--kv-quant needs --attention-backend flashinfer or triton (also for prefill/decode "
                 f"overrides); got {name!r}")
 
         return create_refused

@@ -19,10 +19,11 @@ from typing import List, Optional, Tuple
 from sglang_sawint4.config import ALL_ENV, ENV_POLICY_FILE, ConfigError, KVQuantConfig, add_cli_args
 
 PROG = "python -m sglang_sawint4.launch_server"
-#: --attention-backend values INT4 KV runs on (prefill path; decode is always our INT4 kernel),
-#: the first being the default.  FlashInfer prefill stays opt-in until it has passed the
-#: shared-prefix serving workload on a GPU (docs/results.md).
-INT4_ATTENTION_BACKENDS = ("triton", "flashinfer")
+#: --attention-backend values INT4 KV runs on (the prefill path; decode is always our INT4
+#: kernel).  Without the flag: FlashInfer, where its prefill path can run (default_int4_backend).
+INT4_ATTENTION_BACKENDS = ("flashinfer", "triton")
+#: prefill CUDA-graph backends that capture attention, which the FlashInfer path plans on the host
+CAPTURED_PREFILL_GRAPHS = ("full", "tc_piecewise")
 PLUGIN_GROUP = "sglang.srt.plugins"
 PLUGIN_NAME = "sawint4"
 
@@ -51,15 +52,38 @@ def _flag_value(argv: List[str], flag: str) -> Optional[str]:
     return value
 
 
+def default_int4_backend(argv: List[str]) -> Tuple[str, str]:
+    """(prefill path, why) for INT4 KV when --attention-backend is not given: FlashInfer, or
+    Triton where the FlashInfer path cannot run (a captured prefill CUDA graph, a multimodal
+    model)."""
+    graph = _flag_value(argv, "--cuda-graph-backend-prefill")
+    if graph in CAPTURED_PREFILL_GRAPHS:
+        return "triton", f"--cuda-graph-backend-prefill {graph} runs on the Triton prefill path"
+    model_path = _flag_value(argv, "--model-path") or _flag_value(argv, "--model")
+    if model_path is not None and os.path.isfile(os.path.join(model_path, "config.json")):
+        from sglang_sawint4.model_check import is_multimodal
+
+        if is_multimodal(model_path):
+            return "triton", "multimodal models run on the Triton prefill path"
+    return "flashinfer", "the default"
+
+
+def int4_attention_backend(argv: List[str]) -> Tuple[str, str]:
+    """(prefill path, why) the launcher serves INT4 KV on: the --attention-backend given, else
+    :func:`default_int4_backend`."""
+    backend = _flag_value(argv, "--attention-backend")
+    return (backend, "--attention-backend") if backend is not None else default_int4_backend(argv)
+
+
 def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
-    """Check flag combinations for INT4 KV; default the attention backend (INT4_ATTENTION_BACKENDS[0])."""
+    """Check flag combinations for INT4 KV; default the attention backend (default_int4_backend)."""
     if not config.enabled:
         return argv
     backend = _flag_value(argv, "--attention-backend")
     if backend is not None and backend not in INT4_ATTENTION_BACKENDS:
         raise ConfigError(f"--kv-quant {config.method} runs on --attention-backend "
                           f"{' or '.join(INT4_ATTENTION_BACKENDS)}; got {backend!r}")
-    effective = backend or INT4_ATTENTION_BACKENDS[0]
+    effective, _ = int4_attention_backend(argv)
     for flag in ("--prefill-attention-backend", "--decode-attention-backend"):
         value = _flag_value(argv, flag)
         if value is not None and value != effective:
@@ -67,7 +91,7 @@ def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
                               f"(decode always runs the INT4 kernel); drop {flag} {value}")
     for flag in ("--cuda-graph-backend-prefill",):
         value = _flag_value(argv, flag)
-        if effective == "flashinfer" and value in ("full", "tc_piecewise"):
+        if effective == "flashinfer" and value in CAPTURED_PREFILL_GRAPHS:
             raise ConfigError(f"--kv-quant {config.method} with --attention-backend flashinfer does not support "
                               f"{flag} {value}; use the default, breakable, or disabled")
     dtype = _flag_value(argv, "--kv-cache-dtype")
@@ -79,6 +103,7 @@ def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
         "--disaggregation-mode": "prefill/decode disaggregation",
         "--enable-deterministic-inference": "deterministic inference",
         "--enable-dp-attention": "DP attention",
+        "--enable-mis": "multi-item scoring",
     }
     for flag, what in refused.items():
         present = any(a == flag or a.startswith(flag + "=") for a in argv)
@@ -129,6 +154,7 @@ def check_model_path(argv: List[str]) -> None:
 
 
 POLICY_LOG_PREFIX = "sglang-sawint4: KV policy"
+PREFILL_LOG_PREFIX = "sglang-sawint4: INT4 KV prefill on"
 
 
 def resolve_served_policy(config: KVQuantConfig, argv: List[str], env) -> str:
@@ -208,6 +234,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         config, sglang_argv = split_args(argv)
         check_model_path(sglang_argv)
+        prefill, why = int4_attention_backend(sglang_argv)  # before the default joins the flags
         sglang_argv = prepare_int4_argv(config, sglang_argv)
         if config.enabled:
             try:
@@ -219,6 +246,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             ensure_plugin_reaches_workers(os.environ)
             config.to_env(os.environ)  # inherited by every process SGLang spawns
             print(resolve_served_policy(config, sglang_argv, os.environ), file=sys.stderr, flush=True)
+            print(f"{PREFILL_LOG_PREFIX} {prefill} ({why}); decode on the INT4 Triton kernel", file=sys.stderr, flush=True)
         else:
             for name in ALL_ENV:  # a stale setting must not turn the plugin on in the workers
                 os.environ.pop(name, None)

@@ -17,14 +17,27 @@ from sglang_sawint4.config import ConfigError, KVQuantConfig
 SLIDING_BY_DEFAULT = ("mistral", "mixtral", "gemma2", "gemma3", "gemma3_text", "cohere2")
 
 
-def load_hf_config(model_path: str) -> Dict[str, Any]:
+# top-level config.json keys of models with a non-text encoder (SGLang serves them multimodal)
+MULTIMODAL_KEYS = ("vision_config", "audio_config", "vision_tower_config", "speech_config")
+
+
+def _read_config(model_path: str) -> Dict[str, Any]:
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"cannot check the model for --kv-quant: {path} not found (a local model directory is needed)")
     with open(path) as f:
-        cfg = json.load(f)
-    # multimodal / composite configs keep the language model in text_config
+        return json.load(f)
+
+
+def load_hf_config(model_path: str) -> Dict[str, Any]:
+    """The language model's config (multimodal / composite configs keep it in text_config)."""
+    cfg = _read_config(model_path)
     return cfg.get("text_config") or cfg
+
+
+def is_multimodal(model_path: str) -> bool:
+    """Whether the model has an image/audio encoder beside its language model."""
+    return any(key in _read_config(model_path) for key in MULTIMODAL_KEYS)
 
 
 def check_model(hf: Dict[str, Any], config: KVQuantConfig) -> int:

@@ -213,7 +213,7 @@ class Int4TokenToKVPool(MHATokenToKVPool):
                                dtype=self.dtype, device="meta")
         raise Int4KVAccessError(
             f"{what}({layer_id}) asked the INT4 KV pool for BF16 pages of an INT4 layer; only the "
-            f"sglang-sawint4 attention path can read them (use --attention-backend triton or flashinfer with --kv-quant)")
+            f"sglang-sawint4 attention path can read them (use --attention-backend flashinfer or triton with --kv-quant)")
 
     def get_key_buffer(self, layer_id: int):
         return self._bf16_buffer("get_key_buffer", layer_id, self.k_buffer)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sglang_sawint4.config import ConfigError, KVQuantConfig
-from sglang_sawint4.launch_server import prepare_int4_argv, split_args
+from sglang_sawint4.launch_server import int4_attention_backend, prepare_int4_argv, split_args
 from sglang_sawint4.model_check import check_model
 
 
@@ -39,10 +39,10 @@ def test_bad_flag_values(argv, match):
 
 
 @pytest.mark.parametrize("sglang_argv,match", [
-    (["--attention-backend", "fa3"], "triton or flashinfer"),
-    (["--attention-backend=fa3"], "triton or flashinfer"),
+    (["--attention-backend", "fa3"], "flashinfer or triton"),
+    (["--attention-backend=fa3"], "flashinfer or triton"),
     (["--decode-attention-backend", "flashinfer", "--attention-backend", "triton"], "drop --decode-attention-backend"),
-    (["--prefill-attention-backend", "flashinfer"], "drop --prefill-attention-backend"),
+    (["--prefill-attention-backend", "triton"], "drop --prefill-attention-backend"),
     (["--attention-backend", "flashinfer", "--cuda-graph-backend-prefill", "tc_piecewise"],
      "does not support --cuda-graph-backend-prefill"),
     (["--kv-cache-dtype", "fp8_e4m3"], "replaces --kv-cache-dtype"),
@@ -50,15 +50,27 @@ def test_bad_flag_values(argv, match):
     (["--enable-hierarchical-cache"], "hierarchical"),
     (["--disaggregation-mode", "prefill"], "disaggregation"),
     (["--dcp-size", "2"], "context parallelism"),
+    (["--enable-mis"], "multi-item scoring"),
 ])
 def test_incompatible_flags_are_refused(sglang_argv, match):
     with pytest.raises(ConfigError, match=match):
         prepare_int4_argv(KVQuantConfig("int4-bdr"), ["--model-path", "/nonexistent"] + sglang_argv)
 
 
-def test_int4_attention_backend_default_and_choices():
+def test_int4_attention_backend_default_and_choices(tmp_path):
     argv = prepare_int4_argv(KVQuantConfig("int4"), ["--model-path", "/nonexistent", "--disaggregation-mode", "null"])
-    assert argv[-2:] == ["--attention-backend", "triton"]
+    assert argv[-2:] == ["--attention-backend", "flashinfer"]
+    # where the FlashInfer prefill path cannot run, the default is the Triton one, with the reason
+    graph = ["--model-path", "/nonexistent", "--cuda-graph-backend-prefill", "full"]
+    assert prepare_int4_argv(KVQuantConfig("int4"), graph)[-2:] == ["--attention-backend", "triton"]
+    assert "full" in int4_attention_backend(graph)[1]
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2_5_VLForConditionalGeneration"],
+                                                      "vision_config": {}, "text_config": {}}))
+    assert int4_attention_backend(["--model-path", str(tmp_path)]) == (
+        "triton", "multimodal models run on the Triton prefill path")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert int4_attention_backend(["--model-path", str(tmp_path)]) == ("flashinfer", "the default")
+    assert int4_attention_backend(["--attention-backend", "triton"]) == ("triton", "--attention-backend")
     for backend in ("flashinfer", "triton"):
         argv = ["--model-path", "/x", "--attention-backend", backend, "--decode-attention-backend", backend]
         assert prepare_int4_argv(KVQuantConfig("int4"), argv) == argv

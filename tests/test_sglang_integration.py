@@ -139,7 +139,7 @@ def test_patches_target_real_sglang_objects(applied):
                model_utils.enable_fused_set_kv_buffer):
         assert hasattr(fn, "__sawint4_original__"), fn
     assert model_utils.enable_fused_set_kv_buffer(None) is False
-    with pytest.raises(ConfigError, match="triton or flashinfer"):
+    with pytest.raises(ConfigError, match="flashinfer or triton"):
         reg.ATTENTION_BACKENDS["fa3"](None)
     # idempotent; a different config is an error
     patches.apply(cfg)

@@ -94,7 +94,7 @@ def bad_config_cases(tmp):
         ("soft-capped attention", ["--model-path", model("cap", attn_logit_softcapping=50.0), "--kv-quant",
                                    "int4-bdr"], {}, "soft-capping"),
         ("other attention backend", m + ["--kv-quant", "int4-bdr", "--attention-backend", "fa3"], {},
-         "triton or flashinfer"),
+         "flashinfer or triton"),
         ("fp8 KV dtype with INT4", m + ["--kv-quant", "int4", "--kv-cache-dtype", "fp8_e4m3"], {},
          "kv-cache-dtype"),
         ("speculative decoding", m + ["--kv-quant", "int4-bdr", "--speculative-algorithm", "EAGLE"], {},
