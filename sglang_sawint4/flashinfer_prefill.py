@@ -1,7 +1,7 @@
 """Prefill/extend on INT4 KV pages through SGLang's FlashInfer backend.
 
-With ``--kv-quant`` and ``--attention-backend flashinfer`` (opt-in; the launcher's default is
-``triton``) SGLang gets
+With ``--kv-quant`` and ``--attention-backend flashinfer`` (the launcher's default where this
+path can run) SGLang gets
 :func:`create_int4_flashinfer_backend`: SGLang's own ``HybridAttnBackend`` with
 
 * prefill/extend: :class:`Int4FlashInferPrefillBackend`, a ``FlashInferAttnBackend`` whose
@@ -13,11 +13,12 @@ With ``--kv-quant`` and ``--attention-backend flashinfer`` (opt-in; the launcher
 
 The staging buffer has a fixed number of rows (``--kv-quant-prefill-staging-rows``),
 allocated when the backend is built and taken out of the KV pool's memory (the pool patch
-subtracts it).  Each distinct prefix slot of a batch is staged once (requests sharing a
-radix-cache prefix read the same staging rows as their pages); a batch with more distinct
-slots than rows is processed in pieces (``sglang_sawint4.prefix_pieces``): dequantize a
-piece, attend, merge, repeat; so no request mix can grow it.  Keys the KV policy centered get their center back in the
-staging rows (they are mixed with the exact new keys).
+subtracts it).  A batch whose prefix rows exceed it stages each distinct slot once
+(requests sharing a radix-cache prefix read the same staging rows as their pages), and one
+with more distinct slots than rows runs in pieces (``sglang_sawint4.prefix_pieces``):
+dequantize a piece, attend, merge, repeat; so no request mix can grow it.  Keys the KV
+policy centered get their center back in the staging rows (they are mixed with the exact
+new keys).
 
 Layers the policy keeps in BF16 run SGLang's FlashInfer extend unchanged (the pool hands
 them BF16 pages).
@@ -138,8 +139,9 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         """Cut the batch's cached prefixes into pieces and plan the first PLANNED_PIECES.
 
         prefix_cpu, extend_cpu: [batch] host lengths; req_pool_indices, prefix_lens,
-        extend_lens: the same on the device ([batch] int32/int64).  A batch with cached
-        prefixes waits for the device here (``plan_prefix_pieces`` counts distinct slots).
+        extend_lens: the same on the device ([batch] int32/int64).  A batch whose prefix rows
+        exceed the staging rows waits for the device here (``plan_prefix_pieces`` counts its
+        distinct slots).
         """
         self._pieces, self._plan = [], None
         n_prefix = sum(int(n) for n in prefix_cpu)

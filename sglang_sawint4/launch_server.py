@@ -234,7 +234,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         config, sglang_argv = split_args(argv)
         check_model_path(sglang_argv)
-        prefill, why = int4_attention_backend(sglang_argv)  # before the default joins the flags
+        # before the default joins the flags
+        prefill, why = int4_attention_backend(sglang_argv) if config.enabled else (None, None)
         sglang_argv = prepare_int4_argv(config, sglang_argv)
         if config.enabled:
             try:

@@ -1,6 +1,7 @@
-"""The FlashInfer prefill path's host side: prefix pieces, and the piecewise prefix attention
-with its merge, run with torch attention in place of FlashInfer (the GPU run checks the
-FlashInfer calls themselves: bench/e2e.py flashinfer)."""
+"""The FlashInfer prefill path: prefix pieces and their staging of distinct slots, the piecewise
+prefix attention with its merge run with torch attention in place of FlashInfer, and (on a
+GPU) the backend's plan and run steps on real FlashInfer wrappers; bench/e2e.py flashinfer
+checks it inside a server."""
 
 import random
 
