@@ -130,6 +130,22 @@ def test_prefill_chunk_stats_from_the_log():
     assert bench_serving.prefill_chunk_stats("", 8192)["cached_prefix"]["median_tok_s"] is None
 
 
+def test_server_decode_rate_from_the_log():
+    # lines as SGLang 0.5.17 writes them (bench/logs/serving_int4-bdr-flashinfer_server.log)
+    log = "\n".join([
+        "[2026-12-02 13:28:50] Prefill batch, #new-seq: 7, #new-token: 7166, #cached-token: 0, token usage: 0.07, "
+        "#running-req: 57, #queue-req: 0, #pending-token: 0, cuda graph: False, input throughput (token/s): 58068.18",
+        "[2026-12-02 13:28:50] Decode batch, #running-req: 64, #token: 66047, token usage: 0.08, cuda graph: True, "
+        "gen throughput (token/s): 54.37, #queue-req: 0",
+        "[2026-12-02 13:28:50] INFO:     127.0.0.1:53072 - \"POST /v1/completions HTTP/1.1\" 200 OK",
+        "[2026-12-02 13:28:50] Decode batch, #running-req: 64, #token: 68607, token usage: 0.08, cuda graph: True, "
+        "gen throughput (token/s): 10987.51, #queue-req: 0",
+        "[2026-12-02 13:28:51] Decode batch, #running-req: 64, #token: 71167, token usage: 0.08, cuda graph: True, "
+        "gen throughput (token/s): 11069.76, #queue-req: 0"])
+    assert bench_serving.server_decode_rate(log) == {"server_decode_tok_s_p50": 10987.51, "server_decode_lines": 3}
+    assert bench_serving.server_decode_rate("") == {"server_decode_tok_s_p50": None, "server_decode_lines": 0}
+
+
 def test_high_concurrency_is_really_in_flight_and_loads_are_sampled():
     # aiohttp's default connector caps a session at 100 connections: concurrency 150 must
     # still put 150 requests in flight at once

@@ -25,7 +25,10 @@ during each point for the peak of running requests and used KV slots.  A point i
 *capacity point* (``capacity_point: true``) when its KV demand exceeds the pool of the
 BF16 baseline config (``bf16-flashinfer``): there BF16 cannot run every request at once.
 Prefill-chunk throughput comes from the server log's ``Prefill batch`` lines of the timed
-points (``prefill_chunks`` per unit: full chunks with and without a cached prefix).
+points (``prefill_chunks`` per unit: full chunks with and without a cached prefix), and each
+row's ``server_decode_tok_s_p50`` from the ``Decode batch`` lines written during its point:
+the rate the scheduler generated tokens at, before SGLang's streaming path and the client
+(which can cap what ``output_tok_s`` sees).
 
 Resumable: each finished unit is appended to --state; a later call with the same command
 skips the units already there.  With --call-budget-s the script stops before a unit that
@@ -341,6 +344,22 @@ def prefill_chunk_stats(log_text: str, chunk_tokens: int) -> dict:
     return out
 
 
+_DECODE_LINE = re.compile(r"Decode batch, #running-req: \d+,.*?gen throughput \(token/s\): ([0-9.]+)")
+
+
+def server_decode_rate(log_text: str) -> dict:
+    """Median of SGLang's ``Decode batch`` "gen throughput" lines in a slice of its log (each
+    line: tokens generated over the time since the previous decode log line) and their count."""
+    vals = [float(v) for v in _DECODE_LINE.findall(log_text)]
+    return {"server_decode_tok_s_p50": statistics.median(vals) if vals else None, "server_decode_lines": len(vals)}
+
+
+def _read_from(path: str, offset: int) -> str:
+    with open(path, errors="replace") as f:
+        f.seek(offset)
+        return f.read()
+
+
 def send_all(base, model_id, prompts, output_len, concurrency, bar=None, peak=None):
     """run_load from synchronous code: (results, seconds)."""
     return asyncio.run(run_load(base, model_id, prompts, output_len, concurrency, bar, peak))
@@ -388,16 +407,16 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim):
             if warm:
                 send_all(base, model_id, warm, 1, len(warm))
             peak = {}
+            point_start = os.path.getsize(log)
             res, secs = send_all(base, model_id, prompts, p.output_len, p.concurrency, bar, peak)
+            decode = server_decode_rate(_read_from(log, point_start))
             rows.append({"config": unit.config, **info_fields, "workload": p.workload, "input_len": p.input_len,
                          "prefix_len": p.prefix_len, "output_len": p.output_len, "concurrency": p.concurrency,
                          "kv_demand_tokens": p.kv_demand(), **summarize(res, secs, p.output_len), **peak,
                          "max_total_num_tokens": info.get("max_total_num_tokens"),
-                         "max_running_requests": max_running})
+                         "max_running_requests": max_running, **decode})
         bar.close()
-        with open(log, errors="replace") as f:
-            f.seek(log_start)
-            chunks = prefill_chunk_stats(f.read(), chunk)
+        chunks = prefill_chunk_stats(_read_from(log, log_start), chunk)
     finally:
         srv.stop()
     return {"unit": unit.key, "config": unit.config, "pass": unit.pass_idx, "gpu": gpu_name(),
