@@ -17,8 +17,9 @@ mix needs more than ``max_rows`` staging rows, and the common batch is one piece
 first-use order a request's rows in a piece are the ones it shares with earlier requests
 or its own next rows, so the requests a piece touches are mostly consecutive.
 
-:func:`plan_prefix_pieces` does the device-side bookkeeping (one ``torch.unique``, one
-small host copy of per-piece counts) and the host-side planning; it runs on any device.
+:func:`plan_prefix_pieces` does the device-side bookkeeping (past ``max_rows`` prefix rows
+one ``torch.unique`` and, past one piece, a small host copy of per-piece counts) and the
+host-side planning; it runs on any device.
 """
 
 from __future__ import annotations
