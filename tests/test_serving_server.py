@@ -79,3 +79,17 @@ time.sleep(600)
         assert _wait(lambda: not _answers(port)), "the server outlived the benchmark"
     finally:
         proc.kill()
+
+
+def test_benchmark_flags_and_server_flags_are_split():
+    import argparse
+
+    from sglang_sawint4.serving.server import parse_args_and_server_flags
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--configs")
+    args = parse_args_and_server_flags(p, ["--configs", "a,b", "--", "--mem-fraction-static", "0.3",
+                                           "--disable-prefill-cuda-graph"])
+    assert args.configs == "a,b"
+    assert args.extra == ["--mem-fraction-static", "0.3", "--disable-prefill-cuda-graph"]
+    assert parse_args_and_server_flags(p, ["--configs", "c"]).extra == []

@@ -29,7 +29,8 @@ import time
 
 from sglang_sawint4.bench.serving import send_all, model_facts
 from sglang_sawint4.serving.client import random_token_ids, served_model_id
-from sglang_sawint4.serving.server import Server, command_line, gpu_name, nvidia_smi, request, serving_config, versions
+from sglang_sawint4.serving.server import (Server, command_line, gpu_name, nvidia_smi, parse_args_and_server_flags,
+                                           request, serving_config, versions)
 
 
 def used_mib() -> int:
@@ -107,8 +108,7 @@ def main():
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", default=".")
-    args, extra = p.parse_known_args()
-    args.extra = [x for x in extra if x != "--"]
+    args = parse_args_and_server_flags(p)
     vocab, head_dim = model_facts(args.model)
     os.makedirs(args.log_dir, exist_ok=True)
     rows = []

@@ -51,7 +51,8 @@ from sglang_sawint4.serving.client import (
     served_model_id,
     stream_events,
 )
-from sglang_sawint4.serving.server import Server, command_line, gpu_name, nvidia_smi, versions
+from sglang_sawint4.serving.server import (Server, command_line, gpu_name, nvidia_smi, parse_args_and_server_flags,
+                                           versions)
 
 LAUNCHER = [sys.executable, "-m", "sglang_sawint4.launch_server"]
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
@@ -514,8 +515,7 @@ def main():
     p.add_argument("--context-length", type=int, default=8192, help="server context (the over-long prompt case)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad-config-only", action="store_true", help="only the launcher cases (no GPU)")
-    args, extra = p.parse_known_args()
-    args.extra = [x for x in extra if x != "--"]
+    args = parse_args_and_server_flags(p)
     if args.bad_config_only:
         cases = run_bad_config_cases()
         print(f"{sum(c['ok'] for c in cases)}/{len(cases)} bad configurations refused with one line")

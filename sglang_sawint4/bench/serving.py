@@ -55,7 +55,8 @@ from typing import Dict, List, Optional, Tuple
 
 
 from sglang_sawint4.serving.client import load_row, random_token_ids, served_model_id
-from sglang_sawint4.serving.server import Server, command_line, gpu_name, nvidia_smi, serving_config, versions
+from sglang_sawint4.serving.server import (Server, command_line, gpu_name, nvidia_smi, parse_args_and_server_flags,
+                                           serving_config, versions)
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: units are left, run the same command again
 BASELINE = "bf16-flashinfer"
@@ -666,8 +667,7 @@ def main():
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", default=".")
-    args, extra = p.parse_known_args()
-    args.extra = [x for x in extra if x != "--"]
+    args = parse_args_and_server_flags(p)
     if args.rebuild:
         if not args.state:
             raise SystemExit("--rebuild needs --state (the run's unit records)")

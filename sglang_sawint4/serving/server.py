@@ -172,6 +172,14 @@ def nvidia_smi(field):
         return None
 
 
+def parse_args_and_server_flags(parser, argv=None):
+    """A benchmark's arguments: its own flags parsed, every flag it does not know (written
+    after ``--`` by convention) kept for the server in ``args.extra``."""
+    args, extra = parser.parse_known_args(argv)
+    args.extra = [x for x in extra if x != "--"]
+    return args
+
+
 def command_line() -> str:
     """The command that is running, as typed: ``python -m package.module ...`` for a module
     (what results files record next to their rows)."""
