@@ -122,7 +122,7 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
-        self._pieces, self._prefix = [], None
+        self._pieces, self._plan, self._prefix = [], None, None
         mode = forward_batch.forward_mode
         if mode.is_decode_or_idle() or mode.is_target_verify():
             return
@@ -143,7 +143,6 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         exceed the staging rows waits for the device here (``plan_prefix_pieces`` counts its
         distinct slots).
         """
-        self._pieces, self._plan = [], None
         n_prefix = sum(int(n) for n in prefix_cpu)
         if n_prefix == 0 and self._checker is None:
             return
