@@ -166,10 +166,12 @@ for s in "$@"; do
     STATE=${SERVING_STATE:-/tmp/serving_state.jsonl}
     BUDGET=0
     [ "${CALL_LIMIT_S:-0}" -gt 0 ] && BUDGET=$((CALL_LIMIT_S - SECONDS - 20))
+    set -f  # SERVING_ARGS word-split, not globbed: a level C*W is not a file pattern
     python3 -m sglang_sawint4.bench.serving --model "$MODELS/8b" --out "$OUT/serving.json" --log-dir "$OUT" \
       --state "$STATE" --call-budget-s "$BUDGET" ${SERVING_ARGS:--- --disable-prefill-cuda-graph \
       --mem-fraction-static 0.3 --cuda-graph-max-bs 64 --chunked-prefill-size 8192} 2>&1 | tr "\r" "\n" | grep -v "it/s\]$" | tail -60
     rc=${PIPESTATUS[0]}
+    set +f
     cp "$STATE" "$OUT/serving_state.jsonl" 2>/dev/null
     [ "$rc" -ne 0 ] && status=$rc
     ;;

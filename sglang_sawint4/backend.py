@@ -46,6 +46,28 @@ def check_int4_layer(layer, sinks=None, score_mod=None) -> None:
         raise Int4KVAccessError("INT4 KV attention supports causal self-attention without sliding window only")
 
 
+def compile_prefix_dequant(pool: Int4TokenToKVPool) -> int:
+    """Compile the prefix dequantize kernel for every kind of INT4 layer in ``pool`` (with and
+    without a key center) by dequantizing one slot into a one-row buffer of the model's dtype.
+
+    Both prefill paths first run it at a batch's first cached prefix: compiled there, a
+    Triton compile (~0.5 s) would stall that batch and every request in it.  The kernel
+    leaves the row count and the index pointers unspecialized and the one-row buffer has the
+    strides of the real ones, so this is the variant serving uses.  Returns the variants run.
+    """
+    slot = torch.zeros(1, dtype=torch.int32, device=pool.device)
+    out = [torch.empty((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device) for _ in range(2)]
+    kinds = set()
+    for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
+        if pool.is_bf16_layer(layer_id):
+            continue
+        center = pool.key_center(layer_id)
+        if (center is None) not in kinds:
+            kinds.add(center is None)
+            dequantize_pages(*pool.get_int4_layer(layer_id), slot, *out, pool.int4_format, k_center=center)
+    return len(kinds)
+
+
 class Int4TritonAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner, skip_prefill: bool = False, kv_indptr_buf=None):
         pool = model_runner.token_to_kv_pool
@@ -66,6 +88,7 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             if bad:
                 raise Int4KVAccessError(f"INT4 KV cache does not support {why}")
         self._prefix_identity = torch.arange(0, dtype=torch.int64, device=self.device)
+        compile_prefix_dequant(pool)
         self._checker = AttentionChecker.from_env()  # None unless --kv-quant-debug-check-attention
 
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor):

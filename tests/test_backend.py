@@ -173,3 +173,32 @@ def test_backend_refuses_int4_reads_through_bf16_accessors(device):
         pool.get_key_buffer(2)
     with pytest.raises(Int4KVAccessError, match="keeps BF16"):
         pool.get_int4_layer(BF16_LAYER)
+
+
+def _compiled_variants(kernel) -> int:
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernel variants exist on a GPU only")
+def test_prefixes_reuse_the_dequant_variants_compiled_when_the_backend_is_built(rng):
+    """Building the backend compiles the prefix dequantize kernel (plain and centered INT4
+    layers); prefixes of any length, cut from any offset of a piece's slot list, then run on
+    those variants: no Triton compile in the middle of serving."""
+    from sglang_sawint4.backend import compile_prefix_dequant
+    from sglang_sawint4.kernels.dequant import _dequantize_pages_kernel, dequantize_pages
+    from sglang_sawint4.pool import Int4TokenToKVPool
+
+    center = torch.randn(HK, D, generator=rng)
+    pool = Int4TokenToKVPool(256, page_size=1, dtype=DTYPE, head_num=HK, head_dim=D, layer_num=LAYERS, device="cuda",
+                             enable_memory_saver=False, int4_format=LAYOUT, bf16_layers=(BF16_LAYER,),
+                             key_centers={CENTERED_LAYER: center})
+    assert compile_prefix_dequant(pool) == 2
+    before = _compiled_variants(_dequantize_pages_kernel)
+    slots = (torch.randperm(255, generator=rng)[:120] + 1).to(torch.int32).cuda()
+    k_out, v_out = (torch.empty(128, HK, D, dtype=DTYPE, device="cuda") for _ in range(2))
+    for layer in (CENTERED_LAYER, 2):
+        for n, offset in ((37, 3), (1, 0), (64, 16), (17, 101)):
+            dequantize_pages(*pool.get_int4_layer(layer), slots[offset: offset + n], k_out, v_out, LAYOUT,
+                             k_center=pool.key_center(layer))
+    torch.cuda.synchronize()
+    assert _compiled_variants(_dequantize_pages_kernel) == before

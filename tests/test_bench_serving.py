@@ -102,7 +102,12 @@ def test_points_and_shared_prefix_prompts():
     sp = points[-1]
     assert sp.prefix_len == 8192 and sp.kv_demand() == 4 * 8192 + 32 * (256 + 128)
     assert points[0].kv_demand() == 1 * (1024 + 256)
-    for bad in (("1024", "1", ""), ("1024x256@0", "1", ""), ("1024x256", "x", ""), ("", "1", "8x2@4"), ("", "1", "")):
+    waves = bench_serving.parse_points("1024x256@64*4/16", "1", "8192x256x128@32*3")
+    assert [(p.concurrency, p.waves) for p in waves] == [(64, 4), (16, 1), (32, 3)]
+    assert [bench_serving.num_requests(p, 20) for p in waves] == [256, 20, 96]
+    assert waves[0].kv_demand() == 64 * (1024 + 256)  # waves follow one another: the demand of one
+    for bad in (("1024", "1", ""), ("1024x256@0", "1", ""), ("1024x256", "x", ""), ("", "1", "8x2@4"), ("", "1", ""),
+                ("1024x256@64*0", "1", ""), ("1024x256@64*x", "1", "")):
         with pytest.raises(SystemExit):
             bench_serving.parse_points(*bad)
     small = bench_serving.Point("shared-prefix", 20, 4, 6, prefix_len=16)

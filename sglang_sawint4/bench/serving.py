@@ -3,7 +3,7 @@
     python -m sglang_sawint4.bench.serving --model /tmp/models/8b --out bench/results/serving.json \
         --configs bf16-flashinfer,int4-bdr-flashinfer,int4-flashinfer,fp8_e4m3-flashinfer,bf16-triton,int4-triton,int4-bdr-triton \
         --repeat-configs int4-bdr-flashinfer,bf16-flashinfer \
-        --shapes 1024x256@1/16/64,16384x1024@8/32 --shared-prefix 8192x256x128@32 \
+        --shapes 1024x256@1/16/64*4,16384x1024@8/32 --shared-prefix 8192x256x128@32*4 \
         --state /tmp/serving_state.jsonl --call-budget-s 560 -- --disable-prefill-cuda-graph
 
 A config is ``<kv>-<backend>``: kv ``bf16``, ``fp8_e4m3``, ``int4``, ``int4-bdr`` (both INT4 kinds with
@@ -15,6 +15,8 @@ workload (random token-id prompts, every shape at each of its concurrencies) and
 ``shared-prefix`` workload (PREFIXxSUFFIXxOUTPUT: 4 groups of requests, each group's prompts
 one PREFIX-token prefix plus a SUFFIX-token suffix of their own; each group's prefix is
 cached by one untimed request first, as a system prompt or an earlier turn would be).
+A level ``C*W`` sends W waves of C requests, closed loop (a new request as one ends), so
+that TTFT percentiles and throughput rest on more than one burst; ``C`` alone is one wave.
 One server lifetime is a *unit*.  Pass 0 runs every config in the given order; pass 1
 runs --repeat-configs again in the reverse order, so that machine drift does not favour
 one of them and the run-to-run spread is measured (``repeat_spread_pct``).
@@ -73,16 +75,20 @@ def _lengths(text: str, n: int, what: str) -> Tuple[int, ...]:
     return vals
 
 
-def _levels(text: str, default: List[int], what: str) -> List[int]:
+def _levels(text: str, default: List[int], what: str) -> List[Tuple[int, int]]:
+    """(concurrency, waves) of each level after '@': ``C`` or ``C*W`` (W waves of C requests)."""
     shape, _, conc = text.partition("@")
     if not conc:
-        return default
-    try:
-        levels = [int(c) for c in conc.split("/")]
-    except ValueError:
-        raise SystemExit(f"bad {what} {text!r}: concurrencies as c1/c2/...") from None
-    if min(levels) < 1:
-        raise SystemExit(f"bad {what} {text!r}: concurrencies must be positive")
+        return [(c, 1) for c in default]
+    levels = []
+    for level in conc.split("/"):
+        c, _, w = level.partition("*")
+        try:
+            levels.append((int(c), int(w) if w else 1))
+        except ValueError:
+            raise SystemExit(f"bad {what} {text!r}: concurrencies as c1/c2/..., each optionally *waves") from None
+    if min(min(level) for level in levels) < 1:
+        raise SystemExit(f"bad {what} {text!r}: concurrencies and waves must be positive")
     return levels
 
 
@@ -94,6 +100,7 @@ class Point:
     output_len: int
     concurrency: int
     prefix_len: int = 0  # shared-prefix: tokens every request of a group shares
+    waves: int = 1  # requests = waves x concurrency (closed loop: a new one as one ends)
 
     def kv_demand(self, groups: int = PREFIX_GROUPS) -> int:
         """KV slots needed to run every request at once (shared prefixes counted once)."""
@@ -104,7 +111,7 @@ class Point:
 
 def parse_points(shapes: str, concurrency: str, shared_prefix: str = "") -> List[Point]:
     """--shapes 'ILxOL[@c1/c2],...', --concurrency 'c1,c2' (shapes without @), --shared-prefix
-    'PxSxO[@c1/c2],...' -> the points, in that order."""
+    'PxSxO[@c1/c2],...' -> the points, in that order.  A level ``C*W`` sends W waves of C."""
     try:
         default = [int(c) for c in concurrency.split(",") if c]
     except ValueError:
@@ -112,11 +119,11 @@ def parse_points(shapes: str, concurrency: str, shared_prefix: str = "") -> List
     points = []
     for text in (x for x in shapes.split(",") if x):
         il, ol = _lengths(text.partition("@")[0], 2, "shape")
-        points += [Point("random", il, ol, c) for c in _levels(text, default, "shape")]
+        points += [Point("random", il, ol, c, waves=w) for c, w in _levels(text, default, "shape")]
     for text in (x for x in shared_prefix.split(",") if x):
         pl, sl, ol = _lengths(text.partition("@")[0], 3, "--shared-prefix")
-        points += [Point("shared-prefix", pl + sl, ol, c, prefix_len=pl)
-                   for c in _levels(text, default, "--shared-prefix")]
+        points += [Point("shared-prefix", pl + sl, ol, c, prefix_len=pl, waves=w)
+                   for c, w in _levels(text, default, "--shared-prefix")]
     if not points:
         raise SystemExit("no points: give --shapes and/or --shared-prefix")
     return points
@@ -263,9 +270,9 @@ def shared_prefix_prompts(n, point: Point, vocab, seed, groups=PREFIX_GROUPS):
     return prefixes, [prefixes[i % groups] + random_token_ids(rng, vocab, suffix) for i in range(n)]
 
 
-def num_requests(concurrency, min_requests):
-    """One full wave at every concurrency, and at least `min_requests` for the low ones."""
-    return max(min_requests, concurrency)
+def num_requests(point: Point, min_requests: int) -> int:
+    """The point's waves of `concurrency` requests, and at least `min_requests` for low concurrencies."""
+    return max(min_requests, point.waves * point.concurrency)
 
 
 # --------------------------------------------------------------------------- #
@@ -314,12 +321,14 @@ def append_state(path: Optional[str], record: dict):
 
 def next_action(units, done, elapsed_s, budget_s, default_unit_s):
     """('run', unit), ('resume', unit) when the budget would be exceeded, or ('done', None).
-    The estimate is the longest finished unit (else default_unit_s)."""
+    The estimate is the median finished unit plus 15% (else default_unit_s): not the longest,
+    which is the first on a fresh machine, where the JIT caches are filled."""
     todo = [u for u in units if u.key not in done]
     if not todo:
         return "done", None
     unit = todo[0]
-    estimate = max((rec["seconds"] for rec in done.values()), default=default_unit_s)
+    times = [rec["seconds"] for rec in done.values()]
+    estimate = 1.15 * statistics.median(times) if times else default_unit_s
     if budget_s and elapsed_s + estimate > budget_s:
         return "resume", unit
     return "run", unit
@@ -393,17 +402,21 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim):
         chunk = info.get("chunked_prefill_size") or 8192
         model_id = served_model_id(args.port)
         # untimed warm-up at every shape, with enough requests for full prefill chunks and
-        # mixed prefill/decode batches: Triton specializes kernels on argument values (e.g.
-        # divisible by 16), and a compile inside a timed level would count against that config
-        # (decode batch sizes up to 256 are compiled by the CUDA-graph capture already)
+        # mixed prefill/decode batches, then one request again (a radix-cache hit: the cached-
+        # prefix path): Triton specializes kernels on argument values (e.g. divisible by 16),
+        # FlashInfer loads its modules at first use, and a compile or load inside a timed level
+        # would count against that config (decode batch sizes are compiled by the CUDA-graph
+        # capture already)
         for il, ol in sorted({(p.input_len, p.output_len) for p in points}):
             n_warm = min(64, max(p.concurrency for p in points if (p.input_len, p.output_len) == (il, ol)))
-            send_all(base, model_id, make_prompts(n_warm, il, vocab, args.seed - 1), min(ol, 8), n_warm)
+            warm = make_prompts(n_warm, il, vocab, args.seed - 1)
+            send_all(base, model_id, warm, min(ol, 8), n_warm)
+            send_all(base, model_id, warm[:1], 2, 1)
         log_start = os.path.getsize(log)
-        total = sum(num_requests(p.concurrency, args.min_requests) for p in points)
+        total = sum(num_requests(p, args.min_requests) for p in points)
         bar = tqdm(total=total, desc=f"pass {unit.pass_idx} {unit.config}", file=sys.stdout, mininterval=10)
         for p in points:
-            n = num_requests(p.concurrency, args.min_requests)
+            n = num_requests(p, args.min_requests)
             warm, prompts = point_prompts(p, n, vocab, args.seed + p.concurrency + p.input_len + p.prefix_len)
             if warm:
                 send_all(base, model_id, warm, 1, len(warm))
@@ -413,6 +426,7 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim):
             decode = server_decode_rate(_read_from(log, point_start))
             rows.append({"config": unit.config, **info_fields, "workload": p.workload, "input_len": p.input_len,
                          "prefix_len": p.prefix_len, "output_len": p.output_len, "concurrency": p.concurrency,
+                         "waves": p.waves,
                          "kv_demand_tokens": p.kv_demand(), **summarize(res, secs, p.output_len), **peak,
                          "max_total_num_tokens": info.get("max_total_num_tokens"),
                          "max_running_requests": max_running, **decode})
@@ -583,7 +597,9 @@ def rebuild(state_path, out):
 
 
 def plot(result, path):
-    """Per (workload, shape): output tok/s and TTFT p50 (p99 dashed) against concurrency."""
+    """Per (workload, shape): output tok/s and TTFT as bars, one group per concurrency, one bar
+    per config (the runs as dots on the throughput bars, TTFT p99 as a tick above the p50 bar);
+    a capacity point's group is shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -592,41 +608,52 @@ def plot(result, path):
     rows = result["rows"]
     panels = sorted({(r.get("workload", "random"), r["input_len"], r.get("prefix_len", 0), r["output_len"])
                      for r in rows})
-    configs = sorted({r["config"] for r in rows})
+    configs = sorted({r["config"] for r in rows}, key=lambda c: (not c.endswith("flashinfer"), c))
     colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(configs)}
-    fig, axes = plt.subplots(len(panels), 2, figsize=(13, 3.8 * len(panels)), squeeze=False)
+    width = 0.8 / len(configs)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(13, 0.6 + 3.6 * len(panels)), squeeze=False)
     for i, (wl, il, pl, ol) in enumerate(panels):
-        for cfg in configs:
-            pts = sorted((r["concurrency"], r["output_tok_s"], r["ttft_ms_p50"], r["ttft_ms_p99"], r["capacity_point"],
-                          r["errors"]) for r in rows if r["config"] == cfg and point_key(r)[:4] == (wl, il, pl, ol))
-            if not pts:
-                continue
-            xs = [x[0] for x in pts]
-            style = "-o" if cfg.endswith("flashinfer") else "--s"
-            axes[i][0].plot(xs, [x[1] for x in pts], style, color=colors[cfg], label=cfg, ms=5)
-            axes[i][1].plot(xs, [x[2] for x in pts], style, color=colors[cfg], label=f"{cfg} p50", ms=5)
-            axes[i][1].plot(xs, [x[3] for x in pts], ":x", color=colors[cfg], lw=1, ms=6)
-            for x in pts:
-                if x[4]:
-                    axes[i][0].axvspan(x[0] * 0.93, x[0] * 1.07, color="0.9", zorder=0)
-                if x[5]:
-                    axes[i][0].annotate(f"{cfg}: {x[5]} requests failed", (x[0], x[1]), color="red", fontsize=7,
-                                        xytext=(5, 5), textcoords="offset points")
-        axes[i][0].set_ylim(bottom=0)
+        mine = [r for r in rows if point_key(r)[:4] == (wl, il, pl, ol)]
+        levels = sorted({r["concurrency"] for r in mine})
+        by = {(r["config"], r["concurrency"]): r for r in mine}
+        for g, c in enumerate(levels):
+            if any(by[k]["capacity_point"] for k in by if k[1] == c):
+                for ax in axes[i]:
+                    ax.axvspan(g - 0.45, g + 0.45, color="0.92", zorder=0)
+            for j, cfg in enumerate(configs):
+                r = by.get((cfg, c))
+                if r is None:
+                    continue
+                x = g - 0.4 + (j + 0.5) * width
+                hatch = None if cfg.endswith("flashinfer") else "//"
+                axes[i][0].bar(x, r["output_tok_s"], width, color=colors[cfg], hatch=hatch, edgecolor="white",
+                               label=cfg if g == 0 else None)
+                runs = r.get("output_tok_s_runs") or []
+                if len(runs) > 1:
+                    axes[i][0].plot([x] * len(runs), runs, "k.", ms=4)
+                if r["errors"]:
+                    axes[i][0].annotate(f"{r['errors']} failed", (x, r["output_tok_s"]), color="red", fontsize=7,
+                                        rotation=90, va="bottom")
+                if r["ttft_ms_p50"] is not None:
+                    axes[i][1].bar(x, r["ttft_ms_p50"], width, color=colors[cfg], hatch=hatch, edgecolor="white")
+                if r["ttft_ms_p99"] is not None:
+                    axes[i][1].plot([x - width / 2, x + width / 2], [r["ttft_ms_p99"]] * 2, color=colors[cfg], lw=2)
         title = (f"shared prefix {pl} + {il - pl} in / {ol} out" if wl == "shared-prefix"
                  else f"random {il} in / {ol} out")
-        for ax, ylabel in zip(axes[i], ("output tok/s", "TTFT ms (p50 o, p99 x)")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("concurrency (grey: BF16's KV pool is the limit)")
+        for ax, ylabel in zip(axes[i], ("output tok/s (dots: runs)", "TTFT ms: bar p50, line p99")):
+            ax.set_xticks(range(len(levels)), [f"concurrency {c}" for c in levels])
+            ax.set_xlim(-0.5, len(levels) - 0.5)
             ax.set_ylabel(ylabel)
-            ax.set_title(title)
-        axes[i][1].set_yscale("log")
-        axes[i][0].legend(fontsize=7)
+            ax.set_title(title + ("  (shaded: BF16's KV pool is the limit)" if any(r["capacity_point"] for r in mine)
+                                  else ""), fontsize=9)
+        axes[i][0].set_ylim(top=axes[i][0].get_ylim()[1] * 1.08)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(configs), fontsize=8, bbox_to_anchor=(0.5, 0.968))
     spread = result["repeat_spread_pct"]
     fig.suptitle(f"{result['gpu']}, {result['model']}, prefill CUDA graphs "
                  f"{'on' if result.get('prefill_cuda_graph') else 'off'}, run-to-run spread "
-                 f"{'n/a' if spread is None else f'{spread:.1f}%'}", fontsize=9)
-    fig.tight_layout()
+                 f"{'n/a' if spread is None else f'{spread:.1f}%'} (hatched: Triton prefill)", fontsize=9, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=100)
 
 
@@ -655,10 +682,10 @@ def main():
     p.add_argument("--repeat-configs", default="int4-bdr-flashinfer,bf16-flashinfer",
                    help="configs run a second time, in reverse order (comma list; empty: none)")
     p.add_argument("--shapes", default="1024x256@1/16/64,16384x1024@8/32",
-                   help="random workload: INPUTxOUTPUT[@c1/c2/...] (without @: --concurrency)")
+                   help="random workload: INPUTxOUTPUT[@c1/c2/...] (without @: --concurrency); a level c*w: w waves")
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--shared-prefix", default="8192x256x128@32",
-                   help="shared-prefix workload: PREFIXxSUFFIXxOUTPUT[@c1/c2/...] ('' for none)")
+                   help="shared-prefix workload: PREFIXxSUFFIXxOUTPUT[@c1/c2/...] ('' for none); a level c*w: w waves")
     p.add_argument("--min-requests", type=int, default=4, help="requests per level = max(this, concurrency)")
     p.add_argument("--state", help="JSON-lines file of finished units (resume)")
     p.add_argument("--call-budget-s", type=float, default=0.0,
