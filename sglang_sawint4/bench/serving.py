@@ -686,7 +686,7 @@ def main():
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--shared-prefix", default="8192x256x128@32",
                    help="shared-prefix workload: PREFIXxSUFFIXxOUTPUT[@c1/c2/...] ('' for none); a level c*w: w waves")
-    p.add_argument("--min-requests", type=int, default=4, help="requests per level = max(this, concurrency)")
+    p.add_argument("--min-requests", type=int, default=4, help="requests per level = max(this, waves x concurrency)")
     p.add_argument("--state", help="JSON-lines file of finished units (resume)")
     p.add_argument("--call-budget-s", type=float, default=0.0,
                    help="stop (exit 75) before a unit that would end after this many seconds")
