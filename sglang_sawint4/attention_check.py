@@ -142,6 +142,22 @@ class AttentionChecker:
             f.write(json.dumps(row) + "\n")
         return row
 
+    @staticmethod
+    def _kv_kind(pool, layer_id: int) -> str:
+        return "bf16" if pool.is_bf16_layer(layer_id) else "int4"
+
+    def check_decode(self, pool, layer, q, o, kv_indptr, kv_indices):
+        """Check one decode call of ``layer``: q [batch, heads, head_dim] (one new token per
+        request), o the served output, kv_indptr [>= batch + 1] / kv_indices every request's
+        slots, the new token's included."""
+        batch = q.shape[0]
+        if not self.wanted("decode", layer.layer_id, batch):
+            return
+        ref = pool_attention_reference(pool, layer.layer_id, q, torch.arange(batch + 1, device=q.device),
+                                       kv_indptr[: batch + 1], kv_indices, layer.scaling, round_rotated_q_to=q.dtype)
+        self.record("decode", layer.layer_id, o, ref, batch=batch, kv_tokens=int(kv_indptr[batch]),
+                    kv=self._kv_kind(pool, layer.layer_id))
+
     def check_extend(self, pool, layer, q, k, v, o, qo_indptr, kv_indptr, kv_indices, n_prefix: int, path: str):
         """Check one extend call of ``layer``: q / k / v [new_tokens, heads, head_dim] (the new
         tokens), o the served output, kv_indptr / kv_indices the cached prefix's slots per
@@ -154,4 +170,4 @@ class AttentionChecker:
         ref = pool_attention_reference(pool, layer.layer_id, q, qo_indptr, kv_indptr, kv_indices, layer.scaling,
                                        k_new=k, v_new=v, round_prefix_to=q.dtype)
         self.record(mode, layer.layer_id, o, ref, batch=batch, new_tokens=q.shape[0], prefix_tokens=n_prefix,
-                    kv="bf16" if pool.is_bf16_layer(layer.layer_id) else "int4", path=path)
+                    kv=self._kv_kind(pool, layer.layer_id), path=path)

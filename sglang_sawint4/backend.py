@@ -29,7 +29,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from sglang_sawint4.attention_check import AttentionChecker, pool_attention_reference
+from sglang_sawint4.attention_check import AttentionChecker
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.splits import int4_num_kv_splits
@@ -181,14 +181,8 @@ class Int4TritonAttnBackend(TritonAttnBackend):
 
     # -- --kv-quant-debug-check-attention: eager mode only, first calls per layer ----------
     def _check_decode(self, layer, q, o):
-        md, batch = self.forward_metadata, q.shape[0]
-        if not self._checker.wanted("decode", layer.layer_id, batch):
-            return
-        ref = pool_attention_reference(self.int4_pool, layer.layer_id, q, torch.arange(batch + 1, device=q.device),
-                                       md.kv_indptr[: batch + 1], md.kv_indices, layer.scaling,
-                                       round_rotated_q_to=q.dtype)
-        self._checker.record("decode", layer.layer_id, o, ref, batch=batch, kv_tokens=int(md.kv_indptr[batch]),
-                             kv="bf16" if self.int4_pool.is_bf16_layer(layer.layer_id) else "int4")
+        md = self.forward_metadata
+        self._checker.check_decode(self.int4_pool, layer, q, o, md.kv_indptr, md.kv_indices)
 
     def _check_extend(self, layer, forward_batch, q, k, v, o, n_prefix):
         md, batch = self.forward_metadata, forward_batch.batch_size

@@ -89,11 +89,10 @@ def prepare_int4_argv(config: KVQuantConfig, argv: List[str]) -> List[str]:
         if value is not None and value != effective:
             raise ConfigError(f"--kv-quant {config.method} sets the prefill path with --attention-backend "
                               f"(decode always runs the INT4 kernel); drop {flag} {value}")
-    for flag in ("--cuda-graph-backend-prefill",):
-        value = _flag_value(argv, flag)
-        if effective == "flashinfer" and value in CAPTURED_PREFILL_GRAPHS:
-            raise ConfigError(f"--kv-quant {config.method} with --attention-backend flashinfer does not support "
-                              f"{flag} {value}; use the default, breakable, or disabled")
+    graph = _flag_value(argv, "--cuda-graph-backend-prefill")
+    if effective == "flashinfer" and graph in CAPTURED_PREFILL_GRAPHS:
+        raise ConfigError(f"--kv-quant {config.method} with --attention-backend flashinfer does not support "
+                          f"--cuda-graph-backend-prefill {graph}; use the default, breakable, or disabled")
     dtype = _flag_value(argv, "--kv-cache-dtype")
     if dtype not in (None, "auto", "bf16", "bfloat16"):
         raise ConfigError(f"--kv-quant {config.method} replaces --kv-cache-dtype; drop --kv-cache-dtype {dtype}")

@@ -4,6 +4,7 @@ references: a prefill, a chunk over that cached prefix (chunked prefill / radix 
 decode steps; one BF16 layer, one INT4 layer with centered keys and one plain INT4 layer.
 CPU: Triton in interpreter mode, fp16 (the interpreter's bf16 has given garbage)."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -103,7 +104,8 @@ def published(tmp_path, monkeypatch):
     reset_context()
 
 
-def test_backend_extend_chunk_and_decode_match_references(device, published):
+def test_backend_extend_chunk_and_decode_match_references(device, published, tmp_path):
+    from sglang_sawint4.attention_check import AttentionChecker
     from sglang_sawint4.backend import Int4TritonAttnBackend
     from sglang_sawint4.pool import Int4TokenToKVPool
 
@@ -115,6 +117,8 @@ def test_backend_extend_chunk_and_decode_match_references(device, published):
                              key_centers={CENTERED_LAYER: center})
     runner = _runner(published, pool, 4, device)
     backend = Int4TritonAttnBackend(runner)
+    # --kv-quant-debug-check-attention as the server runs it: every step's records must pass
+    backend._checker = AttentionChecker(str(tmp_path / "checks.jsonl"), max_per_layer=4)
     req_to_token = runner.req_to_token_pool.req_to_token
     total = [32, 9]  # tokens of request 0 and 1 by the end of the prefill steps
     slots = torch.randperm(255, generator=gen)[: sum(total) + 2] + 1  # scattered slots, slot 0 is padding
@@ -156,6 +160,11 @@ def test_backend_extend_chunk_and_decode_match_references(device, published):
     step("EXTEND", [30, 9], [20, 8], [(20, 30), (8, 9)])  # a chunk over the cached prefix
     step("DECODE", [31, 9], [30, 8], [(30, 31), (8, 9)])  # (request 1 decodes its 9th token again)
     step("DECODE", [32, 9], [31, 8], [(31, 32), (8, 9)])
+    checks = [json.loads(line) for line in open(tmp_path / "checks.jsonl")]
+    assert sorted({(c["mode"], c["layer"]) for c in checks}) == sorted(
+        (mode, l) for mode in ("decode", "extend", "extend_prefix") for l in range(LAYERS))
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    assert {c["kv"] for c in checks if c["layer"] == BF16_LAYER} == {"bf16"}
     # the centered layer's pages hold H (k - c): stored without the center, read back with it
     kd, km, _, _ = pool.get_int4_layer(CENTERED_LAYER)
     s0 = per_req[0][:20].long()
