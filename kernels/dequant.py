@@ -1,11 +1,13 @@
 """Dequantize the INT4 pages of a cached prefix into a dense BF16/FP16 scratch.
 
-Used by the extend/prefill path: the new tokens' K/V are attended exactly in
-their original precision, and only the cached prefix (radix-cache hits, earlier
-chunks of a chunked prefill) is read from INT4.  The prefix is gathered through
-``kv_indices`` (one launch for K and V), un-rotated into the original space, and
-handed to SGLang's stock extend kernel with an identity index map.  See
-``docs/design-notes.md`` for why this beats a dedicated INT4 extend kernel here.
+Used by both extend/prefill paths: the new tokens' K/V are attended in their
+original precision, and only the cached prefix (radix-cache hits, earlier chunks
+of a chunked prefill) is read from INT4.  The prefix is gathered through
+``kv_indices`` (one launch for K and V) either into the original space (un-rotated,
+key center added back: the FlashInfer path's staging rows) or as stored (rotated,
+keys centered: the Triton path, which moves the new tokens into that space instead)
+and handed to a stock prefill kernel.  See ``docs/design-notes.md`` for why this
+beats a dedicated INT4 extend kernel here.
 """
 
 from typing import Optional
@@ -102,6 +104,7 @@ def dequantize_pages(
     v_out: torch.Tensor,
     layout: fmt.Int4Format,
     k_center: Optional[torch.Tensor] = None,
+    unrotate: bool = True,
 ) -> None:
     """Gather and dequantize rows ``kv_indices`` of one layer into dense K/V.
 
@@ -110,9 +113,10 @@ def dequantize_pages(
         k_meta, v_meta: [num_slots, num_kv_heads, 2] float16.
         kv_indices: [n] int32/int64 slot ids.
         k_out, v_out: [>= n, num_kv_heads, head_dim] bf16/fp16/fp32; row i receives
-            slot kv_indices[i] in the original (un-rotated) space.
+            slot kv_indices[i] in the original (un-rotated) space, or as stored (rotated
+            where the layout rotates, keys centered) when ``unrotate`` is False.
         k_center: None, or [num_kv_heads, head_dim] float32 contiguous: the layer's key
-            center in the original space, added back to every key row.
+            center in the original space, added back to every key row (original space only).
     """
     d = layout.head_dim
     num_heads = k_data.shape[1]
@@ -123,22 +127,25 @@ def dequantize_pages(
         if out.dim() != 3 or out.shape[0] < n or out.shape[1:] != (num_heads, d) or out.stride(-1) != 1:
             raise ValueError(f"{name} must be [>= {n}, {num_heads}, {d}] with unit channel stride, got {tuple(out.shape)}")
     check_center(k_center, num_heads, d)
+    if k_center is not None and not unrotate:
+        raise ValueError("k_center is added back in the original space only; pages read as stored stay centered")
     if n == 0:
         return
     grid = (triton.cdiv(n, BLOCK_T), num_heads, 2)
     _dequantize_pages_kernel[grid](
         *row_head_args(k_data, k_meta, v_data, v_meta, k_out, v_out), kv_indices,
         k_center if k_center is not None else kv_indices, n,
-        ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v, BLOCK_ROT=layout.block_size or 1,
+        ROTATE_K=unrotate and layout.rotate_k, ROTATE_V=unrotate and layout.rotate_v, BLOCK_ROT=layout.block_size or 1,
         CENTER_K=k_center is not None,
         BLOCK=BLOCK_T, HALF=d // 2, num_warps=4,
     )
 
 
-def dequantize_pages_reference(k_data, k_meta, v_data, v_meta, kv_indices, layout: fmt.Int4Format, k_center=None):
-    """Float64 reference: (k, v) [n, num_kv_heads, head_dim] in the original space."""
+def dequantize_pages_reference(k_data, k_meta, v_data, v_meta, kv_indices, layout: fmt.Int4Format, k_center=None,
+                               unrotate=True):
+    """Float64 reference: (k, v) [n, num_kv_heads, head_dim] in the original space (or as stored)."""
     idx = kv_indices.long().cpu()
-    k = fmt.decode(k_data.cpu()[idx], k_meta.cpu()[idx], layout, is_value=False,
+    k = fmt.decode(k_data.cpu()[idx], k_meta.cpu()[idx], layout, is_value=False, unrotate=unrotate,
                    center=None if k_center is None else k_center.cpu())
-    v = fmt.decode(v_data.cpu()[idx], v_meta.cpu()[idx], layout, is_value=True)
+    v = fmt.decode(v_data.cpu()[idx], v_meta.cpu()[idx], layout, is_value=True, unrotate=unrotate)
     return k, v

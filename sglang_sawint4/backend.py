@@ -12,11 +12,14 @@ replaced:
   ``int4_decode_attention`` over all of the request's pages, split by our kernel's own
   split-count rule (``get_num_kv_splits``);
 * extend/prefill: store the new tokens, dequantize only the cached prefix
-  (radix-cache hits, earlier chunks) into a BF16 scratch, and run SGLang's stock
-  extend kernel on it, so attention among the new tokens stays exact.  Centered keys
-  (the KV policy) get their center back in that scratch, since the new tokens' are exact.
-  The scratch holds the whole batch's prefixes; ``sglang_sawint4.flashinfer_prefill`` is the
-  bounded FlashInfer path.
+  (radix-cache hits, earlier chunks) into a BF16 scratch *as stored* (rotated, keys
+  centered), move the new tokens' q / k / v into that space (rotate, subtract the stored
+  key center) and run SGLang's stock extend kernel there; a layout that rotates V rotates
+  the output back.  Attention is the same in both spaces (H is orthogonal; a key center
+  shifts every score of a query alike, once new keys carry it too), and moving the new
+  tokens costs O(new tokens) where un-rotating the scratch costs O(batch x prefix): every
+  request dequantizes its whole prefix here, shared or not.  The scratch holds the whole
+  batch's prefixes; ``sglang_sawint4.flashinfer_prefill`` is the bounded FlashInfer path.
 
 Layers the KV policy keeps in BF16 run SGLang's own Triton decode and extend unchanged
 (the pool hands them BF16 buffers); the choice is per layer id, so a captured CUDA graph
@@ -29,6 +32,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from sglang_sawint4 import format as fmt
 from sglang_sawint4.attention_check import AttentionChecker
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
@@ -47,25 +51,31 @@ def check_int4_layer(layer, sinks=None, score_mod=None) -> None:
 
 
 def compile_prefix_dequant(pool: Int4TokenToKVPool) -> int:
-    """Compile the prefix dequantize kernel for every kind of INT4 layer in ``pool`` (with and
-    without a key center) by dequantizing one slot into a one-row buffer of the model's dtype.
+    """Compile the prefix dequantize kernel for every way the prefill paths read an INT4 layer
+    of ``pool`` (as stored: the Triton path; into the original space with or without a key
+    center: the FlashInfer path's staging) by dequantizing one slot into a one-row buffer
+    of the model's dtype.
 
     Both prefill paths first run it at a batch's first cached prefix: compiled there, a
     Triton compile (~0.5 s) would stall that batch and every request in it.  The kernel
     leaves the row count and the index pointers unspecialized and the one-row buffer has the
-    strides of the real ones, so this is the variant serving uses.  Returns the variants run.
+    strides of the real ones, so these are the variants serving uses.  Returns the variants run.
     """
     slot = torch.zeros(1, dtype=torch.int32, device=pool.device)
     out = [torch.empty((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device) for _ in range(2)]
-    kinds = set()
+    rotated = pool.int4_format.block_size is not None
+    variants = set()  # (un-rotated, center added): the kernel's constexprs
     for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
         if pool.is_bf16_layer(layer_id):
             continue
         center = pool.key_center(layer_id)
-        if (center is None) not in kinds:
-            kinds.add(center is None)
-            dequantize_pages(*pool.get_int4_layer(layer_id), slot, *out, pool.int4_format, k_center=center)
-    return len(kinds)
+        for unrotate, k_center in ((False, None), (True, center)):
+            variant = (unrotate and rotated, k_center is not None)
+            if variant not in variants:
+                variants.add(variant)
+                dequantize_pages(*pool.get_int4_layer(layer_id), slot, *out, pool.int4_format, k_center=k_center,
+                                 unrotate=unrotate)
+    return len(variants)
 
 
 class Int4TritonAttnBackend(TritonAttnBackend):
@@ -88,6 +98,9 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             if bad:
                 raise Int4KVAccessError(f"INT4 KV cache does not support {why}")
         self._prefix_identity = torch.arange(0, dtype=torch.int64, device=self.device)
+        block = self.int4_format.block_size
+        # H_b for moving the new tokens of an extend into the pages' stored space
+        self._hadamard = None if block is None else fmt.hadamard_matrix(block, torch.float32).to(self.device)
         compile_prefix_dequant(pool)
         self._checker = AttentionChecker.from_env()  # None unless --kv-quant-debug-check-attention
 
@@ -158,16 +171,17 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             self._store(forward_batch, layer, k, v)
         md = self.forward_metadata
         n_prefix = self._prefix_rows(forward_batch)
-        # Dense copy of the cached prefix only, in the original (un-rotated) space
-        # (one row even without a prefix: the extend kernel takes a non-empty buffer).
+        # Dense copy of the cached prefix only, as stored (one row even without a prefix:
+        # the extend kernel takes a non-empty buffer); the new tokens join it in that space.
         scratch_rows = max(n_prefix, 1)
         k_prefix = q.new_empty((scratch_rows, hk, d))
         v_prefix = q.new_empty((scratch_rows, hk, d))
         dequantize_pages(*self.int4_pool.get_int4_layer(layer.layer_id), md.kv_indices[:n_prefix],
-                         k_prefix, v_prefix, self.int4_format, k_center=self.int4_pool.key_center(layer.layer_id))
+                         k_prefix, v_prefix, self.int4_format, unrotate=False)
+        q_s, k_s, v_s = self._to_stored_space(layer.layer_id, q3, k3, v3)
         o = q.new_empty((q.shape[0], hq * layer.v_head_dim))
         self.extend_attention_fwd(
-            q3, k3.contiguous(), v3.contiguous(),
+            q_s, k_s, v_s,
             o.view(-1, hq, layer.v_head_dim), k_prefix, v_prefix,
             md.qo_indptr, md.kv_indptr, self._identity(scratch_rows),
             md.custom_mask, True, md.mask_indptr, md.max_extend_len,
@@ -175,9 +189,29 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             logit_cap=0.0, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
             xai_temperature_len=layer.xai_temperature_len, page_size=1,
         )
+        if self.int4_format.rotate_v:  # the values' weighted sum is rotated as they are
+            o = self._rotate(o.view(-1, hq, layer.v_head_dim)).view(o.shape)
         if self._checker is not None:
             self._check_extend(layer, forward_batch, q3, k3, v3, o, n_prefix)
         return o
+
+    def _to_stored_space(self, layer_id: int, q, k, v):
+        """The new tokens' q [tokens, num_q_heads, head_dim] and k / v [tokens, num_kv_heads,
+        head_dim] in the space the layer's pages are stored in: q and k rotated when keys
+        are, k minus the stored key center, v rotated when values are.  Same dtype, contiguous."""
+        layout, center = self.int4_format, self.int4_pool.key_center(layer_id, stored=True)
+        if layout.rotate_k:
+            q, k = self._rotate(q), self._rotate(k, minus=center)
+        elif center is not None:
+            k = (k.float() - center).to(k.dtype)
+        if layout.rotate_v:
+            v = self._rotate(v)
+        return q, k.contiguous(), v.contiguous()
+
+    def _rotate(self, x, minus=None):
+        """x rotated by the layout's block-diagonal Hadamard (float32 arithmetic, x's dtype)."""
+        y = fmt.rotate_with(x.float(), self._hadamard)
+        return (y if minus is None else y - minus).to(x.dtype)
 
     # -- --kv-quant-debug-check-attention: eager mode only, first calls per layer ----------
     def _check_decode(self, layer, q, o):
