@@ -121,6 +121,19 @@ def rotate_halves(x_lo, x_hi, HALF: tl.constexpr, BLOCK_ROT: tl.constexpr):
 
 
 @triton.jit
+def load_rotated_halves(x_ptr, offs_t, mask_t, stride_t, head_off, ROTATE: tl.constexpr,
+                         BLOCK_ROT: tl.constexpr, HALF: tl.constexpr):
+    """Load [T, D] rows as two float32 halves [T, HALF], rotated if ROTATE."""
+    half = tl.arange(0, HALF)
+    base = x_ptr + offs_t[:, None].to(tl.int64) * stride_t + head_off
+    x_lo = tl.load(base + half[None, :], mask=mask_t[:, None], other=0.0)
+    x_hi = tl.load(base + HALF + half[None, :], mask=mask_t[:, None], other=0.0)
+    if ROTATE:
+        return rotate_halves(x_lo, x_hi, HALF, BLOCK_ROT)  # from the input dtype: exact
+    return x_lo.to(tl.float32), x_hi.to(tl.float32)
+
+
+@triton.jit
 def code_bias(DTYPE: tl.constexpr):
     """The constant :func:`biased_codes` adds to every code in DTYPE (0.0 for float32).
 

@@ -14,25 +14,12 @@ from sglang_sawint4.kernels.format_jit import (
     META_SCALE,
     pack_nibbles,
     quant_params,
+    load_rotated_halves,
     quantize_codes,
-    rotate_halves,
 )
 
 # Tokens per program: >= 16 so the rotation can run on the tensor cores (tl.dot).
 BLOCK_T = 16
-
-
-@triton.jit
-def _load_rotated_halves(x_ptr, offs_t, mask_t, stride_t, head_off, ROTATE: tl.constexpr,
-                         BLOCK_ROT: tl.constexpr, HALF: tl.constexpr):
-    """Load [T, D] rows as two float32 halves [T, HALF], rotated if ROTATE."""
-    half = tl.arange(0, HALF)
-    base = x_ptr + offs_t[:, None].to(tl.int64) * stride_t + head_off
-    x_lo = tl.load(base + half[None, :], mask=mask_t[:, None], other=0.0)
-    x_hi = tl.load(base + HALF + half[None, :], mask=mask_t[:, None], other=0.0)
-    if ROTATE:
-        return rotate_halves(x_lo, x_hi, HALF, BLOCK_ROT)  # from the input dtype: exact
-    return x_lo.to(tl.float32), x_hi.to(tl.float32)
 
 
 @triton.jit
@@ -42,7 +29,7 @@ def _quantize_store_rows(x_ptr, stride_xt, stride_xh, data_ptr, stride_dt, strid
                          SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
     offs_t = t0 + tl.arange(0, BLOCK)
     mask_t = offs_t < num_tokens
-    x_lo, x_hi = _load_rotated_halves(x_ptr, offs_t, mask_t, stride_xt, head * stride_xh,
+    x_lo, x_hi = load_rotated_halves(x_ptr, offs_t, mask_t, stride_xt, head * stride_xh,
                                       ROTATE, BLOCK_ROT, HALF)
     if CENTER:
         # H (x - c) = H x - H c: the center arrives rotated, so the rotation above stays

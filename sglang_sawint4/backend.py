@@ -32,10 +32,10 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from sglang_sawint4 import format as fmt
 from sglang_sawint4.attention_check import AttentionChecker
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
+from sglang_sawint4.kernels.rotate import rotate_rows
 from sglang_sawint4.kernels.splits import int4_num_kv_splits
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
 
@@ -50,31 +50,39 @@ def check_int4_layer(layer, sinks=None, score_mod=None) -> None:
         raise Int4KVAccessError("INT4 KV attention supports causal self-attention without sliding window only")
 
 
-def compile_prefix_dequant(pool: Int4TokenToKVPool) -> int:
-    """Compile the prefix dequantize kernel for every way the prefill paths read an INT4 layer
-    of ``pool`` (as stored: the Triton path; into the original space with or without a key
-    center: the FlashInfer path's staging) by dequantizing one slot into a one-row buffer
-    of the model's dtype.
+def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
+    """Compile the kernels the prefill paths run over INT4 layers of ``pool``, on one-row
+    buffers of the model's dtype: the prefix dequantize kernel for every way they read a
+    layer (as stored: the Triton path; into the original space with or without a key
+    center: the FlashInfer path's staging) and, for a rotating layout, the rotation that
+    moves new tokens into the stored space (with and without a center).
 
-    Both prefill paths first run it at a batch's first cached prefix: compiled there, a
-    Triton compile (~0.5 s) would stall that batch and every request in it.  The kernel
-    leaves the row count and the index pointers unspecialized and the one-row buffer has the
-    strides of the real ones, so these are the variants serving uses.  Returns the variants run.
+    Both prefill paths first run them at a batch's first cached prefix: compiled there, a
+    Triton compile (~0.5 s) would stall that batch and every request in it.  The kernels
+    leave the row count and the index pointers unspecialized and the one-row buffers have
+    the strides of the real ones, so these are the variants serving uses.  Returns the
+    variants run.
     """
+    layout = pool.int4_format
     slot = torch.zeros(1, dtype=torch.int32, device=pool.device)
     out = [torch.empty((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device) for _ in range(2)]
-    rotated = pool.int4_format.block_size is not None
-    variants = set()  # (un-rotated, center added): the kernel's constexprs
+    rotated = layout.block_size is not None
+    variants = set()  # (kernel, un-rotated, center): each kernel's constexprs
     for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
         if pool.is_bf16_layer(layer_id):
             continue
         center = pool.key_center(layer_id)
         for unrotate, k_center in ((False, None), (True, center)):
-            variant = (unrotate and rotated, k_center is not None)
+            variant = ("dequant", unrotate and rotated, k_center is not None)
             if variant not in variants:
                 variants.add(variant)
-                dequantize_pages(*pool.get_int4_layer(layer_id), slot, *out, pool.int4_format, k_center=k_center,
+                dequantize_pages(*pool.get_int4_layer(layer_id), slot, *out, layout, k_center=k_center,
                                  unrotate=unrotate)
+        for stored_center in ((None, pool.key_center(layer_id, stored=True)) if rotated else ()):
+            variant = ("rotate", False, stored_center is not None)
+            if variant not in variants:
+                variants.add(variant)
+                rotate_rows(out[0], layout, stored_center=stored_center)
     return len(variants)
 
 
@@ -98,10 +106,7 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             if bad:
                 raise Int4KVAccessError(f"INT4 KV cache does not support {why}")
         self._prefix_identity = torch.arange(0, dtype=torch.int64, device=self.device)
-        block = self.int4_format.block_size
-        # H_b for moving the new tokens of an extend into the pages' stored space
-        self._hadamard = None if block is None else fmt.hadamard_matrix(block, torch.float32).to(self.device)
-        compile_prefix_dequant(pool)
+        compile_extend_kernels(pool)
         self._checker = AttentionChecker.from_env()  # None unless --kv-quant-debug-check-attention
 
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor):
@@ -190,7 +195,7 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             xai_temperature_len=layer.xai_temperature_len, page_size=1,
         )
         if self.int4_format.rotate_v:  # the values' weighted sum is rotated as they are
-            o = self._rotate(o.view(-1, hq, layer.v_head_dim)).view(o.shape)
+            o = rotate_rows(o.view(-1, hq, layer.v_head_dim), self.int4_format).view(o.shape)
         if self._checker is not None:
             self._check_extend(layer, forward_batch, q3, k3, v3, o, n_prefix)
         return o
@@ -201,17 +206,12 @@ class Int4TritonAttnBackend(TritonAttnBackend):
         are, k minus the stored key center, v rotated when values are.  Same dtype, contiguous."""
         layout, center = self.int4_format, self.int4_pool.key_center(layer_id, stored=True)
         if layout.rotate_k:
-            q, k = self._rotate(q), self._rotate(k, minus=center)
+            q, k = rotate_rows(q, layout), rotate_rows(k, layout, stored_center=center)
         elif center is not None:
             k = (k.float() - center).to(k.dtype)
         if layout.rotate_v:
-            v = self._rotate(v)
+            v = rotate_rows(v, layout)
         return q, k.contiguous(), v.contiguous()
-
-    def _rotate(self, x, minus=None):
-        """x rotated by the layout's block-diagonal Hadamard (float32 arithmetic, x's dtype)."""
-        y = fmt.rotate_with(x.float(), self._hadamard)
-        return (y if minus is None else y - minus).to(x.dtype)
 
     # -- --kv-quant-debug-check-attention: eager mode only, first calls per layer ----------
     def _check_decode(self, layer, q, o):

@@ -12,6 +12,7 @@ from sglang_sawint4.kernels.decode import (
     int4_decode_attention_reference,
 )
 from sglang_sawint4.kernels.dequant import dequantize_pages, dequantize_pages_reference
+from sglang_sawint4.kernels.rotate import rotate_rows
 from sglang_sawint4.kernels.store import rotate_quantize_store, rotate_quantize_store_reference
 
 LAYOUTS = [
@@ -348,6 +349,26 @@ def test_dequantize_pages_as_stored_keeps_rotation_and_key_center(layout, rng, d
         assert rel_err(k_out, dequantize_pages_reference(*bufs, loc, layout)[0]) > 0.1
     with pytest.raises(ValueError, match="original space only"):
         dequantize_pages(*bufs, loc.to(device), k_out, v_out, layout, k_center=center.to(device), unrotate=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=IDS[1:])
+def test_rotate_rows_matches_format_rotation(layout, dtype, rng, device):
+    """New tokens moved into the stored space: rotated, minus the stored key center; rows
+    read through a fused-qkv view (row stride past the heads)."""
+    rows, heads, d = 37, 3, layout.head_dim
+    fused = torch.randn(rows, 2 * heads * d, generator=rng).to(dtype)
+    x = fused[:, heads * d:].view(rows, heads, d)
+    center = _bias_center(heads, d, rng)
+    stored = fmt.stored_center(center, layout)
+    for c in (None, stored):
+        out = rotate_rows(x.to(device), layout, stored_center=None if c is None else c.to(device))
+        ref = fmt.rotate(x.double(), layout.block_size) - (0 if c is None else c.double())
+        assert out.dtype == dtype and out.is_contiguous()
+        assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 1e-5)
+    assert rotate_rows(x[:0].to(device), layout).shape == (0, heads, d)
+    with pytest.raises(ValueError, match="rotating layout"):
+        rotate_rows(x.to(device), fmt.Int4Format(d))
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[5]], ids=[IDS[0], IDS[2], IDS[5]])
