@@ -332,14 +332,18 @@ def test_dequantize_pages_matches_reference(layout, rng, device):
     assert torch.isnan(k_out[45:].float()).all()  # rows past n untouched
 
 
+def _centered_pages(layout, rng, device, num_slots=48, heads=2):
+    """Keys with a center stored (fp32 input) in every slot: (k, center, loc, bufs, k_out, v_out)."""
+    center = _bias_center(heads, layout.head_dim, rng)
+    k, _, loc, bufs = _store(layout, num_slots, heads, num_slots, rng, device, dtype=torch.float32, center=center)
+    k_out = torch.empty((num_slots, heads, layout.head_dim), dtype=torch.float32, device=device)
+    return k, center, loc, bufs, k_out, torch.empty_like(k_out)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
 def test_dequantize_pages_as_stored_keeps_rotation_and_key_center(layout, rng, device):
     """unrotate=False: the pages as stored (the Triton extend path attends there)."""
-    num_slots, heads = 40, 2
-    center = _bias_center(heads, layout.head_dim, rng)
-    _, _, loc, bufs = _store(layout, num_slots, heads, num_slots, rng, device, dtype=torch.float32, center=center)
-    k_out = torch.empty((num_slots, heads, layout.head_dim), dtype=torch.float32, device=device)
-    v_out = torch.empty_like(k_out)
+    _, center, loc, bufs, k_out, v_out = _centered_pages(layout, rng, device)
     dequantize_pages(*bufs, loc.to(device), k_out, v_out, layout, unrotate=False)
     rk, rv = dequantize_pages_reference(*bufs, loc, layout, unrotate=False)
     assert rel_err(k_out, rk) < 1e-4 and rel_err(v_out, rv) < 1e-4
@@ -373,11 +377,7 @@ def test_rotate_rows_matches_format_rotation(layout, dtype, rng, device):
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[5]], ids=[IDS[0], IDS[2], IDS[5]])
 def test_dequantize_pages_adds_the_key_center_back(layout, rng, device):
-    num_slots, heads = 48, 2
-    center = _bias_center(heads, layout.head_dim, rng)
-    k, _, loc, bufs = _store(layout, num_slots, heads, num_slots, rng, device, dtype=torch.float32, center=center)
-    k_out = torch.empty((num_slots, heads, layout.head_dim), dtype=torch.float32, device=device)
-    v_out = torch.empty_like(k_out)
+    k, center, loc, bufs, k_out, v_out = _centered_pages(layout, rng, device)
     dequantize_pages(*bufs, loc.to(device), k_out, v_out, layout, k_center=center.to(device))
     rk, rv = dequantize_pages_reference(*bufs, loc, layout, k_center=center)
     assert rel_err(k_out, rk) < 1e-4 and rel_err(v_out, rv) < 1e-4
