@@ -76,6 +76,8 @@ def test_load_client_measures_every_request():
     s = bench_serving.summarize(results, secs, 8)
     assert s["requests"] == 12 and s["complete"] == 11 and s["errors"] == 1 and s["error_samples"] == ["HTTP 500"]
     assert TOKEN_DELAY_S * 1e3 * 0.9 <= s["ttft_ms_p50"] <= s["ttft_ms_p99"]
+    deciles = s["ttft_ms_deciles"]
+    assert len(deciles) == 9 and deciles == sorted(deciles) and deciles[4] == pytest.approx(s["ttft_ms_p50"])
     assert TOKEN_DELAY_S * 1e3 * 0.9 <= s["itl_ms_p50"] <= s["itl_ms_p99"]
     assert s["output_tok_s"] == pytest.approx(11 * 8 / secs)
 
@@ -196,7 +198,7 @@ def _row(config, c, tok_s, capacity, il=1024, peak=None, ttft=10.0, workload="ra
     return {"config": config, "workload": workload, "input_len": il, "prefix_len": prefix_len, "output_len": 256,
             "concurrency": c, "kv_demand_tokens": bench_serving.Point(workload, il, 256, c, prefix_len).kv_demand(),
             "requests": c, "complete": c, "errors": 0, "output_tok_s": tok_s, "ttft_ms_p50": ttft,
-            "ttft_ms_p99": 2 * ttft, "itl_ms_p50": 5.0, "itl_ms_p99": 9.0, "seconds": 1.0,
+            "ttft_ms_p99": 2 * ttft, "ttft_ms_deciles": [ttft * (i + 1) / 5 for i in range(9)], "itl_ms_p50": 5.0, "itl_ms_p99": 9.0, "seconds": 1.0,
             "max_total_num_tokens": capacity, "max_running_requests": 4096,
             "peak_running": peak if peak is not None else c}
 
@@ -229,6 +231,7 @@ def test_aggregate_means_spreads_and_headlines():
     ours1 = by[(OURS, 1)]
     assert ours1["output_tok_s"] == pytest.approx(100.0) and ours1["output_tok_s_runs"] == [99.0, 101.0]
     assert ours1["requests"] == 2 and ours1["run_spread_pct"] == pytest.approx(2.0)
+    assert len(ours1["ttft_ms_deciles_runs"]) == 2 and "ttft_ms_deciles" not in ours1  # each run's shape
     # prompt + generated tokens per second, the mean of the two runs: 100 + 1024 x 1 request / 1 s
     assert ours1["total_tok_s"] == pytest.approx(100.0 + 1024)
     assert by[(BF16, 64)]["total_tok_s"] == pytest.approx(950.0 + 1024 * 64)

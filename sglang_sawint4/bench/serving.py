@@ -245,6 +245,10 @@ def summarize(results, seconds, output_len):
         "errors": len(results) - len(ok), "output_tok_s": sum(r.output_tokens for r in ok) / seconds,
         "ttft_ms_p50": statistics.median(r.ttft_s for r in ok) * 1e3 if ok else None,
         "ttft_ms_p99": pct([r.ttft_s for r in ok], 99),
+        # the shape of the distribution: a closed-loop wave's TTFTs step with its prefill
+        # batches, so a median near a step can move by one batch between runs
+        "ttft_ms_deciles": ([q * 1e3 for q in statistics.quantiles([r.ttft_s for r in ok], n=10)]
+                            if len(ok) >= 2 else None),
         "itl_ms_p50": statistics.median(itl) * 1e3 if itl else None, "itl_ms_p99": pct(itl, 99),
         "seconds": seconds, "error_samples": sorted({r.error for r in results if not r.ok})[:3],
     }
@@ -473,6 +477,8 @@ def aggregate(records: List[dict], baseline=BASELINE):
         for m in ("peak_running", "peak_waiting", "peak_used_tokens"):
             row[m] = max((r[m] for r in runs if r.get(m) is not None), default=None)
         row["output_tok_s_runs"] = [r["output_tok_s"] for r in runs]
+        row["ttft_ms_deciles_runs"] = [r["ttft_ms_deciles"] for r in runs if r.get("ttft_ms_deciles")]
+        row.pop("ttft_ms_deciles", None)
         if len(runs) > 1 and row["output_tok_s"]:
             vals = row["output_tok_s_runs"]
             spreads[key] = (max(vals) - min(vals)) / row["output_tok_s"] * 100
