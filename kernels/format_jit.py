@@ -122,7 +122,7 @@ def rotate_halves(x_lo, x_hi, HALF: tl.constexpr, BLOCK_ROT: tl.constexpr):
 
 @triton.jit
 def load_rotated_halves(x_ptr, offs_t, mask_t, stride_t, head_off, ROTATE: tl.constexpr,
-                         BLOCK_ROT: tl.constexpr, HALF: tl.constexpr):
+                        BLOCK_ROT: tl.constexpr, HALF: tl.constexpr):
     """Load [T, D] rows as two float32 halves [T, HALF], rotated if ROTATE."""
     half = tl.arange(0, HALF)
     base = x_ptr + offs_t[:, None].to(tl.int64) * stride_t + head_off

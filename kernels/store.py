@@ -12,9 +12,9 @@ from sglang_sawint4.kernels.launch import check_center, check_layer_buffers, row
 from sglang_sawint4.kernels.format_jit import (
     META_OFFSET,
     META_SCALE,
+    load_rotated_halves,
     pack_nibbles,
     quant_params,
-    load_rotated_halves,
     quantize_codes,
 )
 
@@ -30,7 +30,7 @@ def _quantize_store_rows(x_ptr, stride_xt, stride_xh, data_ptr, stride_dt, strid
     offs_t = t0 + tl.arange(0, BLOCK)
     mask_t = offs_t < num_tokens
     x_lo, x_hi = load_rotated_halves(x_ptr, offs_t, mask_t, stride_xt, head * stride_xh,
-                                      ROTATE, BLOCK_ROT, HALF)
+                                     ROTATE, BLOCK_ROT, HALF)
     if CENTER:
         # H (x - c) = H x - H c: the center arrives rotated, so the rotation above stays
         # exact on the input dtype and the subtraction is one fp32 operation

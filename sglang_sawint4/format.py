@@ -207,15 +207,11 @@ def rotate(x: torch.Tensor, block_size: Optional[int]) -> torch.Tensor:
     """Apply the block-diagonal rotation along the last axis (its own inverse)."""
     if block_size is None:
         return x
-    validate_block_size(block_size, x.shape[-1])
-    return rotate_with(x, hadamard_matrix(block_size, dtype=x.dtype, device=x.device))
-
-
-def rotate_with(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """:func:`rotate` by a given H_b ([b, b], ``hadamard_matrix(b)`` in x's dtype and device):
-    for hot paths, which build H_b once instead of per call."""
-    b = h.shape[-1]
-    return (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ h).reshape(x.shape)
+    d = x.shape[-1]
+    validate_block_size(block_size, d)
+    h = hadamard_matrix(block_size, dtype=x.dtype, device=x.device)
+    xb = x.reshape(*x.shape[:-1], d // block_size, block_size)
+    return (xb @ h).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- #
