@@ -135,8 +135,8 @@ def dequantize_pages(
     _dequantize_pages_kernel[grid](
         *row_head_args(k_data, k_meta, v_data, v_meta, k_out, v_out), kv_indices,
         k_center if k_center is not None else kv_indices, n,
-        ROTATE_K=unrotate and layout.rotate_k, ROTATE_V=unrotate and layout.rotate_v, BLOCK_ROT=layout.block_size or 1,
-        CENTER_K=k_center is not None,
+        ROTATE_K=unrotate and layout.rotate_k, ROTATE_V=unrotate and layout.rotate_v,
+        BLOCK_ROT=layout.block_size or 1, CENTER_K=k_center is not None,
         BLOCK=BLOCK_T, HALF=d // 2, num_warps=4,
     )
 

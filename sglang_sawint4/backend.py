@@ -57,7 +57,8 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
     center: the FlashInfer path's staging) and, for a rotating layout, the rotation that
     moves new tokens into the stored space (with and without a center).
 
-    Both prefill paths first run them at a batch's first cached prefix: compiled there, a
+    Both prefill paths first run them in the middle of serving (the Triton path's rotation at
+    its first extend, the dequantization at a batch's first cached prefix): compiled there, a
     Triton compile (~0.5 s) would stall that batch and every request in it.  The kernels
     leave the row count and the index pointers unspecialized and the one-row buffers have
     the strides of the real ones, so these are the variants serving uses.  Returns the
@@ -67,7 +68,7 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
     slot = torch.zeros(1, dtype=torch.int32, device=pool.device)
     out = [torch.empty((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device) for _ in range(2)]
     rotated = layout.block_size is not None
-    variants = set()  # (kernel, un-rotated, center): each kernel's constexprs
+    variants = set()  # each kernel's constexprs: ("dequant", un-rotated, center), ("rotate", center)
     for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
         if pool.is_bf16_layer(layer_id):
             continue
@@ -79,7 +80,7 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
                 dequantize_pages(*pool.get_int4_layer(layer_id), slot, *out, layout, k_center=k_center,
                                  unrotate=unrotate)
         for stored_center in ((None, pool.key_center(layer_id, stored=True)) if rotated else ()):
-            variant = ("rotate", False, stored_center is not None)
+            variant = ("rotate", stored_center is not None)
             if variant not in variants:
                 variants.add(variant)
                 rotate_rows(out[0], layout, stored_center=stored_center)

@@ -361,18 +361,19 @@ def test_rotate_rows_matches_format_rotation(layout, dtype, rng, device):
     """New tokens moved into the stored space: rotated, minus the stored key center; rows
     read through a fused-qkv view (row stride past the heads)."""
     rows, heads, d = 37, 3, layout.head_dim
-    fused = torch.randn(rows, 2 * heads * d, generator=rng).to(dtype)
-    x = fused[:, heads * d:].view(rows, heads, d)
+    fused = torch.randn(rows, 2 * heads * d, generator=rng).to(dtype).to(device)
+    x = fused[:, heads * d:].view(rows, heads, d)  # on the device: .to() would copy it contiguous
+    assert not x.is_contiguous()
     center = _bias_center(heads, d, rng)
     stored = fmt.stored_center(center, layout)
     for c in (None, stored):
-        out = rotate_rows(x.to(device), layout, stored_center=None if c is None else c.to(device))
-        ref = fmt.rotate(x.double(), layout.block_size) - (0 if c is None else c.double())
+        out = rotate_rows(x, layout, stored_center=None if c is None else c.to(device))
+        ref = fmt.rotate(x.cpu().double(), layout.block_size) - (0 if c is None else c.double())
         assert out.dtype == dtype and out.is_contiguous()
         assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 1e-5)
-    assert rotate_rows(x[:0].to(device), layout).shape == (0, heads, d)
+    assert rotate_rows(x[:0], layout).shape == (0, heads, d)
     with pytest.raises(ValueError, match="rotating layout"):
-        rotate_rows(x.to(device), fmt.Int4Format(d))
+        rotate_rows(x, fmt.Int4Format(d))
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[5]], ids=[IDS[0], IDS[2], IDS[5]])

@@ -236,6 +236,7 @@ async def run_load(base_url, model, prompts, output_len, concurrency, progress=N
 def summarize(results, seconds, output_len):
     ok = [r for r in results if r.ok]
     itl = [x for r in ok for x in r.itl_s]
+    ttft = [r.ttft_s for r in ok]
 
     def pct(xs, q):
         return statistics.quantiles(xs, n=100)[q - 1] * 1e3 if len(xs) >= 2 else (xs[0] * 1e3 if xs else None)
@@ -243,12 +244,11 @@ def summarize(results, seconds, output_len):
     return {
         "requests": len(results), "complete": sum(r.output_tokens == output_len for r in ok),
         "errors": len(results) - len(ok), "output_tok_s": sum(r.output_tokens for r in ok) / seconds,
-        "ttft_ms_p50": statistics.median(r.ttft_s for r in ok) * 1e3 if ok else None,
-        "ttft_ms_p99": pct([r.ttft_s for r in ok], 99),
+        "ttft_ms_p50": statistics.median(ttft) * 1e3 if ttft else None,
+        "ttft_ms_p99": pct(ttft, 99),
         # the shape of the distribution: a closed-loop wave's TTFTs step with its prefill
         # batches, so a median near a step can move by one batch between runs
-        "ttft_ms_deciles": ([q * 1e3 for q in statistics.quantiles([r.ttft_s for r in ok], n=10)]
-                            if len(ok) >= 2 else None),
+        "ttft_ms_deciles": [q * 1e3 for q in statistics.quantiles(ttft, n=10)] if len(ttft) >= 2 else None,
         "itl_ms_p50": statistics.median(itl) * 1e3 if itl else None, "itl_ms_p99": pct(itl, 99),
         "seconds": seconds, "error_samples": sorted({r.error for r in results if not r.ok})[:3],
     }
