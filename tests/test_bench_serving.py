@@ -82,6 +82,26 @@ def test_load_client_measures_every_request():
     assert s["output_tok_s"] == pytest.approx(11 * 8 / secs)
 
 
+def test_spread_output_lengths_are_reproducible_and_each_request_is_held_to_its_own():
+    point = bench_serving.parse_points("64x40@4*3", "1", "", output_spread=0.5)[0]
+    lens = point.output_lens(12, seed=5)
+    assert lens == point.output_lens(12, seed=5) and len(set(lens)) > 1
+    assert min(lens) >= 20 and max(lens) <= 40
+    assert bench_serving.Point("random", 64, 40, 4).output_lens(3, seed=5) == [40, 40, 40]
+    prompts = bench_serving.make_prompts(12, 16, 1000, seed=1)
+    results, secs = asyncio.run(_run(prompts, output_len=lens, concurrency=4))
+    assert [r.output_tokens for r in results] == lens
+    s = bench_serving.summarize(results, secs, lens)
+    assert s["complete"] == 12 and s["output_tok_s"] == pytest.approx(sum(lens) / secs)
+    # held to its own length: the same results against one length for all are mostly short
+    assert bench_serving.summarize(results, secs, 40)["complete"] == lens.count(40)
+    with pytest.raises(ValueError):
+        bench_serving.summarize(results, secs, lens[:-1])
+    for bad in (-0.1, 1.0):
+        with pytest.raises(SystemExit):
+            bench_serving.parse_points("64x40@4", "1", "", output_spread=bad)
+
+
 def test_prompts_are_reproducible_and_configs_validated():
     from sglang_sawint4.serving.server import serving_config
 

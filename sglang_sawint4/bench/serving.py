@@ -15,8 +15,14 @@ workload (random token-id prompts, every shape at each of its concurrencies) and
 ``shared-prefix`` workload (PREFIXxSUFFIXxOUTPUT: 4 groups of requests, each group's prompts
 one PREFIX-token prefix plus a SUFFIX-token suffix of their own; each group's prefix is
 cached by one untimed request first, as a system prompt or an earlier turn would be).
-A level ``C*W`` sends W waves of C requests, closed loop (a new request as one ends), so
-that TTFT percentiles and throughput rest on more than one burst; ``C`` alone is one wave.
+A level ``C*W`` sends W x C requests with at most C in flight, closed loop (a new request as
+one ends), so that TTFT percentiles and throughput rest on more than one burst; ``C`` alone
+sends C.  Each request's output length is drawn (seeded, the same for every config) from
+[(1 - --output-spread) x OUTPUT, OUTPUT]: with one length for all, a closed loop runs in
+lockstep waves (C requests prefill together, decode together and end on the same step), so
+its TTFTs are a staircase of prefill batches whose median sits on a step edge and moves by a
+whole batch between runs; spread lengths end requests at different steps, as real traffic
+does, and new requests arrive while others decode.
 One server lifetime is a *unit*.  Pass 0 runs every config in the given order; pass 1
 runs --repeat-configs again in the reverse order, so that machine drift does not favour
 one of them and the run-to-run spread is measured (``repeat_spread_pct``).
@@ -101,17 +107,27 @@ class Point:
     concurrency: int
     prefix_len: int = 0  # shared-prefix: tokens every request of a group shares
     waves: int = 1  # requests = waves x concurrency (closed loop: a new one as one ends)
+    output_spread: float = 0.0  # output lengths drawn from [(1 - spread) x output_len, output_len]
+
+    def output_lens(self, n: int, seed: int) -> List[int]:
+        """The n requests' output lengths (max_tokens), the same for every config."""
+        lo = max(1, round(self.output_len * (1 - self.output_spread)))
+        rng = random.Random(seed)
+        return [rng.randint(lo, self.output_len) for _ in range(n)]
 
     def kv_demand(self, groups: int = PREFIX_GROUPS) -> int:
-        """KV slots needed to run every request at once (shared prefixes counted once)."""
+        """KV slots needed to run every request at once at full output length (shared prefixes
+        counted once)."""
         if self.workload == "shared-prefix":
             return groups * self.prefix_len + self.concurrency * (self.input_len - self.prefix_len + self.output_len)
         return self.concurrency * (self.input_len + self.output_len)
 
 
-def parse_points(shapes: str, concurrency: str, shared_prefix: str = "") -> List[Point]:
+def parse_points(shapes: str, concurrency: str, shared_prefix: str = "", output_spread: float = 0.0) -> List[Point]:
     """--shapes 'ILxOL[@c1/c2],...', --concurrency 'c1,c2' (shapes without @), --shared-prefix
-    'PxSxO[@c1/c2],...' -> the points, in that order.  A level ``C*W`` sends W waves of C."""
+    'PxSxO[@c1/c2],...' -> the points, in that order.  A level ``C*W`` sends W x C requests."""
+    if not 0.0 <= output_spread < 1.0:
+        raise SystemExit(f"bad --output-spread {output_spread}: a fraction in [0, 1)")
     try:
         default = [int(c) for c in concurrency.split(",") if c]
     except ValueError:
@@ -119,10 +135,11 @@ def parse_points(shapes: str, concurrency: str, shared_prefix: str = "") -> List
     points = []
     for text in (x for x in shapes.split(",") if x):
         il, ol = _lengths(text.partition("@")[0], 2, "shape")
-        points += [Point("random", il, ol, c, waves=w) for c, w in _levels(text, default, "shape")]
+        points += [Point("random", il, ol, c, waves=w, output_spread=output_spread)
+                   for c, w in _levels(text, default, "shape")]
     for text in (x for x in shared_prefix.split(",") if x):
         pl, sl, ol = _lengths(text.partition("@")[0], 3, "--shared-prefix")
-        points += [Point("shared-prefix", pl + sl, ol, c, prefix_len=pl, waves=w)
+        points += [Point("shared-prefix", pl + sl, ol, c, prefix_len=pl, waves=w, output_spread=output_spread)
                    for c, w in _levels(text, default, "--shared-prefix")]
     if not points:
         raise SystemExit("no points: give --shapes and/or --shared-prefix")
@@ -203,16 +220,19 @@ async def sample_loads(session, url, peak, stop, period_s=0.5):
 
 async def run_load(base_url, model, prompts, output_len, concurrency, progress=None, peak=None):
     """Send all prompts with at most `concurrency` in flight; returns (results, seconds).
-    With a `peak` dict, /v1/loads is sampled meanwhile and its peaks are stored there."""
+    `output_len`: every request's max_tokens, or a list of one per prompt.  With a `peak`
+    dict, /v1/loads is sampled meanwhile and its peaks are stored there."""
     import aiohttp
 
     sem = asyncio.Semaphore(concurrency)
     url = base_url.rstrip("/") + "/v1/completions"
     timeout = aiohttp.ClientTimeout(total=3600)
 
-    async def guarded(session, p):
+    lens = _per_request(output_len, len(prompts))
+
+    async def guarded(session, p, n_out):
         async with sem:
-            r = await one_request(session, url, model, p, output_len)
+            r = await one_request(session, url, model, p, n_out)
             if progress is not None:
                 progress.update(1)
             return r
@@ -225,7 +245,7 @@ async def run_load(base_url, model, prompts, output_len, concurrency, progress=N
         if peak is not None:
             sampler = asyncio.ensure_future(
                 sample_loads(session, base_url.rstrip("/") + "/v1/loads?include=core", peak, stop))
-        results = await asyncio.gather(*(guarded(session, p) for p in prompts))
+        results = await asyncio.gather(*(guarded(session, p, n) for p, n in zip(prompts, lens)))
         seconds = time.perf_counter() - t0
         stop.set()
         if sampler is not None:
@@ -233,7 +253,18 @@ async def run_load(base_url, model, prompts, output_len, concurrency, progress=N
     return results, seconds
 
 
+def _per_request(output_len, n: int) -> List[int]:
+    if isinstance(output_len, int):
+        return [output_len] * n
+    if len(output_len) != n:
+        raise ValueError(f"{len(output_len)} output lengths for {n} requests")
+    return list(output_len)
+
+
 def summarize(results, seconds, output_len):
+    """One level's numbers; `output_len` as for run_load (a request is complete when it
+    returned exactly its own max_tokens: every request has ignore_eos)."""
+    lens = _per_request(output_len, len(results))
     ok = [r for r in results if r.ok]
     itl = [x for r in ok for x in r.itl_s]
     ttft = [r.ttft_s for r in ok]
@@ -242,12 +273,12 @@ def summarize(results, seconds, output_len):
         return statistics.quantiles(xs, n=100)[q - 1] * 1e3 if len(xs) >= 2 else (xs[0] * 1e3 if xs else None)
 
     return {
-        "requests": len(results), "complete": sum(r.output_tokens == output_len for r in ok),
+        "requests": len(results), "complete": sum(r.ok and r.output_tokens == n for r, n in zip(results, lens)),
         "errors": len(results) - len(ok), "output_tok_s": sum(r.output_tokens for r in ok) / seconds,
         "ttft_ms_p50": statistics.median(ttft) * 1e3 if ttft else None,
         "ttft_ms_p99": pct(ttft, 99),
-        # the shape of the distribution: a closed-loop wave's TTFTs step with its prefill
-        # batches, so a median near a step can move by one batch between runs
+        # the shape of the distribution: lockstep waves (one output length for all) make
+        # the TTFTs step with their prefill batches
         "ttft_ms_deciles": [q * 1e3 for q in statistics.quantiles(ttft, n=10)] if len(ttft) >= 2 else None,
         "itl_ms_p50": statistics.median(itl) * 1e3 if itl else None, "itl_ms_p99": pct(itl, 99),
         "seconds": seconds, "error_samples": sorted({r.error for r in results if not r.ok})[:3],
@@ -421,17 +452,20 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim):
         bar = tqdm(total=total, desc=f"pass {unit.pass_idx} {unit.config}", file=sys.stdout, mininterval=10)
         for p in points:
             n = num_requests(p, args.min_requests)
-            warm, prompts = point_prompts(p, n, vocab, args.seed + p.concurrency + p.input_len + p.prefix_len)
+            seed = args.seed + p.concurrency + p.input_len + p.prefix_len
+            warm, prompts = point_prompts(p, n, vocab, seed)
+            lens = p.output_lens(n, seed)
             if warm:
                 send_all(base, model_id, warm, 1, len(warm))
             peak = {}
             point_start = os.path.getsize(log)
-            res, secs = send_all(base, model_id, prompts, p.output_len, p.concurrency, bar, peak)
+            res, secs = send_all(base, model_id, prompts, lens, p.concurrency, bar, peak)
             decode = server_decode_rate(_read_from(log, point_start))
             rows.append({"config": unit.config, **info_fields, "workload": p.workload, "input_len": p.input_len,
                          "prefix_len": p.prefix_len, "output_len": p.output_len, "concurrency": p.concurrency,
-                         "waves": p.waves,
-                         "kv_demand_tokens": p.kv_demand(), **summarize(res, secs, p.output_len), **peak,
+                         "waves": p.waves, "output_spread": p.output_spread, "output_len_min": min(lens),
+                         "output_tokens_sent": sum(lens),
+                         "kv_demand_tokens": p.kv_demand(), **summarize(res, secs, lens), **peak,
                          "max_total_num_tokens": info.get("max_total_num_tokens"),
                          "max_running_requests": max_running, **decode})
         bar.close()
@@ -453,7 +487,7 @@ METRICS = ("output_tok_s", "total_tok_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_
 
 def point_key(row) -> tuple:
     return (row.get("workload", "random"), row["input_len"], row.get("prefix_len", 0), row["output_len"],
-            row["concurrency"])
+            row["concurrency"], row.get("output_spread", 0.0))
 
 
 def _ratio(a, b):
@@ -500,7 +534,7 @@ def aggregate(records: List[dict], baseline=BASELINE):
         if base is None:
             continue
         entry = {"workload": key[0], "input_len": key[1], "prefix_len": key[2], "output_len": key[3],
-                 "concurrency": key[4], "capacity_point": base["capacity_point"], "vs_baseline": {}, "bdr_vs_int4": {}}
+                 "concurrency": key[4], "output_spread": key[5], "capacity_point": base["capacity_point"], "vs_baseline": {}, "bdr_vs_int4": {}}
         for c in configs:
             r = by.get((c, *key))
             if r is None or c == baseline:
@@ -644,8 +678,10 @@ def plot(result, path):
                     axes[i][1].bar(x, r["ttft_ms_p50"], width, color=colors[cfg], hatch=hatch, edgecolor="white")
                 if r["ttft_ms_p99"] is not None:
                     axes[i][1].plot([x - width / 2, x + width / 2], [r["ttft_ms_p99"]] * 2, color=colors[cfg], lw=2)
-        title = (f"shared prefix {pl} + {il - pl} in / {ol} out" if wl == "shared-prefix"
-                 else f"random {il} in / {ol} out")
+        lo = min((r.get("output_len_min", ol) for r in mine), default=ol)
+        out = f"{lo}-{ol}" if lo < ol else f"{ol}"
+        title = (f"shared prefix {pl} + {il - pl} in / {out} out" if wl == "shared-prefix"
+                 else f"random {il} in / {out} out")
         for ax, ylabel in zip(axes[i], ("output tok/s (dots: runs)", "TTFT ms: bar p50, line p99")):
             ax.set_xticks(range(len(levels)), [f"concurrency {c}" for c in levels])
             ax.set_xlim(-0.5, len(levels) - 0.5)
@@ -693,6 +729,9 @@ def main():
     p.add_argument("--shared-prefix", default="8192x256x128@32",
                    help="shared-prefix workload: PREFIXxSUFFIXxOUTPUT[@c1/c2/...] ('' for none); a level c*w: w waves")
     p.add_argument("--min-requests", type=int, default=4, help="requests per level = max(this, waves x concurrency)")
+    p.add_argument("--output-spread", type=float, default=0.5,
+                   help="each request's output length is drawn from [(1 - this) x OUTPUT, OUTPUT] (0: all OUTPUT, "
+                        "which runs a closed loop in lockstep waves)")
     p.add_argument("--state", help="JSON-lines file of finished units (resume)")
     p.add_argument("--call-budget-s", type=float, default=0.0,
                    help="stop (exit 75) before a unit that would end after this many seconds")
@@ -715,7 +754,7 @@ def main():
         for c in configs:
             serving_config(c, head_dim)
     units = plan_units(configs, [c for c in args.repeat_configs.split(",") if c])
-    points = parse_points(args.shapes, args.concurrency, args.shared_prefix)
+    points = parse_points(args.shapes, args.concurrency, args.shared_prefix, args.output_spread)
     os.makedirs(args.log_dir, exist_ok=True)
 
     # a unit is reused only if it ran the same measurement (a state file from another sweep is ignored)
@@ -756,7 +795,7 @@ def main():
     print(json.dumps({k: result[k] for k in ("gpu", "model", "repeat_spread_pct", "one_gpu", "incomplete_requests")},
                      indent=1))
     print(json.dumps(result["summary"]["done_when"], indent=1))
-    # every request must come back whole: ignore_eos makes each one exactly output_len tokens
+    # every request must come back whole: ignore_eos makes each one exactly its max_tokens
     sys.exit(1 if result["incomplete_requests"] else 0)
 
 
