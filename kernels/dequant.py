@@ -3,11 +3,12 @@
 Used by both extend/prefill paths: the new tokens' K/V are attended in their
 original precision, and only the cached prefix (radix-cache hits, earlier chunks
 of a chunked prefill) is read from INT4.  The prefix is gathered through
-``kv_indices`` (one launch for K and V) either into the original space (un-rotated,
-key center added back: the FlashInfer path's staging rows) or as stored (rotated,
-keys centered: the Triton path, which moves the new tokens into that space instead)
-and handed to a stock prefill kernel.  See ``docs/design-notes.md`` for why this
-beats a dedicated INT4 extend kernel here.
+``kv_indices`` (one launch for K and V) as stored (rotated, keys centered: both prefill
+paths read a rotating layout so and move the new tokens into that space instead) or
+into the original space (un-rotated, key center added back: the FlashInfer path's
+staging of a plain layout's centered keys; un-rotating costs the tensor cores once per
+row and layer, ~3x the as-stored read) and handed to a stock prefill kernel.  See
+``docs/design-notes.md`` for why this beats a dedicated INT4 extend kernel here.
 """
 
 from typing import Optional

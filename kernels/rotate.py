@@ -1,8 +1,10 @@
 """Rotate head vectors into the space INT4 pages are stored in, in one pass.
 
-The Triton extend path attends in the pages' stored space (``sglang_sawint4.backend``): the
-new tokens' q and k are rotated there (k also loses the stored key center), and v and the
-output when V is rotated.  A torch ``x.float() @ H`` does it in three memory passes; this
+Both prefill paths attend to a rotating layout's cached prefix in the pages' stored space
+(``sglang_sawint4.backend``, ``sglang_sawint4.flashinfer_prefill``): the prefix is
+dequantized as stored, and the new tokens' q and k are rotated there (k also loses the
+stored key center), v and the output too when V is rotated (``to_stored_space``,
+``from_stored_space``).  A torch ``x.float() @ H`` does it in three memory passes; this
 kernel reads each row once, rotates it on the tensor cores (exact from bf16/fp16, the
 store kernel's ``load_rotated_halves``) and writes it once.
 """
@@ -65,3 +67,34 @@ def rotate_rows(x: torch.Tensor, layout: fmt.Int4Format, stored_center: Optional
         BLOCK_ROT=layout.block_size, CENTER=stored_center is not None, BLOCK=BLOCK_T, HALF=d // 2, num_warps=4,
     )
     return out
+
+
+def to_stored_space(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: fmt.Int4Format,
+                    stored_center: Optional[torch.Tensor] = None):
+    """New tokens' attention inputs in the space a layer's pages are stored in.
+
+    Args:
+        q: [tokens, num_q_heads, head_dim]; k, v: [tokens, num_kv_heads, head_dim]
+            (bf16/fp16/fp32, channel stride 1).
+        stored_center: None, or the layer's key center in the stored space
+            ([num_kv_heads, head_dim] float32, ``pool.key_center(layer, stored=True)``).
+    Returns (q, k, v), contiguous, in their dtype: q and k rotated when keys are, k minus the
+    center, v rotated when values are.  Attention over them and the pages read as stored
+    (``dequantize_pages(..., unrotate=False)``) is attention in the original space: H is
+    orthogonal, and a key center shifts every score of a query alike once the new keys
+    carry it too.  Its output is rotated as V is (``from_stored_space``).
+    """
+    if layout.rotate_k:
+        q, k = rotate_rows(q, layout), rotate_rows(k, layout, stored_center=stored_center)
+    elif stored_center is not None:
+        k = (k.float() - stored_center).to(k.dtype)
+    if layout.rotate_v:
+        v = rotate_rows(v, layout)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def from_stored_space(o: torch.Tensor, layout: fmt.Int4Format) -> torch.Tensor:
+    """Attention output [tokens, num_q_heads, head_dim] over stored-space values, back in the
+    original space: rotated again when V is (the normalized block Hadamard is its own
+    inverse), else ``o`` itself."""
+    return rotate_rows(o, layout) if layout.rotate_v else o

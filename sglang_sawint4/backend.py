@@ -35,7 +35,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang_sawint4.attention_check import AttentionChecker
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
-from sglang_sawint4.kernels.rotate import rotate_rows
+from sglang_sawint4.kernels.rotate import from_stored_space, rotate_rows, to_stored_space
 from sglang_sawint4.kernels.splits import int4_num_kv_splits
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
 
@@ -53,32 +53,31 @@ def check_int4_layer(layer, sinks=None, score_mod=None) -> None:
 def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
     """Compile the kernels the prefill paths run over INT4 layers of ``pool``, on one-row
     buffers of the model's dtype: the prefix dequantize kernel for every way they read a
-    layer (as stored: the Triton path; into the original space with or without a key
-    center: the FlashInfer path's staging) and, for a rotating layout, the rotation that
-    moves new tokens into the stored space (with and without a center).
+    layer (as stored; for a plain layout's centered layers also with the center added back:
+    the FlashInfer path's staging) and, for a rotating layout, the rotation that moves new
+    tokens into the stored space (with and without a center).
 
     Both prefill paths first run them in the middle of serving (the Triton path's rotation at
-    its first extend, the dequantization at a batch's first cached prefix): compiled there, a
-    Triton compile (~0.5 s) would stall that batch and every request in it.  The kernels
-    leave the row count and the index pointers unspecialized and the one-row buffers have
-    the strides of the real ones, so these are the variants serving uses.  Returns the
-    variants run.
+    its first extend, the rest at a batch's first cached prefix): compiled there, a Triton
+    compile (~0.5 s) would stall that batch and every request in it.  The kernels leave the
+    row count and the index pointers unspecialized and the one-row buffers have the strides
+    of the real ones, so these are the variants serving uses.  Returns the variants run.
     """
     layout = pool.int4_format
     slot = torch.zeros(1, dtype=torch.int32, device=pool.device)
     out = [torch.empty((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device) for _ in range(2)]
     rotated = layout.block_size is not None
-    variants = set()  # each kernel's constexprs: ("dequant", un-rotated, center), ("rotate", center)
+    variants = set()  # each kernel's constexprs: ("dequant", center), ("rotate", center)
     for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
         if pool.is_bf16_layer(layer_id):
             continue
-        center = pool.key_center(layer_id)
-        for unrotate, k_center in ((False, None), (True, center)):
-            variant = ("dequant", unrotate and rotated, k_center is not None)
+        for k_center in ((None,) if rotated else (None, pool.key_center(layer_id))):
+            variant = ("dequant", k_center is not None)
             if variant not in variants:
                 variants.add(variant)
+                # a center goes back in the original space only, which is where a plain layout is stored
                 dequantize_pages(*pool.get_int4_layer(layer_id), slot, *out, layout, k_center=k_center,
-                                 unrotate=unrotate)
+                                 unrotate=k_center is not None)
         for stored_center in ((None, pool.key_center(layer_id, stored=True)) if rotated else ()):
             variant = ("rotate", stored_center is not None)
             if variant not in variants:
@@ -184,7 +183,8 @@ class Int4TritonAttnBackend(TritonAttnBackend):
         v_prefix = q.new_empty((scratch_rows, hk, d))
         dequantize_pages(*self.int4_pool.get_int4_layer(layer.layer_id), md.kv_indices[:n_prefix],
                          k_prefix, v_prefix, self.int4_format, unrotate=False)
-        q_s, k_s, v_s = self._to_stored_space(layer.layer_id, q3, k3, v3)
+        q_s, k_s, v_s = to_stored_space(q3, k3, v3, self.int4_format,
+                                        self.int4_pool.key_center(layer.layer_id, stored=True))
         o = q.new_empty((q.shape[0], hq * layer.v_head_dim))
         self.extend_attention_fwd(
             q_s, k_s, v_s,
@@ -195,24 +195,10 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             logit_cap=0.0, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
             xai_temperature_len=layer.xai_temperature_len, page_size=1,
         )
-        if self.int4_format.rotate_v:  # the values' weighted sum is rotated as they are
-            o = rotate_rows(o.view(-1, hq, layer.v_head_dim), self.int4_format).view(o.shape)
+        o = from_stored_space(o.view(-1, hq, layer.v_head_dim), self.int4_format).view(o.shape)
         if self._checker is not None:
             self._check_extend(layer, forward_batch, q3, k3, v3, o, n_prefix)
         return o
-
-    def _to_stored_space(self, layer_id: int, q, k, v):
-        """The new tokens' q [tokens, num_q_heads, head_dim] and k / v [tokens, num_kv_heads,
-        head_dim] in the space the layer's pages are stored in: q and k rotated when keys
-        are, k minus the stored key center, v rotated when values are.  Same dtype, contiguous."""
-        layout, center = self.int4_format, self.int4_pool.key_center(layer_id, stored=True)
-        if layout.rotate_k:
-            q, k = rotate_rows(q, layout), rotate_rows(k, layout, stored_center=center)
-        elif center is not None:
-            k = (k.float() - center).to(k.dtype)
-        if layout.rotate_v:
-            v = rotate_rows(v, layout)
-        return q, k.contiguous(), v.contiguous()
 
     # -- --kv-quant-debug-check-attention: eager mode only, first calls per layer ----------
     def _check_decode(self, layer, q, o):

@@ -16,9 +16,15 @@ allocated when the backend is built and taken out of the KV pool's memory (the p
 subtracts it).  A batch whose prefix rows exceed it stages each distinct slot once
 (requests sharing a radix-cache prefix read the same staging rows as their pages), and one
 with more distinct slots than rows runs in pieces (``sglang_sawint4.prefix_pieces``):
-dequantize a piece, attend, merge, repeat; so no request mix can grow it.  Keys the KV
-policy centered get their center back in the staging rows (they are mixed with the exact
-new keys).
+dequantize a piece, attend, merge, repeat; so no request mix can grow it.
+
+A rotating layout's prefix is staged as stored (rotated, keys centered) and a batch with a
+cached prefix attends in that space, as the Triton path does: its new tokens' q, k (and v
+when V is rotated) move there (``to_stored_space``, O(new tokens)) instead of every staged
+row being un-rotated (O(prefix rows), the tensor cores once per row and layer); the output
+comes back with ``from_stored_space``.  A plain layout is stored in the original space:
+its staging adds a centered layer's key center back.  A batch without a cached prefix
+attends the new tokens as they are.
 
 Layers the policy keeps in BF16 run SGLang's FlashInfer extend unchanged (the pool hands
 them BF16 pages).
@@ -38,6 +44,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang_sawint4.attention_check import AttentionChecker
 from sglang_sawint4.backend import Int4TritonAttnBackend, check_int4_layer
 from sglang_sawint4.kernels.dequant import dequantize_pages
+from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
 from sglang_sawint4.prefix_pieces import PrefixPiece, PrefixPlan, plan_prefix_pieces
 
@@ -228,18 +235,25 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         ragged = self.prefill_wrapper_ragged
         if not self._pieces:
             return ragged.forward(q, k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
+        layout, pool = self.int4_format, self.int4_pool
+        as_stored = layout.block_size is not None
+        center = pool.key_center(layer.layer_id, stored=as_stored)
+        if as_stored:
+            q, k, v = to_stored_space(q, k, v, layout, center)
+            center = None
         o, lse = ragged.forward_return_lse(q, k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
-        data = self.int4_pool.get_int4_layer(layer.layer_id)
-        center = self.int4_pool.key_center(layer.layer_id)
+        data = pool.get_int4_layer(layer.layer_id)
 
         def stage(slots):
-            dequantize_pages(*data, slots, self._k_stage, self._v_stage, self.int4_format, k_center=center)
+            dequantize_pages(*data, slots, self._k_stage, self._v_stage, layout, k_center=center,
+                             unrotate=not as_stored)
             return self._k_stage, self._v_stage
 
         def attend(i, piece, q_piece, k_stage, v_stage):
             return self._attend_piece(i, piece, q_piece, k_stage, v_stage, layer.scaling)
 
-        return attend_prefix_pieces(q, o, lse, self._plan, stage, attend, merge_partial_attention)
+        o = attend_prefix_pieces(q, o, lse, self._plan, stage, attend, merge_partial_attention)
+        return from_stored_space(o, layout) if as_stored else o
 
     def forward_decode(self, *args, **kwargs):
         raise Int4KVAccessError("INT4 KV decode runs on the INT4 Triton kernel, not on FlashInfer")

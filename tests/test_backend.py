@@ -196,34 +196,36 @@ def _compiled_variants(kernel) -> int:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernel variants exist on a GPU only")
-def test_extends_reuse_the_kernel_variants_compiled_when_the_backend_is_built(rng):
+@pytest.mark.parametrize("layout,variants", [(LAYOUT, 3), (fmt.Int4Format(D), 2)], ids=["bdr", "int4"])
+def test_extends_reuse_the_kernel_variants_compiled_when_the_backend_is_built(layout, variants, rng):
     """Building the backend compiles the prefix dequantize kernel as both prefill paths read
-    (as stored; un-rotated for plain and centered INT4 layers) and the new tokens' rotation
-    (with and without a center); prefixes of any length, cut from any offset of a piece's
-    slot list, and new tokens of any count, q rows or k rows viewed in a fused qkv tensor,
-    then run on those variants: no Triton compile in the middle of serving."""
+    (as stored; a plain layout's centered layers also with the center added back) and, for a
+    rotating layout, the new tokens' rotation (with and without a center); prefixes of any
+    length, cut from any offset of a piece's slot list, and new tokens of any count, q rows
+    or k rows viewed in a fused qkv tensor, then run on those variants: no Triton compile in
+    the middle of serving."""
     from sglang_sawint4.backend import compile_extend_kernels
     from sglang_sawint4.kernels.dequant import _dequantize_pages_kernel, dequantize_pages
-    from sglang_sawint4.kernels.rotate import _rotate_rows_kernel, rotate_rows
+    from sglang_sawint4.kernels.rotate import _rotate_rows_kernel, to_stored_space
     from sglang_sawint4.pool import Int4TokenToKVPool
 
     center = torch.randn(HK, D, generator=rng)
     pool = Int4TokenToKVPool(256, page_size=1, dtype=DTYPE, head_num=HK, head_dim=D, layer_num=LAYERS, device="cuda",
-                             enable_memory_saver=False, int4_format=LAYOUT, bf16_layers=(BF16_LAYER,),
+                             enable_memory_saver=False, int4_format=layout, bf16_layers=(BF16_LAYER,),
                              key_centers={CENTERED_LAYER: center})
-    assert compile_extend_kernels(pool) == 5
+    assert compile_extend_kernels(pool) == variants
     before = [_compiled_variants(k) for k in (_dequantize_pages_kernel, _rotate_rows_kernel)]
     slots = (torch.randperm(255, generator=rng)[:120] + 1).to(torch.int32).cuda()
     k_out, v_out = (torch.empty(128, HK, D, dtype=DTYPE, device="cuda") for _ in range(2))
     for layer in (CENTERED_LAYER, 2):
         for n, offset in ((37, 3), (1, 0), (64, 16), (17, 101)):
-            dequantize_pages(*pool.get_int4_layer(layer), slots[offset: offset + n], k_out, v_out, LAYOUT,
-                             k_center=pool.key_center(layer))
-            dequantize_pages(*pool.get_int4_layer(layer), slots[offset: offset + n], k_out, v_out, LAYOUT,
-                             unrotate=False)
+            piece = slots[offset: offset + n]
+            dequantize_pages(*pool.get_int4_layer(layer), piece, k_out, v_out, layout, unrotate=False)
+            if layout.block_size is None:  # the FlashInfer path's staging of a plain layout
+                dequantize_pages(*pool.get_int4_layer(layer), piece, k_out, v_out, layout,
+                                 k_center=pool.key_center(layer))
             qkv = torch.randn(n, (HQ + 2 * HK) * D, dtype=DTYPE, device="cuda")
-            rotate_rows(qkv[:, : HQ * D].view(n, HQ, D), LAYOUT)
-            rotate_rows(qkv[:, HQ * D: (HQ + HK) * D].view(n, HK, D), LAYOUT,
-                        stored_center=pool.key_center(layer, stored=True))
+            q, k, v = (qkv[:, a * D: b * D].view(n, -1, D) for a, b in ((0, HQ), (HQ, HQ + HK), (HQ + HK, HQ + 2 * HK)))
+            to_stored_space(q, k, v, layout, pool.key_center(layer, stored=True))
     torch.cuda.synchronize()
     assert [_compiled_variants(k) for k in (_dequantize_pages_kernel, _rotate_rows_kernel)] == before

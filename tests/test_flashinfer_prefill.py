@@ -3,6 +3,7 @@ prefix attention with its merge run with torch attention in place of FlashInfer,
 GPU) the backend's plan and run steps on real FlashInfer wrappers; bench/e2e.py flashinfer
 checks it inside a server."""
 
+import math
 import random
 
 import pytest
@@ -270,6 +271,87 @@ def test_overflow_wrappers_are_replanned_only_after_their_last_run_finished():
     assert not backend._planned_pending
 
 
+class _TorchRagged:
+    """The ragged wrapper's two calls in torch (lse base 2, as FlashInfer returns it)."""
+
+    def __init__(self, qo_indptr):
+        self.qo_indptr = qo_indptr
+
+    def forward_return_lse(self, q, k, v, causal, sm_scale, logits_soft_cap):
+        o, lse = _ragged(q, k, v, self.qo_indptr, self.qo_indptr, sm_scale, causal)
+        return o.to(q.dtype), lse / math.log(2)
+
+    def forward(self, q, k, v, **kwargs):
+        return self.forward_return_lse(q, k, v, **kwargs)[0]
+
+
+_EXTEND_LAYOUTS = [fmt.Int4Format(64), fmt.Int4Format(64, 64), fmt.Int4Format(64, 16, rotate_v=True)]
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["plain-keys", "centered"])
+@pytest.mark.parametrize("layout", _EXTEND_LAYOUTS, ids=["int4", "bdr64-k", "bdr16-kv"])
+@pytest.mark.parametrize("staging_rows", [200, 16], ids=["one-piece", "pieces"])
+def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows, rng, device):
+    """The backend's run step with torch standing in for FlashInfer's kernels: a rotating
+    layout's prefix is staged as stored (no inverse rotation per row) and the new tokens move
+    into that space; a plain layout's staging adds the key center back.  Either way the
+    output is attention in the original space over the pages and the new tokens."""
+    require_sglang()
+    from types import SimpleNamespace
+
+    from helpers import rel_err
+    from sglang_sawint4 import flashinfer_prefill as fp
+    from sglang_sawint4.kernels.dequant import dequantize_pages_reference
+
+    hq, hk, d, slots, dtype = 4, 2, layout.head_dim, 120, torch.float16
+    k = keys_with_outliers(slots, hk, d, rng, dtype=torch.float32)
+    center = k.mean(0).contiguous() if centered else None
+    kd, km = fmt.encode(k if center is None else k - center, layout, is_value=False)
+    vd, vm = fmt.encode(torch.randn(slots, hk, d, generator=rng), layout, is_value=True)
+    data = tuple(t.to(device) for t in (kd, km, vd, vm))
+    prefix, new = [40, 0, 57], [5, 3, 9]
+    perm = torch.randperm(slots, generator=rng)[:77].to(torch.int32)
+    kv_indices = torch.cat([perm[:40], perm[:20], perm[40:77]])  # request 2 shares request 0's first 20
+    qo_indptr = [0, *torch.tensor(new).cumsum(0).tolist()]
+    kv_indptr = [0, *torch.tensor(prefix).cumsum(0).tolist()]
+
+    backend = fp.Int4FlashInferPrefillBackend.__new__(fp.Int4FlashInferPrefillBackend)
+    backend.int4_format, backend.staging_rows = layout, staging_rows
+
+    def key_center(layer_id, stored=False):
+        return None if center is None else (fmt.stored_center(center, layout) if stored else center).to(device)
+
+    backend.int4_pool = SimpleNamespace(get_int4_layer=lambda i: data, key_center=key_center)
+    backend._k_stage = torch.empty(staging_rows, hk, d, dtype=dtype, device=device)
+    backend._v_stage = torch.empty_like(backend._k_stage)
+    backend._plan = plan_prefix_pieces(kv_indices, prefix, new, staging_rows)
+    backend._pieces = backend._plan.pieces
+    backend.prefill_wrapper_ragged = _TorchRagged(qo_indptr)
+    staged = []
+
+    def attend_piece(i, piece, q_rows, k_stage, v_stage, scale):
+        pages = backend._plan.pages[piece.pages[0]: piece.pages[1]].long().to(k_stage.device)
+        staged.append(backend._plan.stage_slots[piece.stage[0]: piece.stage[1]].clone())
+        staged.append(k_stage[: staged[-1].numel()].clone())
+        o, lse = _ragged(q_rows, k_stage[pages], v_stage[pages], piece.qo_indptr, piece.kv_indptr, scale, causal=False)
+        return o.to(q_rows.dtype), lse / math.log(2)
+
+    backend._attend_piece = attend_piece
+    n, scale = sum(new), d ** -0.5
+    q, k_new, v_new = (torch.randn(n, h, d, generator=rng).to(dtype).to(device) for h in (hq, hk, hk))
+    out = backend._int4_extend(q, k_new, v_new, SimpleNamespace(layer_id=0, scaling=scale))
+    assert out.shape == q.shape and out.dtype == dtype
+    assert len(staged) == 2 * len(backend._pieces) and (len(backend._pieces) > 1) == (staging_rows < 77)
+    for slots_read, rows in zip(staged[0::2], staged[1::2]):  # the staging rows: stored or original space
+        rk, _ = dequantize_pages_reference(*data, slots_read, layout, unrotate=layout.block_size is None,
+                                           k_center=center if layout.block_size is None else None)
+        assert rel_err(rows, rk) < 2e-3
+    ref = int4_attention_reference(q.cpu().double(), torch.tensor(qo_indptr), torch.tensor(kv_indptr), kv_indices,
+                                   (kd, km, vd, vm), layout, scale, k_new=k_new.cpu(), v_new=v_new.cpu(),
+                                   k_center=center)
+    assert rel_err(out, ref) < 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer's prefill kernels need a GPU")
 @pytest.mark.parametrize("prefix,new,staging_rows,shared", [
     # the serving benchmark's shared-prefix batch: 32 requests over one cached 8k prefix,
@@ -321,7 +403,9 @@ def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared
     backend._piece_wrappers, backend._overflow, backend._overflow_next = [], [], 0
     backend._planned_copied, backend._planned_pending, backend._checker = torch.cuda.Event(), False, None
     backend.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token.to(dev))
-    backend.int4_pool = SimpleNamespace(get_int4_layer=lambda i: data[i], key_center=lambda i: centers[i])
+    stored_centers = [fmt.stored_center(c.cpu(), layout).to(dev) for c in centers]
+    backend.int4_pool = SimpleNamespace(get_int4_layer=lambda i: data[i],
+                                        key_center=lambda i, stored=False: (stored_centers if stored else centers)[i])
 
     n = sum(new)
     qo_indptr = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
