@@ -637,9 +637,9 @@ def rebuild(state_path, out):
 
 
 def plot(result, path):
-    """Per (workload, shape): output tok/s and TTFT as bars, one group per concurrency, one bar
-    per config (the runs as dots on the throughput bars, TTFT p99 as a tick above the p50 bar);
-    a capacity point's group is shaded."""
+    """Per (workload, shape): output tok/s as bars, one group per concurrency, one bar per
+    config (the runs as dots), and TTFT on a log scale (p50 a marker, p99 a tick); a capacity
+    point's group is shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -675,14 +675,19 @@ def plot(result, path):
                     axes[i][0].annotate(f"{r['errors']} failed", (x, r["output_tok_s"]), color="red", fontsize=7,
                                         rotation=90, va="bottom")
                 if r["ttft_ms_p50"] is not None:
-                    axes[i][1].bar(x, r["ttft_ms_p50"], width, color=colors[cfg], hatch=hatch, edgecolor="white")
+                    axes[i][1].plot(x, r["ttft_ms_p50"], "o" if cfg.endswith("flashinfer") else "s", color=colors[cfg],
+                                    ms=7)
                 if r["ttft_ms_p99"] is not None:
                     axes[i][1].plot([x - width / 2, x + width / 2], [r["ttft_ms_p99"]] * 2, color=colors[cfg], lw=2)
         lo = min((r.get("output_len_min", ol) for r in mine), default=ol)
         out = f"{lo}-{ol}" if lo < ol else f"{ol}"
         title = (f"shared prefix {pl} + {il - pl} in / {out} out" if wl == "shared-prefix"
                  else f"random {il} in / {out} out")
-        for ax, ylabel in zip(axes[i], ("output tok/s (dots: runs)", "TTFT ms: bar p50, line p99")):
+        # log scale (so markers, not bars): a burst's p99 (requests queued behind a wave of
+        # prefills) is 10-20x the p50
+        axes[i][1].set_yscale("log")
+        for ax, ylabel in zip(axes[i], ("output tok/s (dots: runs)",
+                                        "TTFT ms, log scale: marker p50, line p99\n(square: Triton prefill)")):
             ax.set_xticks(range(len(levels)), [f"concurrency {c}" for c in levels])
             ax.set_xlim(-0.5, len(levels) - 0.5)
             ax.set_ylabel(ylabel)
