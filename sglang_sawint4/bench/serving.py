@@ -534,7 +534,8 @@ def aggregate(records: List[dict], baseline=BASELINE):
         if base is None:
             continue
         entry = {"workload": key[0], "input_len": key[1], "prefix_len": key[2], "output_len": key[3],
-                 "concurrency": key[4], "output_spread": key[5], "capacity_point": base["capacity_point"], "vs_baseline": {}, "bdr_vs_int4": {}}
+                 "concurrency": key[4], "output_spread": key[5], "capacity_point": base["capacity_point"],
+                 "vs_baseline": {}, "bdr_vs_int4": {}}
         for c in configs:
             r = by.get((c, *key))
             if r is None or c == baseline:
