@@ -21,9 +21,10 @@ async def completions(request):
         return web.Response(status=500, text="boom")
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
+    held_back = {2, 0} if body["prompt"][1] == 14 else {2}  # 14: the first token's text held back too
     for i in range(body["max_tokens"]):
         await asyncio.sleep(TOKEN_DELAY_S)
-        text = "" if i == 2 else "x"  # a token whose text is not complete yet
+        text = "" if i in held_back else "x"  # a token whose text is not complete yet
         await resp.write(b"data: " + json.dumps({"choices": [{"text": text}]}).encode() + b"\n\n")
     if body.get("stream_options", {}).get("include_usage"):
         usage = {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
@@ -72,9 +73,12 @@ async def _run(prompts, output_len, concurrency, peak=None):
 def test_load_client_measures_every_request():
     prompts = bench_serving.make_prompts(12, 16, 1000, seed=1)
     prompts[3][0] = 13  # one request fails
+    prompts[5][1] = prompts[7][1] = 14  # two requests' first token comes without text
     results, secs = asyncio.run(_run(prompts, output_len=8, concurrency=4))
     s = bench_serving.summarize(results, secs, 8)
     assert s["requests"] == 12 and s["complete"] == 11 and s["errors"] == 1 and s["error_samples"] == ["HTTP 500"]
+    assert s["first_text_late"] == 2 and s["first_chunk_ms_p50"] <= s["ttft_ms_p50"]
+    assert results[5].ttft_s - results[5].first_chunk_s >= TOKEN_DELAY_S * 0.9
     assert TOKEN_DELAY_S * 1e3 * 0.9 <= s["ttft_ms_p50"] <= s["ttft_ms_p99"]
     deciles = s["ttft_ms_deciles"]
     assert len(deciles) == 9 and deciles == sorted(deciles) and deciles[4] == pytest.approx(s["ttft_ms_p50"])
