@@ -21,9 +21,10 @@ from sglang_sawint4 import format as fmt
 # A check passes when max |served - reference| <= REL_TOL * max |reference|.  The
 # reference repeats the kernels' own input roundings (q and dequantized pages in the
 # query dtype), so what is left is float32 accumulation, the bf16 softmax weights of
-# the P @ V products and the bf16 output: a few bf16 ulps (2**-8 = 0.4%).  The Triton
-# extend path rounds in the pages' stored space instead (rotated q, k, v and scratch),
-# which the reference, in the original space, does not repeat: a few more ulps.
+# the P @ V products and the bf16 output: a few bf16 ulps (2**-8 = 0.4%).  Both extend
+# paths attend to a rotating layout's prefix in the pages' stored space (rotated q, k, v
+# and scratch rounded there), which the reference, in the original space, does not
+# repeat: a few more ulps.
 REL_TOL = 2e-2
 
 
