@@ -6,7 +6,9 @@
 #
 # Stages: warm (exit 3 unless a previous call on this machine installed the bundle),
 # install (bundle + package, always first), tests (pytest on the GPU; $TESTS, default tests/),
-# bench (kernel benchmark), smoke (BF16 server smoke), int4 (INT4 e2e),
+# bench (kernel benchmark), prefill-probe (bench/logs/one_request_prefill_probe.py: one
+# request's prefill over an 8k cached prefix, host and device time per config), smoke (BF16
+# server smoke), int4 (INT4 e2e),
 # policy (the default int4-bdr server on $POLICY_ARCH, default qwen3, a generated model:
 # its KV policy, every feature check, served attention vs reference with a BF16 layer),
 # quickstart (the README's quick start, as written, on $QUICKSTART_MODEL, default qwen15),
@@ -274,6 +276,11 @@ for s in "$@"; do
     name=${QUICKSTART_MODEL:-qwen15}
     join_convert "$name"
     MODEL="$MODELS/$name" bash scripts/quickstart.sh 2>&1 | tee "$OUT/quickstart.log" | tail -30
+    [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+    ;;
+  prefill-probe)
+    stage prefill-probe
+    python3 bench/logs/one_request_prefill_probe.py 2>&1 | tee "$OUT/one_request_prefill_probe.txt" | tail -40
     [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
     ;;
   profile)

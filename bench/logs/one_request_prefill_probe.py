@@ -13,8 +13,8 @@ Per forward: plan (ragged + prefix wrappers), then per layer store the new K/V a
   int4-bdr-unrotated   BDR-128 with the staging un-rotating every row (before commit 0633d22)
 host_ms: enqueueing the forward (the host's cost); device_ms: the same forward's GPU time
 (enqueued behind a sleep kernel, so the host never starves it).  Medians over interleaved reps.
-Run from the repo root after `bash scripts/gpu_run.sh install`:
-    PYTHONPATH=/tmp/sawint4-site:/tmp/sglang-site python3 bench/logs/one_request_prefill_probe.py
+Run on the GPU host with `bash scripts/gpu_run.sh install prefill-probe` (output in
+$OUT/one_request_prefill_probe.txt).
 """
 import json
 import statistics
