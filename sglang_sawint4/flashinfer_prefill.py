@@ -237,15 +237,14 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
             return ragged.forward(q, k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
         layout, pool = self.int4_format, self.int4_pool
         as_stored = layout.block_size is not None
-        center = pool.key_center(layer.layer_id, stored=as_stored)
         if as_stored:
-            q, k, v = to_stored_space(q, k, v, layout, center)
-            center = None
+            q, k, v = to_stored_space(q, k, v, layout, pool.key_center(layer.layer_id, stored=True))
+        staging_center = None if as_stored else pool.key_center(layer.layer_id)
         o, lse = ragged.forward_return_lse(q, k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
         data = pool.get_int4_layer(layer.layer_id)
 
         def stage(slots):
-            dequantize_pages(*data, slots, self._k_stage, self._v_stage, layout, k_center=center,
+            dequantize_pages(*data, slots, self._k_stage, self._v_stage, layout, k_center=staging_center,
                              unrotate=not as_stored)
             return self._k_stage, self._v_stage
 

@@ -20,9 +20,9 @@ one ends), so that TTFT percentiles and throughput rest on more than one burst; 
 sends C.  Each request's output length is drawn (seeded, the same for every config) from
 [(1 - --output-spread) x OUTPUT, OUTPUT]: with one length for all, a closed loop runs in
 lockstep waves (C requests prefill together, decode together and end on the same step), so
-its TTFTs are a staircase of prefill batches whose median sits on a step edge and moves by a
-whole batch between runs; spread lengths end requests at different steps, as real traffic
-does, and new requests arrive while others decode.
+its TTFTs are a staircase of prefill batches and the median moves by steps between runs;
+spread lengths end requests at different steps, as real traffic does, and new requests
+arrive while others decode.
 One server lifetime is a *unit*.  Pass 0 runs every config in the given order; pass 1
 runs --repeat-configs again in the reverse order, so that machine drift does not favour
 one of them and the run-to-run spread is measured (``repeat_spread_pct``).
