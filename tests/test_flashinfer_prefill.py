@@ -112,7 +112,8 @@ def _attention_lse(q, k, v, scale, causal_offset=None):
     k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
     s = torch.einsum("qhd,nhd->hqn", q, k) * scale
     if causal_offset is not None:
-        allowed = torch.arange(k.shape[0])[None, :] <= causal_offset + torch.arange(q.shape[0])[:, None]
+        rows = torch.arange(q.shape[0], device=q.device)
+        allowed = torch.arange(k.shape[0], device=q.device)[None, :] <= causal_offset + rows[:, None]
         s = s.masked_fill(~allowed[None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [hq, n]
     o = torch.einsum("hqn,nhd->qhd", torch.softmax(s, dim=-1).nan_to_num(0.0), v)
@@ -324,7 +325,7 @@ def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows,
     backend.int4_pool = SimpleNamespace(get_int4_layer=lambda i: data, key_center=key_center)
     backend._k_stage = torch.empty(staging_rows, hk, d, dtype=dtype, device=device)
     backend._v_stage = torch.empty_like(backend._k_stage)
-    backend._plan = plan_prefix_pieces(kv_indices, prefix, new, staging_rows)
+    backend._plan = plan_prefix_pieces(kv_indices.to(device), prefix, new, staging_rows)
     backend._pieces = backend._plan.pieces
     backend.prefill_wrapper_ragged = _TorchRagged(qo_indptr)
     staged = []

@@ -5,18 +5,23 @@ one request, 256 new tokens over an 8k cached prefix, and there INT4's TTFT p50 
 (plain) and 1.42x (BDR, staging un-rotated) BF16's).
 
 8B-shaped attention (32 q / 8 KV heads, head_dim 128), 32 layers, each with its own cache.
-Per forward: plan (ragged + prefix wrappers), then per layer store the new K/V and attend.
-  bf16                 SGLang's FlashInfer extend: index-copy store, ragged causal prefill with
-                       LSE, paged prefill over the BF16 prefix, merge_state
-  int4, int4-bdr       rotate_quantize_store + Int4FlashInferPrefillBackend._int4_extend, as
-                       served (BDR-128: prefix staged as stored, new tokens rotated)
-  int4-bdr-unrotated   BDR-128 with the staging un-rotating every row (before commit 0633d22)
-host_ms: enqueueing the forward (the host's cost); device_ms: the same forward's GPU time
-(enqueued behind a sleep kernel, so the host never starves it).  Medians over interleaved reps.
-Run on the GPU host with `bash scripts/gpu_run.sh install prefill-probe` (output in
-$OUT/one_request_prefill_probe.txt).
+Each layer stores the new K/V and attends:
+  bf16       SGLang's FlashInfer extend: index-copy store, ragged causal prefill with LSE
+             ("auto" backend), paged prefill over the BF16 prefix ("fa2"), merge_state
+  int4, int4-bdr   rotate_quantize_store + Int4FlashInferPrefillBackend._int4_extend, as served
+             (BDR-128: prefix staged as stored, new tokens rotated)
+Plans are made once, outside the timed regions.  Every timed region is enqueued behind a
+~0.25 s sleep kernel: host us is the enqueue cost per call, device us the GPU time per call,
+and "host waited" flags a region where the host caught up with the GPU (a synchronizing
+call, or enqueue longer than the sleep), whose device time then holds host gaps.
+Per call: each operation a layer makes, alone, 100 calls; then the 32-layer loop per config,
+interleaved.  Run on the GPU host with `bash scripts/gpu_run.sh install prefill-probe`
+(output in $OUT/one_request_prefill_probe.txt).
 """
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import time
 from types import SimpleNamespace
@@ -28,6 +33,7 @@ from flashinfer import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRagg
 from sglang_sawint4 import flashinfer_prefill as fp
 from sglang_sawint4 import format as fmt
 from sglang_sawint4.kernels.dequant import dequantize_pages
+from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
 from sglang_sawint4.kernels.store import rotate_quantize_store
 
 HQ, HK, D, LAYERS, PREFIX, NEW, STAGING, REPS = 32, 8, 128, 32, 8192, 256, 32768, 30
@@ -40,7 +46,7 @@ kv_indptr = torch.tensor([0, PREFIX], dtype=torch.int32)
 new_loc = torch.arange(PREFIX, PREFIX + NEW, device=DEV)
 q = torch.randn(NEW, HQ, D, device=DEV, dtype=BF16)
 k_new, v_new = (torch.randn(NEW, HK, D, device=DEV, dtype=BF16) for _ in range(2))
-ragged = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+ragged = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend="auto")  # as SGLang's backend
 
 
 def plan_ragged():
@@ -50,18 +56,7 @@ def plan_ragged():
 # -- BF16: the calls SGLang's FlashInfer backend makes for an extend over a cached prefix --------
 bf16_cache = [(torch.randn(PREFIX + NEW, HK, D, device=DEV, dtype=BF16),
                torch.randn(PREFIX + NEW, HK, D, device=DEV, dtype=BF16)) for _ in range(LAYERS)]
-paged = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-
-
-def bf16_forward():
-    plan_ragged()
-    paged.begin_forward(qo_indptr, kv_indptr, torch.arange(PREFIX, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
-                        HQ, HK, D, 1, q_data_type=BF16, kv_data_type=BF16, non_blocking=True)
-    for k_cache, v_cache in bf16_cache:
-        k_cache[new_loc], v_cache[new_loc] = k_new, v_new
-        o1, s1 = ragged.forward_return_lse(q, k_new, v_new, causal=True, sm_scale=SCALE, logits_soft_cap=0.0)
-        o2, s2 = paged.forward_return_lse(q, (k_cache, v_cache), causal=False, sm_scale=SCALE, logits_soft_cap=0.0)
-        merge_state(o1, s1, o2, s2)
+paged = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")  # as SGLang's backend
 
 
 # -- INT4: the served backend's plan and run steps ----------------------------------------------
@@ -85,60 +80,145 @@ def int4_backend(layout):
     return backend, data
 
 
-def int4_forward(backend, data, layout, unrotated=False):
-    plan_ragged()
-    backend._plan_prefix([PREFIX], [NEW], torch.zeros(1, dtype=torch.int64, device=DEV),
-                         torch.tensor([PREFIX], dtype=torch.int32, device=DEV),
-                         torch.tensor([NEW], dtype=torch.int32, device=DEV))
-    for i in range(LAYERS):
-        rotate_quantize_store(k_new, v_new, new_loc, *data[i], layout)
-        if not unrotated:
-            backend._int4_extend(q, k_new, v_new, SimpleNamespace(layer_id=i, scaling=SCALE))
-            continue
-        o, lse = ragged.forward_return_lse(q, k_new, v_new, causal=True, sm_scale=SCALE, logits_soft_cap=0.0)
-
-        def stage(slots, i=i):
-            dequantize_pages(*data[i], slots, backend._k_stage, backend._v_stage, layout)
-            return backend._k_stage, backend._v_stage
-
-        fp.attend_prefix_pieces(q, o, lse, backend._plan, stage,
-                                lambda j, piece, qp, ks, vs: backend._attend_piece(j, piece, qp, ks, vs, SCALE),
-                                fp.merge_partial_attention)
-
-
 plain, bdr = fmt.Int4Format(D), fmt.Int4Format(D, 128)
 (b_plain, d_plain), (b_bdr, d_bdr) = int4_backend(plain), int4_backend(bdr)
-configs = {
-    "bf16": bf16_forward,
-    "int4": lambda: int4_forward(b_plain, d_plain, plain),
-    "int4-bdr": lambda: int4_forward(b_bdr, d_bdr, bdr),
-    "int4-bdr-unrotated": lambda: int4_forward(b_bdr, d_bdr, bdr, unrotated=True),
-}
-host, device = {c: [] for c in configs}, {c: [] for c in configs}
-for rep in range(REPS + 3):  # 3 warm-up reps (compiles, FlashInfer module loads)
-    for name, forward in configs.items():
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        forward()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(2e8))  # ~0.1 s of GPU work ahead of the forward: the host never starves it
-        start.record()
-        forward()
-        end.record()
-        torch.cuda.synchronize()
-        if rep >= 3:
-            host[name].append((t1 - t0) * 1e3)
-            device[name].append(start.elapsed_time(end))
-out = {name: {"host_ms": round(statistics.median(host[name]), 3), "device_ms": round(statistics.median(device[name]), 3)}
-       for name in configs}
+SLEEP_CYCLES = int(5e8)  # ~0.25 s of GPU work ahead of each timed region
+
+
+def timed(fn, n):
+    """(host us per call, device us per call, host_waited): ``n`` calls enqueued behind a ~0.25 s
+    sleep kernel; host_waited says the sleep had ended before the host finished enqueuing
+    (a synchronizing call inside, or host time over the sleep): then the device time holds
+    host waits."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    slept, end = torch.cuda.Event(), torch.cuda.Event(enable_timing=True)
+    start = torch.cuda.Event(enable_timing=True)
+    slept.record()
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    waited = slept.query()
+    end.record()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e6 / n, start.elapsed_time(end) * 1e3 / n, waited
+
+
+def medians(runs):
+    """{host_us, device_us, host_waited} over ``timed`` results."""
+    return {"host_us": round(statistics.median(r[0] for r in runs), 1),
+            "device_us": round(statistics.median(r[1] for r in runs), 1),
+            "host_waited": any(r[2] for r in runs)}
+
+
+# -- one call of each operation a layer makes (plans made once, outside the timed region) --------
+plan_ragged()
+paged.begin_forward(qo_indptr, kv_indptr, torch.arange(PREFIX, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                    HQ, HK, D, 1, q_data_type=BF16, kv_data_type=BF16)
+paged_fa3 = None
+try:
+    paged_fa3 = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa3")
+    paged_fa3.begin_forward(qo_indptr, kv_indptr, torch.arange(PREFIX, dtype=torch.int32),
+                            torch.ones(1, dtype=torch.int32), HQ, HK, D, 1, q_data_type=BF16, kv_data_type=BF16)
+    paged_fa3.forward_return_lse(q, bf16_cache[0], causal=False, sm_scale=SCALE, logits_soft_cap=0.0)
+except Exception as e:  # noqa: BLE001 - reported, not fatal
+    print("fa3 paged prefill unavailable:", repr(e)[:300])
+    paged_fa3 = None
+kc, vc = bf16_cache[0]
+o1, s1 = ragged.forward_return_lse(q, k_new, v_new, causal=True, sm_scale=SCALE, logits_soft_cap=0.0)
+o2, s2 = paged.forward_return_lse(q, (kc, vc), causal=False, sm_scale=SCALE, logits_soft_cap=0.0)
 slots = torch.arange(PREFIX, dtype=torch.int32, device=DEV)
-for name, layout, data, unrotate in (("int4", plain, d_plain, True), ("int4-bdr", bdr, d_bdr, False),
-                                     ("int4-bdr-unrotated", bdr, d_bdr, True)):
-    ks = torch.empty(PREFIX, HK, D, dtype=BF16, device=DEV)
-    vs = torch.empty_like(ks)
-    out[name]["dequant_8k_rows_us"] = round(1e3 * triton.testing.do_bench(
-        lambda: dequantize_pages(*data[0], slots, ks, vs, layout, unrotate=unrotate), warmup=50, rep=300), 1)
+ks, vs = torch.empty(PREFIX, HK, D, dtype=BF16, device=DEV), torch.empty(PREFIX, HK, D, dtype=BF16, device=DEV)
+b_plain._plan_prefix([PREFIX], [NEW], torch.zeros(1, dtype=torch.int64, device=DEV),
+                     torch.tensor([PREFIX], dtype=torch.int32, device=DEV), torch.tensor([NEW], dtype=torch.int32, device=DEV))
+piece = b_plain._plan.pieces[0]
+layer0 = SimpleNamespace(layer_id=0, scaling=SCALE)
+
+
+def bf16_store():
+    kc[new_loc], vc[new_loc] = k_new, v_new
+
+
+ops = {
+    "bf16 store (index copy)": bf16_store,
+    "ragged causal prefill": lambda: ragged.forward_return_lse(q, k_new, v_new, causal=True, sm_scale=SCALE,
+                                                               logits_soft_cap=0.0),
+    "paged prefill fa2, 8k": lambda: paged.forward_return_lse(q, (kc, vc), causal=False, sm_scale=SCALE,
+                                                              logits_soft_cap=0.0),
+    "merge_state": lambda: merge_state(o1, s1, o2, s2),
+    "merge_partial_attention": lambda: fp.merge_partial_attention(o1, s1, o2, s2),
+    "rotate_quantize_store plain": lambda: rotate_quantize_store(k_new, v_new, new_loc, *d_plain[0], plain),
+    "rotate_quantize_store bdr": lambda: rotate_quantize_store(k_new, v_new, new_loc, *d_bdr[0], bdr),
+    "dequantize_pages 8k plain": lambda: dequantize_pages(*d_plain[0], slots, ks, vs, plain),
+    "dequantize_pages 8k bdr as stored": lambda: dequantize_pages(*d_bdr[0], slots, ks, vs, bdr, unrotate=False),
+    "to_stored_space bdr": lambda: to_stored_space(q, k_new, v_new, bdr),
+    "from_stored_space bdr": lambda: from_stored_space(o1, bdr),
+    "_attend_piece (fa2, 8k staged)": lambda: b_plain._attend_piece(0, piece, q, ks, vs, SCALE),
+    "_int4_extend plain": lambda: b_plain._int4_extend(q, k_new, v_new, layer0),
+}
+if paged_fa3 is not None:
+    ops["paged prefill fa3, 8k"] = lambda: paged_fa3.forward_return_lse(q, (kc, vc), causal=False, sm_scale=SCALE,
+                                                                       logits_soft_cap=0.0)
+b_bdr._plan_prefix([PREFIX], [NEW], torch.zeros(1, dtype=torch.int64, device=DEV),
+                   torch.tensor([PREFIX], dtype=torch.int32, device=DEV), torch.tensor([NEW], dtype=torch.int32, device=DEV))
+ops["_int4_extend bdr"] = lambda: b_bdr._int4_extend(q, k_new, v_new, layer0)
+for fn in ops.values():  # warm-up: compiles, module loads
+    fn(), fn()
+torch.cuda.synchronize()
+op_runs = {name: [] for name in ops}
+for rep in range(7):  # interleaved: drifts in the host's speed fall on every op alike
+    for name, fn in ops.items():
+        op_runs[name].append(timed(fn, 100))
+op_times = {name: medians(runs) for name, runs in op_runs.items()}
+
+
+# -- a forward's attention, 32 layers, plan excluded ------------------------------------------
+def bf16_layers():
+    for k_cache, v_cache in bf16_cache:
+        k_cache[new_loc], v_cache[new_loc] = k_new, v_new
+        a, sa = ragged.forward_return_lse(q, k_new, v_new, causal=True, sm_scale=SCALE, logits_soft_cap=0.0)
+        b, sb = paged.forward_return_lse(q, (k_cache, v_cache), causal=False, sm_scale=SCALE, logits_soft_cap=0.0)
+        merge_state(a, sa, b, sb)
+
+
+def int4_layers(backend, data, layout):
+    for i in range(LAYERS):
+        rotate_quantize_store(k_new, v_new, new_loc, *data[i], layout)
+        backend._int4_extend(q, k_new, v_new, SimpleNamespace(layer_id=i, scaling=SCALE))
+
+
+forwards = {"bf16 (fa2, as SGLang)": bf16_layers, "int4": lambda: int4_layers(b_plain, d_plain, plain),
+            "int4-bdr": lambda: int4_layers(b_bdr, d_bdr, bdr)}
+for fn in forwards.values():
+    fn()
+forward_times = {}
+for rep in range(5):  # interleaved
+    for name, fn in forwards.items():
+        forward_times.setdefault(name, []).append(timed(fn, 3))
+forward_times = {name: medians(runs) for name, runs in forward_times.items()}
 print(json.dumps({"gpu": torch.cuda.get_device_name(), "layers": LAYERS, "prefix": PREFIX, "new": NEW,
-                  "reps": REPS, "configs": out}, indent=1))
+                  "forward_attention_32_layers": forward_times, "per_call": op_times}, indent=1))
+print(f"{'per call':40s} {'host us':>9s} {'device us':>10s}")
+for name, t in op_times.items():
+    print(f"{name:40s} {t['host_us']:9.1f} {t['device_us']:10.1f}{'  (host waited)' if t['host_waited'] else ''}")
+for name, t in forward_times.items():
+    print(f"{name + ' x32 layers':40s} {t['host_us']:9.1f} {t['device_us']:10.1f}"
+          f"{'  (host waited)' if t['host_waited'] else ''}")
+
+# where a forward's host time goes: cProfile over 3 forwards per config (the GPU busy behind a
+# sleep, so no call waits for it; cProfile's own cost inflates every Python call alike)
+for name in ("bf16 (fa2, as SGLang)", "int4"):
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    prof.enable()
+    for _ in range(3):
+        forwards[name]()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(16)
+    print(f"== cProfile, {name}, 3 forwards (tottime)")
+    print("\n".join(line for line in text.getvalue().splitlines()[6:] if line.strip()))
