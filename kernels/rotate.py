@@ -4,9 +4,11 @@ Both prefill paths attend to a rotating layout's cached prefix in the pages' sto
 (``sglang_sawint4.backend``, ``sglang_sawint4.flashinfer_prefill``): the prefix is
 dequantized as stored, and the new tokens' q and k are rotated there (k also loses the
 stored key center), v and the output too when V is rotated (``to_stored_space``,
-``from_stored_space``).  A torch ``x.float() @ H`` does it in three memory passes; this
-kernel reads each row once, rotates it on the tensor cores (exact from bf16/fp16, the
-store kernel's ``load_rotated_halves``) and writes it once.
+``from_stored_space``).  A torch ``x.float() @ H`` does it in three memory passes; these
+kernels read each row once, rotate it on the tensor cores (exact from bf16/fp16, the store
+kernel's ``load_rotated_halves``) and write it once.  ``to_stored_space`` moves q, k and v in
+one launch: a small prefill runs it in every layer, and there a launch costs the host more
+than the rotation costs the GPU.
 """
 
 from typing import Optional
@@ -22,12 +24,10 @@ from sglang_sawint4.kernels.launch import check_center
 BLOCK_T = 16  # rows per program: the tensor cores' 16-row M
 
 
-@triton.jit(do_not_specialize=["num_rows"])
-def _rotate_rows_kernel(x_ptr, x_st, x_sh, o_ptr, o_st, o_sh, center_ptr, num_rows,
-                        BLOCK_ROT: tl.constexpr, CENTER: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
-    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    head = tl.program_id(1)
-    mask_t = offs_t < num_rows
+@triton.jit
+def _rotate_tile(x_ptr, x_st, x_sh, o_ptr, o_st, o_sh, center_ptr, head, offs_t, mask_t,
+                 BLOCK_ROT: tl.constexpr, CENTER: tl.constexpr, HALF: tl.constexpr):
+    """Rows ``offs_t`` of one head: out = H x (minus the stored center when CENTER)."""
     x_lo, x_hi = load_rotated_halves(x_ptr, offs_t, mask_t, x_st, head * x_sh, True, BLOCK_ROT, HALF)
     half = tl.arange(0, HALF)
     if CENTER:  # H (x - c) = H x - H c: the center arrives rotated
@@ -38,6 +38,34 @@ def _rotate_rows_kernel(x_ptr, x_st, x_sh, o_ptr, o_st, o_sh, center_ptr, num_ro
     out_ty = o_ptr.dtype.element_ty
     tl.store(out + half[None, :], x_lo.to(out_ty), mask=mask_t[:, None])
     tl.store(out + HALF + half[None, :], x_hi.to(out_ty), mask=mask_t[:, None])
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _rotate_rows_kernel(x_ptr, x_st, x_sh, o_ptr, o_st, o_sh, center_ptr, num_rows,
+                        BLOCK_ROT: tl.constexpr, CENTER: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _rotate_tile(x_ptr, x_st, x_sh, o_ptr, o_st, o_sh, center_ptr, tl.program_id(1), offs_t, offs_t < num_rows,
+                 BLOCK_ROT, CENTER, HALF)
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_q_heads", "num_kv_heads"])
+def _rotate_qkv_kernel(q_ptr, q_st, q_sh, k_ptr, k_st, k_sh, v_ptr, v_st, v_sh,
+                       qo_ptr, qo_st, qo_sh, ko_ptr, ko_st, ko_sh, vo_ptr, vo_st, vo_sh,
+                       center_ptr, num_rows, num_q_heads, num_kv_heads,
+                       BLOCK_ROT: tl.constexpr, CENTER: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
+    """One launch for q, k and v: grid axis 1 runs over q's heads, then k's, then v's
+    (absent from the grid when V is not rotated)."""
+    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask_t = offs_t < num_rows
+    head = tl.program_id(1)
+    if head < num_q_heads:
+        _rotate_tile(q_ptr, q_st, q_sh, qo_ptr, qo_st, qo_sh, center_ptr, head, offs_t, mask_t, BLOCK_ROT, False, HALF)
+    elif head < num_q_heads + num_kv_heads:
+        _rotate_tile(k_ptr, k_st, k_sh, ko_ptr, ko_st, ko_sh, center_ptr, head - num_q_heads, offs_t, mask_t,
+                     BLOCK_ROT, CENTER, HALF)
+    else:
+        _rotate_tile(v_ptr, v_st, v_sh, vo_ptr, vo_st, vo_sh, center_ptr, head - num_q_heads - num_kv_heads, offs_t,
+                     mask_t, BLOCK_ROT, False, HALF)
 
 
 def rotate_rows(x: torch.Tensor, layout: fmt.Int4Format, stored_center: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -51,12 +79,8 @@ def rotate_rows(x: torch.Tensor, layout: fmt.Int4Format, stored_center: Optional
             the stored space (``format.stored_center``), subtracted after the rotation.
     Returns [num_rows, num_heads, head_dim] contiguous, x's dtype: ``format.rotate(x) - c``.
     """
-    if layout.block_size is None:
-        raise ValueError("rotate_rows needs a rotating layout (block_size set)")
-    d = layout.head_dim
-    if x.dim() != 3 or x.shape[-1] != d or x.stride(-1) != 1:
-        raise ValueError(f"x must be [num_rows, num_heads, {d}] with unit channel stride, got {tuple(x.shape)}")
-    num_rows, num_heads = x.shape[0], x.shape[1]
+    _check_rotatable("x", x, layout)
+    num_rows, num_heads, d = x.shape
     check_center(stored_center, num_heads, d)
     out = torch.empty((num_rows, num_heads, d), dtype=x.dtype, device=x.device)
     if num_rows == 0:
@@ -67,6 +91,38 @@ def rotate_rows(x: torch.Tensor, layout: fmt.Int4Format, stored_center: Optional
         BLOCK_ROT=layout.block_size, CENTER=stored_center is not None, BLOCK=BLOCK_T, HALF=d // 2, num_warps=4,
     )
     return out
+
+
+def _check_rotatable(name: str, x: torch.Tensor, layout: fmt.Int4Format) -> None:
+    if layout.block_size is None:
+        raise ValueError("rotate_rows needs a rotating layout (block_size set)")
+    d = layout.head_dim
+    if x.dim() != 3 or x.shape[-1] != d or x.stride(-1) != 1:
+        raise ValueError(f"{name} must be [num_rows, num_heads, {d}] with unit channel stride, got {tuple(x.shape)}")
+
+
+def _rotate_qkv(q, k, v, layout: fmt.Int4Format, stored_center):
+    """``to_stored_space`` of a layout that rotates keys, in one launch."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_rotatable(name, x, layout)
+    num_rows, num_kv_heads, d = k.shape
+    if q.shape[0] != num_rows or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q, k, v must hold the same rows (and k, v the same heads), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_center(stored_center, num_kv_heads, d)
+    q_out, k_out = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k))
+    v_out = torch.empty(v.shape, dtype=v.dtype, device=v.device) if layout.rotate_v else v.contiguous()
+    if num_rows == 0:
+        return q_out, k_out, v_out
+    heads = q.shape[1] + num_kv_heads * (2 if layout.rotate_v else 1)
+    _rotate_qkv_kernel[(triton.cdiv(num_rows, BLOCK_T), heads)](
+        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+        q_out, q_out.stride(0), q_out.stride(1), k_out, k_out.stride(0), k_out.stride(1),
+        v_out, v_out.stride(0), v_out.stride(1),
+        stored_center if stored_center is not None else k_out, num_rows, q.shape[1], num_kv_heads,
+        BLOCK_ROT=layout.block_size, CENTER=stored_center is not None, BLOCK=BLOCK_T, HALF=d // 2, num_warps=4,
+    )
+    return q_out, k_out, v_out
 
 
 def to_stored_space(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: fmt.Int4Format,
@@ -84,9 +140,9 @@ def to_stored_space(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: f
     orthogonal, and a key center shifts every score of a query alike once the new keys
     carry it too.  Its output is rotated as V is (``from_stored_space``).
     """
-    if layout.rotate_k:
-        q, k = rotate_rows(q, layout), rotate_rows(k, layout, stored_center=stored_center)
-    elif stored_center is not None:
+    if layout.rotate_k:  # one launch: a prefill over a cached prefix runs this in every layer
+        return _rotate_qkv(q, k, v, layout, stored_center)
+    if stored_center is not None:
         k = (k.float() - stored_center).to(k.dtype)
     if layout.rotate_v:
         v = rotate_rows(v, layout)

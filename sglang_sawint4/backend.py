@@ -35,7 +35,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang_sawint4.attention_check import AttentionChecker
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
-from sglang_sawint4.kernels.rotate import from_stored_space, rotate_rows, to_stored_space
+from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
 from sglang_sawint4.kernels.splits import int4_num_kv_splits
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
 
@@ -55,7 +55,8 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
     buffers of the model's dtype: the prefix dequantize kernel for every way they read a
     layer (as stored; for a plain layout's centered layers also with the center added back:
     the FlashInfer path's staging) and, for a rotating layout, the rotation that moves new
-    tokens into the stored space (with and without a center).
+    tokens into the stored space (with and without a center) and, where V is rotated, the
+    one that brings the output back.
 
     Both prefill paths first run them in the middle of serving (the Triton path's rotation at
     its first extend, the rest at a batch's first cached prefix): compiled there, a Triton
@@ -67,7 +68,7 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
     slot = torch.zeros(1, dtype=torch.int32, device=pool.device)
     out = [torch.empty((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device) for _ in range(2)]
     rotated = layout.block_size is not None
-    variants = set()  # each kernel's constexprs: ("dequant", center), ("rotate", center)
+    variants = set()  # each kernel's constexprs: ("dequant", center), ("rotate", center), ("output", False)
     for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
         if pool.is_bf16_layer(layer_id):
             continue
@@ -82,7 +83,10 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
             variant = ("rotate", stored_center is not None)
             if variant not in variants:
                 variants.add(variant)
-                rotate_rows(out[0], layout, stored_center=stored_center)
+                to_stored_space(out[0], out[0], out[1], layout, stored_center)
+        if rotated and layout.rotate_v and ("output", False) not in variants:
+            variants.add(("output", False))
+            from_stored_space(out[0], layout)
     return len(variants)
 
 

@@ -196,17 +196,18 @@ def _compiled_variants(kernel) -> int:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernel variants exist on a GPU only")
-@pytest.mark.parametrize("layout,variants", [(LAYOUT, 3), (fmt.Int4Format(D), 2)], ids=["bdr", "int4"])
+@pytest.mark.parametrize("layout,variants", [(LAYOUT, 3), (fmt.Int4Format(D, 16, rotate_v=True), 4),
+                                             (fmt.Int4Format(D), 2)], ids=["bdr", "bdr-kv", "int4"])
 def test_extends_reuse_the_kernel_variants_compiled_when_the_backend_is_built(layout, variants, rng):
     """Building the backend compiles the prefix dequantize kernel as both prefill paths read
     (as stored; a plain layout's centered layers also with the center added back) and, for a
-    rotating layout, the new tokens' rotation (with and without a center); prefixes of any
-    length, cut from any offset of a piece's slot list, and new tokens of any count, q rows
-    or k rows viewed in a fused qkv tensor, then run on those variants: no Triton compile in
-    the middle of serving."""
+    rotating layout, the new tokens' rotation (with and without a center) and, where V is
+    rotated, the output's; prefixes of any length, cut from any offset of a piece's slot
+    list, and new tokens of any count, q, k and v viewed in a fused qkv tensor, then run on
+    those variants: no Triton compile in the middle of serving."""
     from sglang_sawint4.backend import compile_extend_kernels
     from sglang_sawint4.kernels.dequant import _dequantize_pages_kernel, dequantize_pages
-    from sglang_sawint4.kernels.rotate import _rotate_rows_kernel, to_stored_space
+    from sglang_sawint4.kernels.rotate import _rotate_qkv_kernel, _rotate_rows_kernel, from_stored_space, to_stored_space
     from sglang_sawint4.pool import Int4TokenToKVPool
 
     center = torch.randn(HK, D, generator=rng)
@@ -214,7 +215,8 @@ def test_extends_reuse_the_kernel_variants_compiled_when_the_backend_is_built(la
                              enable_memory_saver=False, int4_format=layout, bf16_layers=(BF16_LAYER,),
                              key_centers={CENTERED_LAYER: center})
     assert compile_extend_kernels(pool) == variants
-    before = [_compiled_variants(k) for k in (_dequantize_pages_kernel, _rotate_rows_kernel)]
+    kernels = (_dequantize_pages_kernel, _rotate_qkv_kernel, _rotate_rows_kernel)
+    before = [_compiled_variants(k) for k in kernels]
     slots = (torch.randperm(255, generator=rng)[:120] + 1).to(torch.int32).cuda()
     k_out, v_out = (torch.empty(128, HK, D, dtype=DTYPE, device="cuda") for _ in range(2))
     for layer in (CENTERED_LAYER, 2):
@@ -227,5 +229,6 @@ def test_extends_reuse_the_kernel_variants_compiled_when_the_backend_is_built(la
             qkv = torch.randn(n, (HQ + 2 * HK) * D, dtype=DTYPE, device="cuda")
             q, k, v = (qkv[:, a * D: b * D].view(n, -1, D) for a, b in ((0, HQ), (HQ, HQ + HK), (HQ + HK, HQ + 2 * HK)))
             to_stored_space(q, k, v, layout, pool.key_center(layer, stored=True))
+            from_stored_space(torch.randn(n, HQ, D, dtype=DTYPE, device="cuda"), layout)
     torch.cuda.synchronize()
-    assert [_compiled_variants(k) for k in (_dequantize_pages_kernel, _rotate_rows_kernel)] == before
+    assert [_compiled_variants(k) for k in kernels] == before

@@ -12,7 +12,7 @@ from sglang_sawint4.kernels.decode import (
     int4_decode_attention_reference,
 )
 from sglang_sawint4.kernels.dequant import dequantize_pages, dequantize_pages_reference
-from sglang_sawint4.kernels.rotate import rotate_rows
+from sglang_sawint4.kernels.rotate import from_stored_space, rotate_rows, to_stored_space
 from sglang_sawint4.kernels.store import rotate_quantize_store, rotate_quantize_store_reference
 
 LAYOUTS = [
@@ -374,6 +374,38 @@ def test_rotate_rows_matches_format_rotation(layout, dtype, rng, device):
     assert rotate_rows(x[:0], layout).shape == (0, heads, d)
     with pytest.raises(ValueError, match="rotating layout"):
         rotate_rows(x, fmt.Int4Format(d))
+
+
+@pytest.mark.parametrize("rows", [37, 1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_to_stored_space_moves_q_k_v_as_the_format_stores_them(layout, dtype, rows, rng, device):
+    """The new tokens' q, k, v read through one fused-qkv tensor (as a layer hands them over)
+    in the stored space: q and k rotated where keys are, k minus the stored key center, v
+    rotated where values are; from_stored_space brings an output back."""
+    hq, hk, d = 4, 2, layout.head_dim
+    fused = torch.randn(rows, (hq + 2 * hk) * d, generator=rng).to(dtype).to(device)
+    q, k, v = (fused[:, a * d: b * d].view(rows, -1, d) for a, b in ((0, hq), (hq, hq + hk), (hq + hk, hq + 2 * hk)))
+    stored = fmt.stored_center(_bias_center(hk, d, rng), layout)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+
+    def rotated(x, is_rotated):
+        x = x.cpu().double()
+        return fmt.rotate(x, layout.block_size) if is_rotated else x
+
+    for c in (None, stored):
+        outs = to_stored_space(q, k, v, layout, None if c is None else c.to(device))
+        refs = (rotated(q, layout.rotate_k), rotated(k, layout.rotate_k) - (0 if c is None else c.double()),
+                rotated(v, layout.rotate_v))
+        for name, out, ref, x in zip("qkv", outs, refs, (q, k, v)):
+            assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous(), name
+            assert rel_err(out, ref) < tol, name
+    o = torch.randn(rows, hq, d, generator=rng).to(dtype).to(device)
+    assert rel_err(from_stored_space(o, layout), rotated(o, layout.rotate_v)) < tol
+    assert all(x.shape[0] == 0 for x in to_stored_space(q[:0], k[:0], v[:0], layout))
+    if layout.rotate_k:
+        with pytest.raises(ValueError, match="same rows"):
+            to_stored_space(q, k[:-1], v, layout)
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[5]], ids=[IDS[0], IDS[2], IDS[5]])
