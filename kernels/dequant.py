@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.launch import check_center, check_layer_buffers, row_head_args
+from sglang_sawint4.kernels.launch import DirectLaunch, check_center, check_layer_buffers, row_head_args
 from sglang_sawint4.kernels.format_jit import META_OFFSET, META_SCALE, hadamard_tile, rotation_norm, unpack_hi, unpack_lo
 
 BLOCK_T = 16
@@ -95,6 +95,9 @@ def _dequantize_pages_kernel(
                       kv_indices, k_center_ptr, t0, head, n, ROTATE_V, BLOCK_ROT, False, BLOCK, HALF)
 
 
+_dequantize_pages_launch = DirectLaunch(_dequantize_pages_kernel)
+
+
 def dequantize_pages(
     k_data: torch.Tensor,
     k_meta: torch.Tensor,
@@ -133,7 +136,7 @@ def dequantize_pages(
     if n == 0:
         return
     grid = (triton.cdiv(n, BLOCK_T), num_heads, 2)
-    _dequantize_pages_kernel[grid](
+    _dequantize_pages_launch[grid](
         *row_head_args(k_data, k_meta, v_data, v_meta, k_out, v_out), kv_indices,
         k_center if k_center is not None else kv_indices, n,
         ROTATE_K=unrotate and layout.rotate_k, ROTATE_V=unrotate and layout.rotate_v,

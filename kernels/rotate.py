@@ -19,7 +19,7 @@ import triton.language as tl
 
 from sglang_sawint4 import format as fmt
 from sglang_sawint4.kernels.format_jit import load_rotated_halves
-from sglang_sawint4.kernels.launch import check_center
+from sglang_sawint4.kernels.launch import DirectLaunch, check_center
 
 BLOCK_T = 16  # rows per program: the tensor cores' 16-row M
 
@@ -48,6 +48,9 @@ def _rotate_rows_kernel(x_ptr, x_st, x_sh, o_ptr, o_st, o_sh, center_ptr, num_ro
                  BLOCK_ROT, CENTER, HALF)
 
 
+_rotate_rows_launch = DirectLaunch(_rotate_rows_kernel)
+
+
 @triton.jit(do_not_specialize=["num_rows", "num_q_heads", "num_kv_heads"])
 def _rotate_qkv_kernel(q_ptr, q_st, q_sh, k_ptr, k_st, k_sh, v_ptr, v_st, v_sh,
                        qo_ptr, qo_st, qo_sh, ko_ptr, ko_st, ko_sh, vo_ptr, vo_st, vo_sh,
@@ -68,6 +71,9 @@ def _rotate_qkv_kernel(q_ptr, q_st, q_sh, k_ptr, k_st, k_sh, v_ptr, v_st, v_sh,
                      mask_t, BLOCK_ROT, False, HALF)
 
 
+_rotate_qkv_launch = DirectLaunch(_rotate_qkv_kernel)
+
+
 def rotate_rows(x: torch.Tensor, layout: fmt.Int4Format, stored_center: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each head vector of ``x`` times the layout's block-diagonal Hadamard, minus ``stored_center``.
 
@@ -85,7 +91,7 @@ def rotate_rows(x: torch.Tensor, layout: fmt.Int4Format, stored_center: Optional
     out = torch.empty((num_rows, num_heads, d), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    _rotate_rows_kernel[(triton.cdiv(num_rows, BLOCK_T), num_heads)](
+    _rotate_rows_launch[(triton.cdiv(num_rows, BLOCK_T), num_heads)](
         x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
         stored_center if stored_center is not None else out, num_rows,
         BLOCK_ROT=layout.block_size, CENTER=stored_center is not None, BLOCK=BLOCK_T, HALF=d // 2, num_warps=4,
@@ -115,7 +121,7 @@ def _rotate_qkv(q, k, v, layout: fmt.Int4Format, stored_center):
     if num_rows == 0:
         return q_out, k_out, v_out
     heads = q.shape[1] + num_kv_heads * (2 if layout.rotate_v else 1)
-    _rotate_qkv_kernel[(triton.cdiv(num_rows, BLOCK_T), heads)](
+    _rotate_qkv_launch[(triton.cdiv(num_rows, BLOCK_T), heads)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         q_out, q_out.stride(0), q_out.stride(1), k_out, k_out.stride(0), k_out.stride(1),
         v_out, v_out.stride(0), v_out.stride(1),

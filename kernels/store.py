@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.launch import check_center, check_layer_buffers, row_head_args
+from sglang_sawint4.kernels.launch import DirectLaunch, check_center, check_layer_buffers, row_head_args
 from sglang_sawint4.kernels.format_jit import (
     META_OFFSET,
     META_SCALE,
@@ -72,6 +72,9 @@ def _rotate_quantize_store_kernel(
                              False, SYMMETRIC, BLOCK, HALF)
 
 
+_rotate_quantize_store_launch = DirectLaunch(_rotate_quantize_store_kernel)
+
+
 def _check_rows(name: str, x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     if x.dim() == 2:
         x = x.view(x.shape[0], num_heads, head_dim)
@@ -126,7 +129,7 @@ def rotate_quantize_store(
     if num_tokens == 0:
         return
     grid = (triton.cdiv(num_tokens, BLOCK_T), num_heads, 2)
-    _rotate_quantize_store_kernel[grid](
+    _rotate_quantize_store_launch[grid](
         *row_head_args(k, v, k_data, k_meta, v_data, v_meta), loc,
         k_center if k_center is not None else loc, num_tokens,
         ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v,

@@ -15,7 +15,7 @@ Plans are made once, outside the timed regions.  Every timed region is enqueued 
 and "host waited" flags a region where the host caught up with the GPU (a synchronizing
 call, or enqueue longer than the sleep), whose device time then holds host gaps.
 Per call: each operation a layer makes, alone, 100 calls; then the 32-layer loop per config,
-interleaved.  Run on the GPU host with `bash scripts/gpu_run.sh install prefill-probe`
+interleaved; the INT4 kernels also through Triton's own dispatch (``DirectLaunch`` off).  Run on the GPU host with `bash scripts/gpu_run.sh install prefill-probe`
 (output in $OUT/one_request_prefill_probe.txt).
 """
 import cProfile
@@ -32,6 +32,9 @@ from flashinfer import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRagg
 
 from sglang_sawint4 import flashinfer_prefill as fp
 from sglang_sawint4 import format as fmt
+from sglang_sawint4.kernels import dequant as dequant_kernels
+from sglang_sawint4.kernels import rotate as rotate_kernels
+from sglang_sawint4.kernels import store as store_kernels
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
 from sglang_sawint4.kernels.store import rotate_quantize_store
@@ -164,6 +167,27 @@ if paged_fa3 is not None:
 b_bdr._plan_prefix([PREFIX], [NEW], torch.zeros(1, dtype=torch.int64, device=DEV),
                    torch.tensor([PREFIX], dtype=torch.int32, device=DEV), torch.tensor([NEW], dtype=torch.int32, device=DEV))
 ops["_int4_extend bdr"] = lambda: b_bdr._int4_extend(q, k_new, v_new, layer0)
+LAUNCHERS = (store_kernels._rotate_quantize_store_launch, dequant_kernels._dequantize_pages_launch,
+             rotate_kernels._rotate_rows_launch, rotate_kernels._rotate_qkv_launch)
+for launcher in LAUNCHERS:  # on here whether or not this Triton release is marked checked
+    launcher.direct = True
+
+
+def through_tritons_dispatch(fn):
+    """``fn`` with every INT4 kernel launched through Triton's own call (no DirectLaunch)."""
+    def run():
+        for launcher in LAUNCHERS:
+            launcher.direct = False
+        try:
+            fn()
+        finally:
+            for launcher in LAUNCHERS:
+                launcher.direct = True
+    return run
+
+
+for name in ("rotate_quantize_store plain", "dequantize_pages 8k plain", "_int4_extend plain"):
+    ops[name + ", Triton's dispatch"] = through_tritons_dispatch(ops[name])
 for fn in ops.values():  # warm-up: compiles, module loads
     fn(), fn()
 torch.cuda.synchronize()
@@ -191,6 +215,8 @@ def int4_layers(backend, data, layout):
 
 forwards = {"bf16 (fa2, as SGLang)": bf16_layers, "int4": lambda: int4_layers(b_plain, d_plain, plain),
             "int4-bdr": lambda: int4_layers(b_bdr, d_bdr, bdr)}
+forwards["int4, Triton's dispatch"] = through_tritons_dispatch(forwards["int4"])
+forwards["int4-bdr, Triton's dispatch"] = through_tritons_dispatch(forwards["int4-bdr"])
 for fn in forwards.values():
     fn()
 forward_times = {}
@@ -200,11 +226,11 @@ for rep in range(5):  # interleaved
 forward_times = {name: medians(runs) for name, runs in forward_times.items()}
 print(json.dumps({"gpu": torch.cuda.get_device_name(), "layers": LAYERS, "prefix": PREFIX, "new": NEW,
                   "forward_attention_32_layers": forward_times, "per_call": op_times}, indent=1))
-print(f"{'per call':40s} {'host us':>9s} {'device us':>10s}")
+print(f"{'per call':48s} {'host us':>9s} {'device us':>10s}")
 for name, t in op_times.items():
-    print(f"{name:40s} {t['host_us']:9.1f} {t['device_us']:10.1f}{'  (host waited)' if t['host_waited'] else ''}")
+    print(f"{name:48s} {t['host_us']:9.1f} {t['device_us']:10.1f}{'  (host waited)' if t['host_waited'] else ''}")
 for name, t in forward_times.items():
-    print(f"{name + ' x32 layers':40s} {t['host_us']:9.1f} {t['device_us']:10.1f}"
+    print(f"{name + ' x32 layers':48s} {t['host_us']:9.1f} {t['device_us']:10.1f}"
           f"{'  (host waited)' if t['host_waited'] else ''}")
 
 # where a forward's host time goes: cProfile over 3 forwards per config (the GPU busy behind a
