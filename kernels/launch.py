@@ -50,8 +50,9 @@ def use_ptx(kernel, device: torch.device) -> bool:
 
 
 # Triton releases on which a GPU run has checked DirectLaunch (its launch arguments and key
-# mirror 3.6's JITFunction.run); SGLANG_SAWINT4_DIRECT_LAUNCH=1 turns it on elsewhere, =0 off
-DIRECT_LAUNCH_TRITON: Tuple[str, ...] = ()
+# mirror 3.6's JITFunction.run): on there by default; SGLANG_SAWINT4_DIRECT_LAUNCH=1 forces it
+# on, =0 off
+DIRECT_LAUNCH_TRITON: Tuple[str, ...] = ("3.6.0",)
 
 
 def direct_launch_enabled(triton_version: str) -> bool:

@@ -7,7 +7,9 @@
 # Stages: warm (exit 3 unless a previous call on this machine installed the bundle),
 # install (bundle + package, always first), tests (pytest on the GPU; $TESTS, default tests/),
 # bench (kernel benchmark), prefill-probe (bench/logs/one_request_prefill_probe.py: one
-# request's prefill over an 8k cached prefix, host and device time per config), smoke (BF16
+# request's prefill over an 8k cached prefix, host and device time per config), served-probe
+# (bench/logs/served_prefill_probe.py on the 8B-shaped model: served prefills over a cached
+# prefix alone and under the shared-prefix load, profiled; $SERVED_PROBE_ARGS), smoke (BF16
 # server smoke), int4 (INT4 e2e),
 # policy (the default int4-bdr server on $POLICY_ARCH, default qwen3, a generated model:
 # its KV policy, every feature check, served attention vs reference with a BF16 layer),
@@ -282,6 +284,13 @@ for s in "$@"; do
     stage prefill-probe
     python3 bench/logs/one_request_prefill_probe.py 2>&1 | tee "$OUT/one_request_prefill_probe.txt" | tail -40
     [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+    ;;
+  served-probe)
+    stage served-probe
+    [ -d "$MODELS/8b" ] || python3 -m sglang_sawint4.tools.make_model --preset 8b --out "$MODELS/8b" | tail -1
+    if pkill -f "sglang_sawint4.launch_server|sglang::"; then sleep 5; pkill -9 -f "sglang_sawint4.launch_server|sglang::"; fi
+    python3 bench/logs/served_prefill_probe.py --model "$MODELS/8b" --out-dir "$OUT" ${SERVED_PROBE_ARGS:-} 2>&1 \
+      | tail -80 || status=1
     ;;
   profile)
     stage profile

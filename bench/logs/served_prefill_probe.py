@@ -1,0 +1,176 @@
+"""Served prefills over a cached prefix, per config: one request at a time, and under the
+serving benchmark's shared-prefix load, each with a torch profile of the server.
+
+Why: at the serving benchmark's shared-prefix point (256 new tokens over an 8k cached prefix,
+32 requests in flight) INT4+BDR on FlashInfer spent ~20 ms more per prefill batch than plain
+INT4 (H200, 2026-12-03), while one request at a time it did not (this probe's lone part, first
+run: ``served_prefill_probe_lone_h200.txt``).  The load part profiles the server under that
+load: GPU kernel time by kernel, CUDA runtime calls by name (a synchronizing call would show
+there), and for each prefill forward its GPU span and how much of that span the GPU was busy
+(a host-bound forward leaves the GPU idle between launches).
+
+    python bench/logs/served_prefill_probe.py --model /tmp/models/8b --out-dir $OUT
+
+Configs run interleaved (A, B, A, B, ...) on one machine; the log is
+``served_prefill_probe.txt``, the numbers ``served_prefill_probe.json``.
+"""
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+
+from sglang_sawint4.bench.serving import parse_points, send_all, shared_prefix_prompts, summarize
+from sglang_sawint4.serving.client import generate_ids, random_token_ids, request, served_model_id
+from sglang_sawint4.serving.server import Server, serving_config
+
+FLAGS = ["--disable-prefill-cuda-graph", "--mem-fraction-static", "0.3", "--cuda-graph-max-bs", "64",
+         "--chunked-prefill-size", "8192"]
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+RAGGED = "PrefillWithKVCacheKernel<flashinfer::CollectiveMainloop<RaggedParams"  # one per layer and prefill
+
+
+def busy_us(intervals):
+    """Length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def summarize_trace(path, num_layers, top=12):
+    """(text, numbers) of one profile: kernels and runtime calls by name; per prefill forward
+    (``num_layers`` consecutive ragged prefill kernels) its GPU span and busy fraction."""
+    events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted(((e["ts"], e["ts"] + e.get("dur", 0.0), e["name"]) for e in events if e.get("cat") in GPU_CATS))
+    kernels, runtime = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
+    for s, e, name in gpu:
+        kernels[name][0] += 1
+        kernels[name][1] += e - s
+    for e in events:
+        if e.get("cat") == "cuda_runtime":
+            runtime[e["name"]][0] += 1
+            runtime[e["name"]][1] += e.get("dur", 0.0)
+    ragged = [i for i, (_, _, name) in enumerate(gpu) if RAGGED in name]
+    forwards = []
+    for f in range(len(ragged) // num_layers):
+        first, last = ragged[f * num_layers], ragged[(f + 1) * num_layers - 1]
+        span = gpu[last][1] - gpu[first][0]
+        forwards.append((span, busy_us([(s, e) for s, e, _ in gpu[first:last + 1]]) / span if span else 0.0))
+    span_all = gpu[-1][1] - gpu[0][0] if gpu else 0.0
+    numbers = {"gpu_span_ms": span_all / 1e3, "gpu_busy": busy_us([(s, e) for s, e, _ in gpu]) / span_all if gpu else 0,
+               "prefill_forwards": len(forwards),
+               "prefill_span_ms_p50": statistics.median(f[0] for f in forwards) / 1e3 if forwards else None,
+               "prefill_busy_p50": statistics.median(f[1] for f in forwards) if forwards else None}
+    lines = [f"GPU: {numbers['gpu_span_ms']:.1f} ms traced, busy {numbers['gpu_busy']:.2f}; "
+             f"{len(forwards)} prefill forwards (first to last layer's ragged kernel): span p50 "
+             f"{numbers['prefill_span_ms_p50'] or 0:.2f} ms, busy p50 {numbers['prefill_busy_p50'] or 0:.2f}",
+             f"kernels by GPU time ({sum(v[0] for v in kernels.values())} in all)"]
+    for name, (n, d) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"  {d / 1e3:8.2f} ms {n:6d}x  {name[:100]}")
+    lines.append("CUDA runtime calls by host time")
+    for name, (n, d) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"  {d / 1e3:8.2f} ms {n:6d}x  {name[:100]}")
+    return "\n".join(lines), numbers
+
+
+def profiled(port, tag, steps, num_layers, drive):
+    """Profile the server's next ``steps`` forward steps while ``drive()`` runs."""
+    prof_dir = os.path.join("/tmp", f"prof_{tag}_{time.time():.0f}")
+    request(port, "POST", "/start_profile", {"output_dir": prof_dir, "num_steps": steps, "activities": ["CPU", "GPU"]})
+    drive()
+    for _ in range(120):
+        traces = glob.glob(os.path.join(prof_dir, "*.trace.json.gz"))
+        if traces:
+            time.sleep(3)  # written in one go, but give the file system a moment
+            return summarize_trace(traces[0], num_layers)
+        time.sleep(1)
+    return "no trace written", {}
+
+
+def probe(config, env, args, vocab, num_layers):
+    flags, _ = serving_config(config, 128)
+    tag = config + ("-tritons-dispatch" if env.get("SGLANG_SAWINT4_DIRECT_LAUNCH") == "0" else "")
+    log = os.path.join(args.out_dir, f"served_prefill_{tag}_{int(time.time())}.log")
+    srv = Server(args.model, args.port, [*flags, *FLAGS], log, env=env).start()
+    port, rng = args.port, random.Random(0)
+    out = {"config": tag}
+    try:
+        base, model_id = f"http://127.0.0.1:{port}", served_model_id(port)
+        # lone: one request at a time over one cached prefix
+        prefix = random_token_ids(rng, vocab, 8192)
+        generate_ids(port, prefix + random_token_ids(rng, vocab, 8), 1)
+        for _ in range(4):  # whatever the timed shape compiles or loads
+            generate_ids(port, prefix + random_token_ids(rng, vocab, 256), 1)
+        lone = []
+        for _ in range(args.n):
+            t = time.perf_counter()
+            generate_ids(port, prefix + random_token_ids(rng, vocab, 256), 1)
+            lone.append((time.perf_counter() - t) * 1e3)
+        out["lone_ms_p50"] = statistics.median(lone)
+        # load: the serving benchmark's shared-prefix point, once plain and once profiled
+        point = parse_points("", "", f"8192x256x128@32*{args.waves}", 0.5)[0]
+        n = point.waves * point.concurrency
+        prefixes, prompts = shared_prefix_prompts(n, point, vocab, 1)
+        lens = point.output_lens(n, 1)
+        send_all(base, model_id, [p + random_token_ids(rng, vocab, 8) for p in prefixes], 1, len(prefixes))
+        send_all(base, model_id, prompts[:64], lens[:64], point.concurrency)  # warm the load's shapes
+        res, secs = send_all(base, model_id, prompts, lens, point.concurrency)
+        s = summarize(res, secs, lens)
+        out.update(load_tok_s=s["output_tok_s"], load_ttft_ms_p50=s["ttft_ms_p50"], load_itl_ms_p50=s["itl_ms_p50"],
+                   load_errors=s["errors"])
+        loaded = threading.Thread(target=send_all, args=(base, model_id, prompts, lens, point.concurrency))
+
+        def drive():
+            loaded.start()
+            loaded.join()
+
+        text, numbers = profiled(port, tag, args.profile_steps, num_layers, drive)
+        out.update(profile=numbers)
+    finally:
+        srv.stop()
+    text = (f"== {tag}: lone prefill (256 new over 8192 cached, 1 new token) p50 {out['lone_ms_p50']:.1f} ms; "
+            f"shared-prefix load 8192+256 in / 64-128 out @32 x {args.waves} waves: "
+            f"{out['load_tok_s']:.0f} output tok/s, TTFT p50 {out['load_ttft_ms_p50']:.1f} ms, "
+            f"ITL p50 {out['load_itl_ms_p50']:.2f} ms, errors {out['load_errors']}\n"
+            f"profile of {args.profile_steps} steps under the same load (the profiler slows the host):\n{text}\n")
+    return out, text
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--configs", default="int4-bdr-flashinfer,int4-flashinfer,int4-bdr-flashinfer,int4-flashinfer,"
+                                        "bf16-flashinfer")
+    p.add_argument("--tritons-dispatch", default="", help="configs (comma list) also run with Triton's dispatch")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--waves", type=int, default=8)
+    p.add_argument("--profile-steps", type=int, default=60)
+    p.add_argument("--port", type=int, default=30000)
+    args = p.parse_args()
+    hf = json.load(open(os.path.join(args.model, "config.json")))
+    runs = [(c, {}) for c in args.configs.split(",") if c]
+    runs += [(c, {"SGLANG_SAWINT4_DIRECT_LAUNCH": "0"}) for c in args.tritons_dispatch.split(",") if c]
+    results = []
+    with open(os.path.join(args.out_dir, "served_prefill_probe.txt"), "w") as log:
+        for config, env in runs:
+            out, text = probe(config, env, args, hf["vocab_size"], hf["num_hidden_layers"])
+            results.append(out)
+            print(text, flush=True)
+            log.write(text)
+            log.flush()
+            json.dump(results, open(os.path.join(args.out_dir, "served_prefill_probe.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
