@@ -347,18 +347,23 @@ def test_main_resumes_across_calls_and_ignores_other_sweeps(tmp_path, monkeypatc
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"vocab_size": 100, "hidden_size": 256, "num_attention_heads": 2,
                                                        "num_hidden_layers": 2}))
-    ran = []
+    ran, hosts = [], []
 
-    def fake_unit(unit, args, points, vocab, head_dim):
-        assert head_dim == 128
+    def fake_host_speed():
+        hosts.append(len(hosts))
+        return {"torch_op_us": 5.0 + hosts[-1]}
+
+    def fake_unit(unit, args, points, vocab, head_dim, host):
+        assert head_dim == 128 and host == {"torch_op_us": 5.0 + hosts[-1]}  # this call's host
         ran.append(unit.key)
         cap = 1000 if unit.config == BF16 else 3700
         rows = [_row(unit.config, p.concurrency, 100.0 * p.concurrency, cap, il=p.input_len) for p in points]
         return {"unit": unit.key, "config": unit.config, "pass": unit.pass_idx, "gpu": "Fake GPU",
-                "gpu_uuid": "GPU-1", "startup_s": 1.0, "seconds": 100.0, "finished_at": "now",
+                "gpu_uuid": "GPU-1", "host": host, "startup_s": 1.0, "seconds": 100.0, "finished_at": "now",
                 "server_command": "x", "rows": rows}
 
     monkeypatch.setattr(bench_serving, "run_unit", fake_unit)
+    monkeypatch.setattr(bench_serving, "host_speed", fake_host_speed)
     state, out = str(tmp_path / "state.jsonl"), str(tmp_path / "serving.json")
     argv = ["bench_serving.py", "--model", str(model), "--out", out, "--state", state, "--configs",
             f"{PLAIN},{BF16}", "--repeat-configs", PLAIN, "--shapes", "1024x256", "--concurrency", "1,64",
@@ -381,9 +386,19 @@ def test_main_resumes_across_calls_and_ignores_other_sweeps(tmp_path, monkeypatc
     assert stop.value.code == 0 and ran == ["0:" + PLAIN, "0:" + BF16, "1:" + PLAIN]
     result = json.load(open(out))
     assert result["one_gpu"] and len(result["rows"]) == 4 and result["summary"]["capacity_vs_baseline"][PLAIN] == 3.7
+    # the host measured once per call, before its first unit, and kept with each unit
+    assert len(hosts) == 2 and [u["host"]["torch_op_us"] for u in result["units"]] == [5.0, 6.0, 6.0]
     monkeypatch.setattr(sys, "argv", [a if a != "1024x256" else "512x64" for a in argv])
     with pytest.raises(SystemExit):
         bench_serving.main()
+
+
+def test_host_speed_measures_this_host():
+    from sglang_sawint4.serving.server import host_speed
+
+    host = host_speed("cpu")
+    assert host["device"] == "cpu" and 0 < host["torch_op_us"] < 10_000 and 0 < host["python_loop_ns"] < 100_000
+    assert host_speed("no-such-device") is None
 
 
 def test_prefix_burst_verdict():

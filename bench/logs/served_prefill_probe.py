@@ -1,18 +1,20 @@
-"""Served prefills over a cached prefix, per config: one request at a time, and under the
-serving benchmark's shared-prefix load, each with a torch profile of the server.
+"""Served prefills, per config: one request at a time over a cached prefix, and under the
+serving benchmark's loads (a random point and the shared-prefix point), each load once plain
+and once with a torch profile of the server.
 
 Why: at the serving benchmark's shared-prefix point (256 new tokens over an 8k cached prefix,
 32 requests in flight) INT4+BDR on FlashInfer spent ~20 ms more per prefill batch than plain
 INT4 (H200, 2026-12-03), while one request at a time it did not (this probe's lone part, first
-run: ``served_prefill_probe_lone_h200.txt``).  The load part profiles the server under that
-load: GPU kernel time by kernel, CUDA runtime calls by name (a synchronizing call would show
-there), and for each prefill forward its GPU span and how much of that span the GPU was busy
-(a host-bound forward leaves the GPU idle between launches).
+run: ``served_prefill_probe_lone_h200.txt``); and at the random 1024-token point every INT4
+config's TTFT p50 sat 1.2x BF16's though those prefills do the same work.  The profile shows
+GPU kernel time by kernel, CUDA runtime calls by name (a synchronizing call would show there),
+and for each prefill forward its GPU span and how much of that span the GPU was busy (a
+host-bound forward leaves the GPU idle between launches).
 
     python bench/logs/served_prefill_probe.py --model /tmp/models/8b --out-dir $OUT
 
-Configs run interleaved (A, B, A, B, ...) on one machine; the log is
-``served_prefill_probe.txt``, the numbers ``served_prefill_probe.json``.
+Configs run in the order given (default A, B, C, A: the repeat shows the drift) on one
+machine; the log is ``served_prefill_probe.txt``, the numbers ``served_prefill_probe.json``.
 """
 
 import argparse
@@ -27,9 +29,10 @@ import threading
 import time
 from collections import defaultdict
 
-from sglang_sawint4.bench.serving import parse_points, send_all, shared_prefix_prompts, summarize
+from sglang_sawint4.bench.serving import (make_prompts, model_facts, parse_points, send_all, shared_prefix_prompts,
+                                          summarize)
 from sglang_sawint4.serving.client import generate_ids, random_token_ids, request, served_model_id
-from sglang_sawint4.serving.server import Server, serving_config
+from sglang_sawint4.serving.server import Server, host_speed, serving_config
 
 FLAGS = ["--disable-prefill-cuda-graph", "--mem-fraction-static", "0.3", "--cuda-graph-max-bs", "64",
          "--chunked-prefill-size", "8192"]
@@ -97,8 +100,8 @@ def profiled(port, tag, steps, num_layers, drive):
     return "no trace written", {}
 
 
-def probe(config, env, args, vocab, num_layers):
-    flags, _ = serving_config(config, 128)
+def probe(config, env, args, vocab, num_layers, head_dim):
+    flags, _ = serving_config(config, head_dim)
     tag = config + ("-tritons-dispatch" if env.get("SGLANG_SAWINT4_DIRECT_LAUNCH") == "0" else "")
     log = os.path.join(args.out_dir, f"served_prefill_{tag}_{int(time.time())}.log")
     srv = Server(args.model, args.port, [*flags, *FLAGS], log, env=env).start()
@@ -117,32 +120,42 @@ def probe(config, env, args, vocab, num_layers):
             generate_ids(port, prefix + random_token_ids(rng, vocab, 256), 1)
             lone.append((time.perf_counter() - t) * 1e3)
         out["lone_ms_p50"] = statistics.median(lone)
-        # load: the serving benchmark's shared-prefix point, once plain and once profiled
-        point = parse_points("", "", f"8192x256x128@32*{args.waves}", 0.5)[0]
-        n = point.waves * point.concurrency
-        prefixes, prompts = shared_prefix_prompts(n, point, vocab, 1)
-        lens = point.output_lens(n, 1)
-        send_all(base, model_id, [p + random_token_ids(rng, vocab, 8) for p in prefixes], 1, len(prefixes))
-        send_all(base, model_id, prompts[:64], lens[:64], point.concurrency)  # warm the load's shapes
-        res, secs = send_all(base, model_id, prompts, lens, point.concurrency)
-        s = summarize(res, secs, lens)
-        out.update(load_tok_s=s["output_tok_s"], load_ttft_ms_p50=s["ttft_ms_p50"], load_itl_ms_p50=s["itl_ms_p50"],
-                   load_errors=s["errors"])
-        loaded = threading.Thread(target=send_all, args=(base, model_id, prompts, lens, point.concurrency))
+        # loads: the serving benchmark's points, each once plain and once profiled
+        out["loads"], texts = [], []
+        for point in parse_points(args.shapes, "", args.shared_prefix, 0.5):
+            n = point.waves * point.concurrency
+            seed = 1 + point.input_len
+            if point.workload == "shared-prefix":
+                prefixes, prompts = shared_prefix_prompts(n, point, vocab, seed)
+                send_all(base, model_id, [p + random_token_ids(rng, vocab, 8) for p in prefixes], 1, len(prefixes))
+            else:
+                prompts = make_prompts(n, point.input_len, vocab, seed)
+            lens = point.output_lens(n, seed)
+            warm = min(n, 2 * point.concurrency)  # the load's shapes compiled or loaded before timing
+            send_all(base, model_id, prompts[:warm], lens[:warm], point.concurrency)
+            res, secs = send_all(base, model_id, prompts, lens, point.concurrency)
+            s = summarize(res, secs, lens)
+            row = {"workload": point.workload, "input_len": point.input_len, "prefix_len": point.prefix_len,
+                   "concurrency": point.concurrency, "requests": n, "output_tok_s": s["output_tok_s"],
+                   "ttft_ms_p50": s["ttft_ms_p50"], "itl_ms_p50": s["itl_ms_p50"], "errors": s["errors"]}
+            loaded = threading.Thread(target=send_all, args=(base, model_id, prompts, lens, point.concurrency))
 
-        def drive():
-            loaded.start()
-            loaded.join()
+            def drive():
+                loaded.start()
+                loaded.join()
 
-        text, numbers = profiled(port, tag, args.profile_steps, num_layers, drive)
-        out.update(profile=numbers)
+            text, row["profile"] = profiled(port, tag, args.profile_steps, num_layers, drive)
+            out["loads"].append(row)
+            texts.append(f"-- {point.workload} {point.input_len} in ({point.prefix_len} shared) / "
+                         f"{min(lens)}-{point.output_len} out @{point.concurrency}, {n} requests: "
+                         f"{row['output_tok_s']:.0f} output tok/s, TTFT p50 {row['ttft_ms_p50']:.1f} ms, ITL p50 "
+                         f"{row['itl_ms_p50']:.2f} ms, errors {row['errors']}\n"
+                         f"profile of {args.profile_steps} steps under the same load (the profiler slows the host):\n"
+                         f"{text}")
     finally:
         srv.stop()
-    text = (f"== {tag}: lone prefill (256 new over 8192 cached, 1 new token) p50 {out['lone_ms_p50']:.1f} ms; "
-            f"shared-prefix load 8192+256 in / 64-128 out @32 x {args.waves} waves: "
-            f"{out['load_tok_s']:.0f} output tok/s, TTFT p50 {out['load_ttft_ms_p50']:.1f} ms, "
-            f"ITL p50 {out['load_itl_ms_p50']:.2f} ms, errors {out['load_errors']}\n"
-            f"profile of {args.profile_steps} steps under the same load (the profiler slows the host):\n{text}\n")
+    text = (f"== {tag}: lone prefill (256 new over 8192 cached, 1 new token) p50 {out['lone_ms_p50']:.1f} ms\n"
+            + "\n".join(texts) + "\n")
     return out, text
 
 
@@ -150,21 +163,23 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--configs", default="int4-bdr-flashinfer,int4-flashinfer,int4-bdr-flashinfer,int4-flashinfer,"
-                                        "bf16-flashinfer")
+    p.add_argument("--configs", default="int4-bdr-flashinfer,int4-flashinfer,bf16-flashinfer,int4-bdr-flashinfer")
+    p.add_argument("--shapes", default="1024x256@64*2", help="random loads, as the serving benchmark's --shapes")
+    p.add_argument("--shared-prefix", default="8192x256x128@32*8", help="as the serving benchmark's --shared-prefix")
     p.add_argument("--tritons-dispatch", default="", help="configs (comma list) also run with Triton's dispatch")
     p.add_argument("--n", type=int, default=16)
-    p.add_argument("--waves", type=int, default=8)
     p.add_argument("--profile-steps", type=int, default=60)
     p.add_argument("--port", type=int, default=30000)
     args = p.parse_args()
     hf = json.load(open(os.path.join(args.model, "config.json")))
+    vocab, head_dim = model_facts(args.model)
     runs = [(c, {}) for c in args.configs.split(",") if c]
     runs += [(c, {"SGLANG_SAWINT4_DIRECT_LAUNCH": "0"}) for c in args.tritons_dispatch.split(",") if c]
-    results = []
+    results = [{"host": host_speed()}]
     with open(os.path.join(args.out_dir, "served_prefill_probe.txt"), "w") as log:
+        log.write(f"host: {results[0]['host']}\n")
         for config, env in runs:
-            out, text = probe(config, env, args, hf["vocab_size"], hf["num_hidden_layers"])
+            out, text = probe(config, env, args, vocab, hf["num_hidden_layers"], head_dim)
             results.append(out)
             print(text, flush=True)
             log.write(text)

@@ -41,7 +41,9 @@ the rate the scheduler generated tokens at, before SGLang's streaming path and t
 Resumable: each finished unit is appended to --state; a later call with the same command
 skips the units already there.  With --call-budget-s the script stops before a unit that
 would not finish within the budget (exit code 75: call it again), so a run longer than one
-GPU command spans several calls on the same machine (each unit records the GPU's UUID).
+GPU command spans several calls on the same machine (each unit records the GPU's UUID, and
+the host's speed measured at the start of its call, ``host_speed``: host-bound configs follow
+it, and hosts of one GPU model differ).
 When every unit is done it writes --out (JSON) and the plot beside it (PNG); the state file
 keeps every unit's raw rows, from which ``--rebuild`` recomputes --out after a change to the
 aggregation (the run's GPU, versions and command are kept).
@@ -63,8 +65,8 @@ from typing import Dict, List, Optional, Tuple
 
 
 from sglang_sawint4.serving.client import load_row, random_token_ids, served_model_id
-from sglang_sawint4.serving.server import (Server, command_line, gpu_name, nvidia_smi, parse_args_and_server_flags,
-                                           serving_config, versions)
+from sglang_sawint4.serving.server import (Server, command_line, gpu_name, host_speed, nvidia_smi,
+                                           parse_args_and_server_flags, serving_config, versions)
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: units are left, run the same command again
 BASELINE = "bf16-flashinfer"
@@ -431,7 +433,9 @@ def point_prompts(point: Point, n: int, vocab: int, seed: int):
     return [], make_prompts(n, point.input_len, vocab, seed)
 
 
-def run_unit(unit, args, points: List[Point], vocab, head_dim):
+def run_unit(unit, args, points: List[Point], vocab, head_dim, host=None):
+    """One config's server, warmed up, then every point; the unit's record (``host``: this
+    call's ``host_speed``, kept with the unit: calls of one run may land on other machines)."""
     from tqdm import tqdm
 
     t_unit = time.time()
@@ -483,7 +487,7 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim):
     finally:
         srv.stop()
     return {"unit": unit.key, "config": unit.config, "pass": unit.pass_idx, "gpu": gpu_name(),
-            "gpu_uuid": nvidia_smi("uuid"), "versions": versions(), "command": command_line(),
+            "gpu_uuid": nvidia_smi("uuid"), "host": host, "versions": versions(), "command": command_line(),
             "startup_s": srv.startup_s, "seconds": time.time() - t_unit,
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "server_command": " ".join(srv.cmd),
             "chunked_prefill_size": chunk, "prefill_chunks": chunks, "rows": rows}
@@ -629,7 +633,7 @@ def finalize(records, args, out, run_versions=None):
               "command": records[0].get("command") or command_line(),
               "one_gpu": len(uuids) <= 1, "gpu_uuids": uuids,
               "prefill_cuda_graph": "--disable-prefill-cuda-graph" not in args.extra,
-              "units": [{k: r.get(k) for k in ("unit", "gpu_uuid", "startup_s", "seconds", "finished_at",
+              "units": [{k: r.get(k) for k in ("unit", "gpu_uuid", "host", "startup_s", "seconds", "finished_at",
                                                "server_command")} for r in records],
               **measured(records)}
     return write_result(result, out)
@@ -794,6 +798,7 @@ def main():
         result = finalize([done[u.key] for u in units], args, args.out, run_versions)
         print(json.dumps(result["summary"]["done_when"], indent=1))
         return
+    host = ...  # measured before this call's first unit
     while True:
         action, unit = next_action(units, done, time.time() - t_call, args.call_budget_s, args.unit_estimate_s)
         if action == "done":
@@ -803,7 +808,10 @@ def main():
             print(f"stopping before unit {unit.key}: {left} units left would not fit in "
                   f"--call-budget-s {args.call_budget_s:.0f}; run the same command again to resume", flush=True)
             sys.exit(EXIT_RESUME)
-        rec = dict(run_unit(unit, args, points, vocab, head_dim), plan=plan)
+        if host is ...:
+            host = host_speed()
+            print(f"host: {host}", flush=True)
+        rec = dict(run_unit(unit, args, points, vocab, head_dim, host), plan=plan)
         append_state(args.state, rec)
         done[unit.key] = rec
         bad = sum(r["requests"] - r["complete"] for r in rec["rows"])

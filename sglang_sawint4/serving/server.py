@@ -5,6 +5,7 @@ wait for it, read its log, stop it; and what machine and versions served a run.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import re
 import signal
@@ -195,6 +196,45 @@ def gpu_name():
         return torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+_HOST_SPEED = r"""
+import json, statistics, sys, time
+import torch
+x = torch.zeros(16, device=sys.argv[1])
+
+def launches(n=2000):
+    t = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    dt = (time.perf_counter() - t) / n * 1e6
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return dt
+
+def loop(n=200000):
+    t, s = time.perf_counter(), 0
+    for i in range(n):
+        s += i
+    return (time.perf_counter() - t) / n * 1e9
+
+launches(200)
+print(json.dumps({"device": sys.argv[1], "torch_op_us": statistics.median(launches() for _ in range(5)),
+                  "python_loop_ns": statistics.median(loop() for _ in range(5))}))
+"""
+
+
+def host_speed(device: str = "cuda"):
+    """How fast this machine's host enqueues work: the host time of one small torch op on
+    ``device`` (median of 5 x 2,000) and of one step of a Python loop, measured in a child
+    process (its CUDA context leaves with it, so a server started afterwards sees all the GPU
+    memory).  Host-bound configs (a small INT4 prefill) follow this; hosts of the same GPU
+    model differ by 2x and more.  None where the measurement fails."""
+    try:
+        out = subprocess.run([sys.executable, "-c", _HOST_SPEED, device], capture_output=True, text=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
 
 
 def versions():
