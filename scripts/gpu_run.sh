@@ -9,7 +9,8 @@
 # bench (kernel benchmark), prefill-probe (bench/logs/one_request_prefill_probe.py: one
 # request's prefill over an 8k cached prefix, host and device time per config), served-probe
 # (bench/logs/served_prefill_probe.py on the 8B-shaped model: served prefills over a cached
-# prefix alone and under the shared-prefix load, profiled; $SERVED_PROBE_ARGS), smoke (BF16
+# prefix alone and under the serving benchmark's random and shared-prefix loads, profiled;
+# $SERVED_PROBE_ARGS), smoke (BF16
 # server smoke), int4 (INT4 e2e),
 # policy (the default int4-bdr server on $POLICY_ARCH, default qwen3, a generated model:
 # its KV policy, every feature check, served attention vs reference with a BF16 layer),

@@ -131,7 +131,7 @@ def probe(config, env, args, vocab, num_layers, head_dim):
             else:
                 prompts = make_prompts(n, point.input_len, vocab, seed)
             lens = point.output_lens(n, seed)
-            warm = min(n, 2 * point.concurrency)  # the load's shapes compiled or loaded before timing
+            warm = min(n, point.concurrency)  # one wave: the load's shapes compiled or loaded before timing
             send_all(base, model_id, prompts[:warm], lens[:warm], point.concurrency)
             res, secs = send_all(base, model_id, prompts, lens, point.concurrency)
             s = summarize(res, secs, lens)
