@@ -1,6 +1,7 @@
 """Served prefills, per config: one request at a time over a cached prefix, and under the
 serving benchmark's loads (a random point and the shared-prefix point), each load once plain
-and once with a torch profile of the server.
+and once with a torch profile of the server (the lone requests' profile with Python stacks:
+where the host time of an INT4 prefill goes).
 
 Why: at the serving benchmark's shared-prefix point (256 new tokens over an 8k cached prefix,
 32 requests in flight) INT4+BDR on FlashInfer spent ~20 ms more per prefill batch than plain
@@ -86,16 +87,45 @@ def summarize_trace(path, num_layers, top=12):
     return "\n".join(lines), numbers
 
 
-def profiled(port, tag, steps, num_layers, drive):
+def python_self_times(events, top=25):
+    """Text: the Python functions of a trace recorded with stacks, by self time (their
+    duration less their callees'), summed over the trace, per thread nesting."""
+    by_tid = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "python_function":
+            by_tid[e.get("tid")].append((e["ts"], e.get("dur", 0.0), e["name"]))
+    self_us, calls = defaultdict(float), defaultdict(int)
+    for evs in by_tid.values():
+        stack = []  # (end, name) of the calls enclosing the current one
+        for ts, dur, name in sorted(evs, key=lambda x: (x[0], -x[1])):
+            while stack and stack[-1][0] <= ts:
+                stack.pop()
+            if stack:  # the caller's self time excludes this call
+                self_us[stack[-1][1]] -= dur
+            self_us[name] += dur
+            calls[name] += 1
+            stack.append((ts + dur, name))
+    lines = ["Python functions by self time (stack-recorded profile)"]
+    for name, us in sorted(self_us.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {us / 1e3:8.2f} ms {calls[name]:6d}x  {name[:110]}")
+    return "\n".join(lines)
+
+
+def profiled(port, tag, steps, num_layers, drive, with_stack=False):
     """Profile the server's next ``steps`` forward steps while ``drive()`` runs."""
     prof_dir = os.path.join("/tmp", f"prof_{tag}_{time.time():.0f}")
-    request(port, "POST", "/start_profile", {"output_dir": prof_dir, "num_steps": steps, "activities": ["CPU", "GPU"]})
+    request(port, "POST", "/start_profile", {"output_dir": prof_dir, "num_steps": steps, "activities": ["CPU", "GPU"],
+                                             "with_stack": with_stack})
     drive()
     for _ in range(120):
         traces = glob.glob(os.path.join(prof_dir, "*.trace.json.gz"))
         if traces:
             time.sleep(3)  # written in one go, but give the file system a moment
-            return summarize_trace(traces[0], num_layers)
+            text, numbers = summarize_trace(traces[0], num_layers)
+            if with_stack:
+                events = [e for e in json.load(gzip.open(traces[0]))["traceEvents"] if e.get("ph") == "X"]
+                text += "\n" + python_self_times(events)
+            return text, numbers
         time.sleep(1)
     return "no trace written", {}
 
@@ -120,6 +150,12 @@ def probe(config, env, args, vocab, num_layers, head_dim):
             generate_ids(port, prefix + random_token_ids(rng, vocab, 256), 1)
             lone.append((time.perf_counter() - t) * 1e3)
         out["lone_ms_p50"] = statistics.median(lone)
+
+        def lone_requests():
+            for _ in range(4):
+                generate_ids(port, prefix + random_token_ids(rng, vocab, 256), 1)
+
+        lone_text, out["lone_profile"] = profiled(port, tag, 3, num_layers, lone_requests, with_stack=True)
         # loads: the serving benchmark's points, each once plain and once profiled
         out["loads"], texts = [], []
         for point in parse_points(args.shapes, "", args.shared_prefix, 0.5):
@@ -155,6 +191,7 @@ def probe(config, env, args, vocab, num_layers, head_dim):
     finally:
         srv.stop()
     text = (f"== {tag}: lone prefill (256 new over 8192 cached, 1 new token) p50 {out['lone_ms_p50']:.1f} ms\n"
+            f"profile of 3 steps, one request at a time, with Python stacks:\n{lone_text}\n"
             + "\n".join(texts) + "\n")
     return out, text
 
