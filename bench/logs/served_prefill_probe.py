@@ -26,11 +26,10 @@ import os
 import random
 import statistics
 import sys
-import threading
 import time
 from collections import defaultdict
 
-from sglang_sawint4.bench.serving import (make_prompts, model_facts, parse_points, send_all, shared_prefix_prompts,
+from sglang_sawint4.bench.serving import (model_facts, num_requests, parse_points, point_prompts, send_all,
                                           summarize)
 from sglang_sawint4.serving.client import generate_ids, random_token_ids, request, served_model_id
 from sglang_sawint4.serving.server import Server, host_speed, serving_config
@@ -51,10 +50,14 @@ def busy_us(intervals):
     return total
 
 
-def summarize_trace(path, num_layers, top=12):
-    """(text, numbers) of one profile: kernels and runtime calls by name; per prefill forward
-    (``num_layers`` consecutive ragged prefill kernels) its GPU span and busy fraction."""
-    events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
+def trace_events(path):
+    """The complete ("X") events of a torch profiler trace (.json.gz)."""
+    return [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
+
+
+def summarize_trace(events, num_layers, top=12):
+    """(text, numbers) of one profile's events: kernels and runtime calls by name; per prefill
+    forward (``num_layers`` consecutive ragged prefill kernels) its GPU span and busy fraction."""
     gpu = sorted(((e["ts"], e["ts"] + e.get("dur", 0.0), e["name"]) for e in events if e.get("cat") in GPU_CATS))
     kernels, runtime = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
     for s, e, name in gpu:
@@ -121,9 +124,9 @@ def profiled(port, tag, steps, num_layers, drive, with_stack=False):
         traces = glob.glob(os.path.join(prof_dir, "*.trace.json.gz"))
         if traces:
             time.sleep(3)  # written in one go, but give the file system a moment
-            text, numbers = summarize_trace(traces[0], num_layers)
+            events = trace_events(traces[0])
+            text, numbers = summarize_trace(events, num_layers)
             if with_stack:
-                events = [e for e in json.load(gzip.open(traces[0]))["traceEvents"] if e.get("ph") == "X"]
                 text += "\n" + python_self_times(events)
             return text, numbers
         time.sleep(1)
@@ -142,30 +145,29 @@ def probe(config, env, args, vocab, num_layers, head_dim):
         # lone: one request at a time over one cached prefix
         prefix = random_token_ids(rng, vocab, 8192)
         generate_ids(port, prefix + random_token_ids(rng, vocab, 8), 1)
-        for _ in range(4):  # whatever the timed shape compiles or loads
-            generate_ids(port, prefix + random_token_ids(rng, vocab, 256), 1)
-        lone = []
-        for _ in range(args.n):
-            t = time.perf_counter()
-            generate_ids(port, prefix + random_token_ids(rng, vocab, 256), 1)
-            lone.append((time.perf_counter() - t) * 1e3)
-        out["lone_ms_p50"] = statistics.median(lone)
 
-        def lone_requests():
-            for _ in range(4):
+        def lone_requests(count):
+            """``count`` requests one after another, 256 new tokens each over the cached
+            prefix; their latencies in ms."""
+            ms = []
+            for _ in range(count):
+                t = time.perf_counter()
                 generate_ids(port, prefix + random_token_ids(rng, vocab, 256), 1)
+                ms.append((time.perf_counter() - t) * 1e3)
+            return ms
 
-        lone_text, out["lone_profile"] = profiled(port, tag, 3, num_layers, lone_requests, with_stack=True)
+        lone_requests(4)  # whatever the timed shape compiles or loads
+        out["lone_ms_p50"] = statistics.median(lone_requests(args.n))
+        lone_text, out["lone_profile"] = profiled(port, tag, 3, num_layers, lambda: lone_requests(4),
+                                                  with_stack=True)
         # loads: the serving benchmark's points, each once plain and once profiled
         out["loads"], texts = [], []
         for point in parse_points(args.shapes, "", args.shared_prefix, 0.5):
-            n = point.waves * point.concurrency
+            n = num_requests(point, 1)
             seed = 1 + point.input_len
-            if point.workload == "shared-prefix":
-                prefixes, prompts = shared_prefix_prompts(n, point, vocab, seed)
-                send_all(base, model_id, [p + random_token_ids(rng, vocab, 8) for p in prefixes], 1, len(prefixes))
-            else:
-                prompts = make_prompts(n, point.input_len, vocab, seed)
+            prefix_warm, prompts = point_prompts(point, n, vocab, seed)
+            if prefix_warm:  # the groups' prefixes cached, as the benchmark does
+                send_all(base, model_id, prefix_warm, 1, len(prefix_warm))
             lens = point.output_lens(n, seed)
             warm = min(n, point.concurrency)  # one wave: the load's shapes compiled or loaded before timing
             send_all(base, model_id, prompts[:warm], lens[:warm], point.concurrency)
@@ -174,13 +176,8 @@ def probe(config, env, args, vocab, num_layers, head_dim):
             row = {"workload": point.workload, "input_len": point.input_len, "prefix_len": point.prefix_len,
                    "concurrency": point.concurrency, "requests": n, "output_tok_s": s["output_tok_s"],
                    "ttft_ms_p50": s["ttft_ms_p50"], "itl_ms_p50": s["itl_ms_p50"], "errors": s["errors"]}
-            loaded = threading.Thread(target=send_all, args=(base, model_id, prompts, lens, point.concurrency))
-
-            def drive():
-                loaded.start()
-                loaded.join()
-
-            text, row["profile"] = profiled(port, tag, args.profile_steps, num_layers, drive)
+            text, row["profile"] = profiled(port, tag, args.profile_steps, num_layers,
+                                            lambda: send_all(base, model_id, prompts, lens, point.concurrency))
             out["loads"].append(row)
             texts.append(f"-- {point.workload} {point.input_len} in ({point.prefix_len} shared) / "
                          f"{min(lens)}-{point.output_len} out @{point.concurrency}, {n} requests: "
