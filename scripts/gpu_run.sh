@@ -10,8 +10,7 @@
 # request's prefill over an 8k cached prefix, host and device time per config), served-probe
 # (bench/logs/served_prefill_probe.py on the 8B-shaped model: served prefills over a cached
 # prefix alone and under the serving benchmark's random and shared-prefix loads, profiled;
-# $SERVED_PROBE_ARGS), smoke (BF16
-# server smoke), int4 (INT4 e2e),
+# $SERVED_PROBE_ARGS), smoke (BF16 server smoke), int4 (INT4 e2e),
 # policy (the default int4-bdr server on $POLICY_ARCH, default qwen3, a generated model:
 # its KV policy, every feature check, served attention vs reference with a BF16 layer),
 # quickstart (the README's quick start, as written, on $QUICKSTART_MODEL, default qwen15),
@@ -69,6 +68,16 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH=$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}
 status=0
 stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+# model_8b: the 8B-shaped generated model at $MODELS/8b (generated once per machine)
+model_8b() {
+  [ -d "$MODELS/8b" ] || python3 -m sglang_sawint4.tools.make_model --preset 8b --out "$MODELS/8b" | tail -1
+}
+
+# stop_servers: a server a timed-out call left running holds the port and GPU memory
+stop_servers() {
+  if pkill -f "sglang_sawint4.launch_server|sglang::"; then sleep 5; pkill -9 -f "sglang_sawint4.launch_server|sglang::"; fi
+}
 
 # join_convert NAME: the parts of GGUF NAME joined, sha256-checked and converted to
 # $MODELS/NAME by our converter (as on the CPU side); exits if a part is missing
@@ -136,12 +145,12 @@ for s in "$@"; do
     ;;
   model8b)
     stage model8b
-    [ -d "$MODELS/8b" ] || python3 -m sglang_sawint4.tools.make_model --preset 8b --out "$MODELS/8b" | tail -1
+    model_8b
     ;;
   burst)
     stage burst
-    [ -d "$MODELS/8b" ] || python3 -m sglang_sawint4.tools.make_model --preset 8b --out "$MODELS/8b" | tail -1
-    if pkill -f "sglang_sawint4.launch_server|sglang::"; then sleep 5; pkill -9 -f "sglang_sawint4.launch_server|sglang::"; fi
+    model_8b
+    stop_servers
     # both prefill paths, the serving benchmark's server flags (BURST_ARGS replaces them)
     python3 -m sglang_sawint4.bench.prefix_burst --model "$MODELS/8b" --out "$OUT/prefix_burst.json" --log-dir "$OUT" \
       ${BURST_ARGS:---configs int4-bdr-flashinfer,int4-bdr-triton -- --disable-prefill-cuda-graph \
@@ -165,9 +174,9 @@ for s in "$@"; do
     stage serving
     # resumable over several calls on one machine: the state file lists the finished units;
     # each call stops (exit 75) before a unit that would not end within CALL_LIMIT_S of its start
-    [ -d "$MODELS/8b" ] || python3 -m sglang_sawint4.tools.make_model --preset 8b --out "$MODELS/8b" | tail -1
+    model_8b
     # a server left by a call killed at its time limit would hold the port and the GPU memory
-    if pkill -f "sglang_sawint4.launch_server|sglang::"; then sleep 5; pkill -9 -f "sglang_sawint4.launch_server|sglang::"; fi
+    stop_servers
     STATE=${SERVING_STATE:-/tmp/serving_state.jsonl}
     BUDGET=0
     [ "${CALL_LIMIT_S:-0}" -gt 0 ] && BUDGET=$((CALL_LIMIT_S - SECONDS - 20))
@@ -288,8 +297,8 @@ for s in "$@"; do
     ;;
   served-probe)
     stage served-probe
-    [ -d "$MODELS/8b" ] || python3 -m sglang_sawint4.tools.make_model --preset 8b --out "$MODELS/8b" | tail -1
-    if pkill -f "sglang_sawint4.launch_server|sglang::"; then sleep 5; pkill -9 -f "sglang_sawint4.launch_server|sglang::"; fi
+    model_8b
+    stop_servers
     python3 bench/logs/served_prefill_probe.py --model "$MODELS/8b" --out-dir "$OUT" ${SERVED_PROBE_ARGS:-} 2>&1 \
       | tail -80 || status=1
     ;;
