@@ -5,18 +5,25 @@ path can run) SGLang gets
 :func:`create_int4_flashinfer_backend`: SGLang's own ``HybridAttnBackend`` with
 
 * prefill/extend: :class:`Int4FlashInferPrefillBackend`, a ``FlashInferAttnBackend`` whose
-  extend attends the new tokens to themselves exactly (FlashInfer's ragged causal prefill,
-  as SGLang's FlashInfer backend does) and to their cached INT4 prefix (radix-cache hits,
-  earlier chunks) through FlashInfer's paged prefill over a BF16 *staging* buffer, merging
-  the partial results by their base-2 log-sum-exp (FlashInfer's ``merge_state``);
+  extend attends the new tokens to their cached INT4 prefix (radix-cache hits, earlier
+  chunks) through FlashInfer's paged prefill over a BF16 *staging* buffer the prefix is
+  dequantized into, and to themselves exactly;
 * decode: ``Int4TritonAttnBackend`` (our INT4 decode kernel, CUDA graphs as before).
 
 The staging buffer has a fixed number of rows (``--kv-quant-prefill-staging-rows``),
 allocated when the backend is built and taken out of the KV pool's memory (the pool patch
 subtracts it).  A batch whose prefix rows exceed it stages each distinct slot once
-(requests sharing a radix-cache prefix read the same staging rows as their pages), and one
-with more distinct slots than rows runs in pieces (``sglang_sawint4.prefix_pieces``):
-dequantize a piece, attend, merge, repeat; so no request mix can grow it.
+(requests sharing a radix-cache prefix read the same staging rows as their pages).  Then:
+
+* the common batch, whose staged prefix and new tokens fit the buffer together
+  (``combine_with_new_rows``), writes the new tokens' exact K/V after the prefix and runs
+  one causal paged prefill over both: a small prefill is host-bound, and this is as few
+  calls per layer as SGLang's BF16 extend makes (which runs a ragged and a paged call and
+  merges them);
+* a batch without room for its new tokens runs FlashInfer's ragged causal prefill over them
+  and, piece by piece (``sglang_sawint4.prefix_pieces``: dequantize a piece, attend, merge,
+  repeat), its prefix, merging the partial results by their base-2 log-sum-exp
+  (FlashInfer's ``merge_state``); so no request mix can grow the buffer.
 
 A rotating layout's prefix is staged as stored (rotated, keys centered) and a batch with a
 cached prefix attends in that space, as the Triton path does: its new tokens' q, k (and v
@@ -24,7 +31,7 @@ when V is rotated) move there (``to_stored_space``, O(new tokens)) instead of ev
 row being un-rotated (O(prefix rows), the tensor cores once per row and layer); the output
 comes back with ``from_stored_space``.  A plain layout is stored in the original space:
 its staging adds a centered layer's key center back.  A batch without a cached prefix
-attends the new tokens as they are.
+attends the new tokens as they are (ragged).
 
 Layers the policy keeps in BF16 run SGLang's FlashInfer extend unchanged (the pool hands
 them BF16 pages).
@@ -46,7 +53,8 @@ from sglang_sawint4.backend import Int4TritonAttnBackend, check_int4_layer
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
-from sglang_sawint4.prefix_pieces import PrefixPiece, PrefixPlan, plan_prefix_pieces
+from sglang_sawint4.prefix_pieces import (CombinedPages, PrefixPiece, PrefixPlan, combine_with_new_rows,
+                                          plan_prefix_pieces)
 
 logger = logging.getLogger("sglang_sawint4")
 
@@ -106,6 +114,7 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         self._planned_pending = False
         self._pieces: List[PrefixPiece] = []
         self._plan: PrefixPlan = None
+        self._combined: CombinedPages = None  # the batch as one causal paged call, where it fits
         self._prefix = None  # (qo_indptr, kv_indptr, kv_indices, prefix rows) of the batch
         self._checker = AttentionChecker.from_env()  # None unless --kv-quant-debug-check-attention
 
@@ -127,9 +136,19 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
             q_data_type=self._k_stage.dtype, kv_data_type=self._k_stage.dtype, non_blocking=True,
         )
 
+    def _plan_combined(self, wrapper, combined: CombinedPages) -> None:
+        """Plan ``wrapper`` for the whole batch, causal, over its staged prefix and new rows."""
+        num_qo_heads, num_kv_heads, head_dim = self._heads
+        wrapper.begin_forward(
+            torch.tensor(combined.qo_indptr, dtype=torch.int32), torch.tensor(combined.kv_indptr, dtype=torch.int32),
+            combined.pages, torch.ones(len(combined.qo_indptr) - 1, dtype=torch.int32),
+            num_qo_heads, num_kv_heads, head_dim, 1, causal=True,
+            q_data_type=self._k_stage.dtype, kv_data_type=self._k_stage.dtype, non_blocking=True,
+        )
+
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
-        self._pieces, self._plan, self._prefix = [], None, None
+        self._pieces, self._plan, self._prefix, self._combined = [], None, None, None
         mode = forward_batch.forward_mode
         if mode.is_decode_or_idle() or mode.is_target_verify():
             return
@@ -170,17 +189,26 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         self._prefix = (qo_indptr, kv_indptr, kv_indices, n_prefix)
         if n_prefix == 0:
             return
-        self._plan = plan_prefix_pieces(kv_indices, prefix_cpu, extend_cpu, self.staging_rows)
-        self._pieces = self._plan.pieces
-        while len(self._piece_wrappers) < min(len(self._pieces), PLANNED_PIECES):
+        self._set_plan(plan_prefix_pieces(kv_indices, prefix_cpu, extend_cpu, self.staging_rows), prefix_cpu,
+                       extend_cpu)
+        planned = 1 if self._combined is not None else min(len(self._pieces), PLANNED_PIECES)
+        while len(self._piece_wrappers) < planned:
             self._piece_wrappers.append(self._new_wrapper())
         if len(self._pieces) > PLANNED_PIECES and not self._overflow:
             self._overflow = [(self._new_wrapper(), torch.cuda.Event()) for _ in range(OVERFLOW_WRAPPERS)]
         if self._planned_pending:  # the previous batch's plans are still to be copied: rare, brief
             self._planned_copied.synchronize()
+        if self._combined is not None:
+            self._plan_combined(self._piece_wrappers[0], self._combined)
         for wrapper, piece in zip(self._piece_wrappers, self._pieces[:PLANNED_PIECES]):
             self._plan_piece(wrapper, piece)
-        self._planned_pending = bool(self._pieces)
+        self._planned_pending = planned > 0
+
+    def _set_plan(self, plan: PrefixPlan, prefix_cpu, extend_cpu) -> None:
+        """Run the batch as one combined call where it fits, else piece by piece."""
+        self._plan = plan
+        self._combined = combine_with_new_rows(plan, prefix_cpu, extend_cpu, self.staging_rows)
+        self._pieces = [] if self._combined is not None else plan.pieces
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         if not forward_batch.forward_mode.is_decode_or_idle():
@@ -188,6 +216,16 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
                 "INT4 KV prefill on FlashInfer does not run inside a full prefill CUDA graph; "
                 "use the default prefill CUDA graph backend or --disable-prefill-cuda-graph")
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
+
+    def _attend_combined(self, q, k_stage, v_stage, sm_scale: float):
+        """o of the batch's queries over their staged prefixes and new rows (causal), on the
+        wrapper ``_plan_combined`` planned."""
+        o = self._piece_wrappers[0].forward(q, (k_stage, v_stage), causal=True, sm_scale=sm_scale,
+                                            logits_soft_cap=0.0)
+        if self._planned_pending:
+            self._planned_copied.record()
+            self._planned_pending = False
+        return o
 
     def _attend_piece(self, i: int, piece: PrefixPiece, q, k_stage, v_stage, sm_scale: float):
         """(o, lse) of the piece's queries over its staging rows, on its planned wrapper or,
@@ -213,7 +251,7 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         if k is None or v is None:
             raise Int4KVAccessError("INT4 KV cache cannot hand stored K/V back to layers that share KV")
         hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-        q3 = q.contiguous().view(-1, hq, d)
+        q3 = q.reshape(-1, hq, d)  # a view of the fused qkv where it is one: to_stored_space reads it strided
         k3, v3 = k.view(-1, hk, d), v.view(-1, hk, d)
         pool = self.int4_pool
         if pool.is_bf16_layer(layer.layer_id):
@@ -230,15 +268,20 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         return o.view(-1, hq * layer.v_head_dim)
 
     def _int4_extend(self, q, k, v, layer) -> torch.Tensor:
-        """q: [new_tokens, num_q_heads, head_dim]; k, v: [new_tokens, num_kv_heads, head_dim].
-        Returns [new_tokens, num_q_heads, head_dim] in q's dtype."""
+        """q: [new_tokens, num_q_heads, head_dim]; k, v: [new_tokens, num_kv_heads, head_dim]
+        (channel stride 1, any row and head strides).  Returns [new_tokens, num_q_heads,
+        head_dim] in q's dtype."""
         ragged = self.prefill_wrapper_ragged
+        if self._combined is not None:
+            return self._int4_extend_combined(q, k, v, layer)
         if not self._pieces:
-            return ragged.forward(q, k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
+            return ragged.forward(q.contiguous(), k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
         layout, pool = self.int4_format, self.int4_pool
         as_stored = layout.block_size is not None
         if as_stored:
             q, k, v = to_stored_space(q, k, v, layout, pool.key_center(layer.layer_id, stored=True))
+        else:
+            q = q.contiguous()
         staging_center = None if as_stored else pool.key_center(layer.layer_id)
         o, lse = ragged.forward_return_lse(q, k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
         data = pool.get_int4_layer(layer.layer_id)
@@ -252,6 +295,27 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
             return self._attend_piece(i, piece, q_piece, k_stage, v_stage, layer.scaling)
 
         o = attend_prefix_pieces(q, o, lse, self._plan, stage, attend, merge_partial_attention)
+        return from_stored_space(o, layout) if as_stored else o
+
+    def _int4_extend_combined(self, q, k, v, layer) -> torch.Tensor:
+        """``_int4_extend`` of a batch that ``combine_with_new_rows`` fits in the staging rows:
+        the prefix is dequantized into rows 0.., the new tokens' K/V (exact, moved into the
+        stored space with q) are written after it, and one causal paged call attends both:
+        no ragged call, no merge."""
+        layout, pool, combined = self.int4_format, self.int4_pool, self._combined
+        as_stored = layout.block_size is not None
+        rows = slice(combined.new_row_base, combined.new_row_base + q.shape[0])
+        new_kv = (self._k_stage[rows], self._v_stage[rows])
+        if as_stored:
+            q = to_stored_space(q, k, v, layout, pool.key_center(layer.layer_id, stored=True), kv_out=new_kv)[0]
+        else:
+            q = q.contiguous()
+            new_kv[0].copy_(k)
+            new_kv[1].copy_(v)
+        dequantize_pages(*pool.get_int4_layer(layer.layer_id), self._plan.stage_slots, self._k_stage, self._v_stage,
+                         layout, k_center=None if as_stored else pool.key_center(layer.layer_id),
+                         unrotate=not as_stored)
+        o = self._attend_combined(q, self._k_stage, self._v_stage, layer.scaling)
         return from_stored_space(o, layout) if as_stored else o
 
     def forward_decode(self, *args, **kwargs):

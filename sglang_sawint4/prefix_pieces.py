@@ -15,7 +15,10 @@ request's rows that fall in a piece are its pages for that piece (a prefix longe
 piece spans several; its partial results are merged by their log-sum-exp).  So no request
 mix needs more than ``max_rows`` staging rows, and the common batch is one piece.  With
 first-use order a request's rows in a piece are the ones it shares with earlier requests
-or its own next rows, so the requests a piece touches are mostly consecutive.
+or its own next rows, so the requests a piece touches are mostly consecutive.  A one-piece
+batch whose new tokens fit after its staged rows runs as one causal paged call over both
+(:func:`combine_with_new_rows`: each request's pages are its prefix rows, then its own new
+tokens' rows).
 
 :func:`plan_prefix_pieces` does the device-side bookkeeping (past ``max_rows`` prefix rows
 one ``torch.unique`` and, past one piece, a small host copy of per-piece counts) and the
@@ -171,3 +174,55 @@ def plan_prefix_pieces(kv_indices: torch.Tensor, prefix_lens: Sequence[int], ext
     in_piece = (rank - piece * max_rows)[torch.sort(piece, stable=True).indices]
     pieces = pieces_from_counts(counts.view(num_pieces, bs).tolist(), extend_lens, num_slots, max_rows)
     return PrefixPlan(pieces, stage_slots, in_piece.to(torch.int32))
+
+
+@dataclass(frozen=True)
+class CombinedPages:
+    """A one-piece batch whose new tokens' K/V fit in the staging rows after its prefix:
+    each request attends to its prefix and its own new tokens in one causal paged call.
+
+    Attributes:
+        new_row_base: staging row of the batch's first new token (the prefix's distinct
+            slots fill rows 0 .. new_row_base - 1); new token j is row new_row_base + j.
+        qo_indptr: [batch + 1] query offsets (the new tokens, request after request).
+        kv_indptr: [batch + 1] page offsets: request b reads ``pages[kv_indptr[b]:kv_indptr[b + 1]]``.
+        pages: [prefix rows + new tokens] int32 staging rows: per request its prefix
+            rows in position order, then its new tokens' rows (causal alignment at the end).
+    """
+
+    new_row_base: int
+    qo_indptr: Tuple[int, ...]
+    kv_indptr: Tuple[int, ...]
+    pages: torch.Tensor
+
+
+def combine_with_new_rows(plan: PrefixPlan, prefix_lens: Sequence[int], extend_lens: Sequence[int],
+                          max_rows: int):
+    """The batch as one causal paged prefill over its staged prefix and new tokens, or None.
+
+    None when the plan has more than one piece, or its staged rows and the new tokens
+    together exceed ``max_rows`` (the batch then runs piece by piece, merged with the new
+    tokens' own attention).  No wait for the device: the pages are put together there.
+    """
+    _check_lengths(prefix_lens, extend_lens, max_rows)
+    if len(plan.pieces) != 1:
+        return None
+    base, n_new = plan.pieces[0].num_rows, sum(int(n) for n in extend_lens)
+    if base + n_new > max_rows:
+        return None
+    q_off, kv_off = _offsets(extend_lens), _offsets(prefix_lens)
+    total = kv_off[-1]
+    if plan.pages.numel() != total:
+        raise ValueError(f"a plan of {plan.pages.numel()} prefix pages for {total} prefix rows")
+    # source row of each combined entry: request b's prefix pages are entries kv_off[b].. of
+    # plan.pages (shifted by the new rows before them), its new rows entries total + q_off[b]..
+    shift, lengths = [], []
+    for b in range(len(prefix_lens)):
+        shift += [-q_off[b], total - kv_off[b + 1]]
+        lengths += [int(prefix_lens[b]), int(extend_lens[b])]
+    device = plan.pages.device
+    n = total + n_new
+    source = torch.arange(n, device=device) + torch.repeat_interleave(
+        torch.tensor(shift, device=device), torch.tensor(lengths, device=device), output_size=n)
+    rows = torch.cat([plan.pages, torch.arange(base, base + n_new, dtype=torch.int32, device=device)])
+    return CombinedPages(base, tuple(q_off), tuple(a + b for a, b in zip(kv_off, q_off)), rows[source])

@@ -13,7 +13,7 @@ from helpers import keys_with_outliers, require_sglang
 from sglang_sawint4 import format as fmt
 from sglang_sawint4.attention_check import int4_attention_reference
 from sglang_sawint4.kernels.dequant import dequantize_pages
-from sglang_sawint4.prefix_pieces import plan_prefix_pieces
+from sglang_sawint4.prefix_pieces import combine_with_new_rows, plan_prefix_pieces
 
 
 def _plan(prefixes, extend, max_rows):
@@ -94,6 +94,50 @@ def test_pieces_stage_each_slot_once_and_give_every_request_its_prefix(seed):
     assert [sorted(g) for g in _slots_read(plan, batch)] == [sorted(p) for p in prefixes]
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_combined_pages_are_each_requests_prefix_then_its_new_rows(seed):
+    """A one-piece batch whose new tokens fit after its staged prefix: request b reads its
+    prefix's staging rows in position order, then its own new tokens' rows."""
+    rng = random.Random(seed)
+    batch = rng.randint(1, 9)
+    fresh = iter(rng.sample(range(10_000), 1000))
+    prefixes = []
+    for _ in range(batch):
+        base = rng.choice(prefixes)[: rng.randint(0, 30)] if prefixes and rng.random() < 0.5 else []
+        prefixes.append(base + [next(fresh) for _ in range(rng.choice([0, rng.randint(1, 30)]))])
+    extend = [rng.randint(0, 7) for _ in range(batch)]
+    max_rows = rng.randint(1, 150)
+    plan = _plan(prefixes, extend, max_rows)
+    combined = combine_with_new_rows(plan, [len(p) for p in prefixes], extend, max_rows)
+    fits = len(plan.pieces) == 1 and plan.pieces[0].num_rows + sum(extend) <= max_rows
+    assert (combined is not None) == fits
+    if combined is None:
+        return
+    staged, pages = plan.stage_slots.tolist(), combined.pages.tolist()
+    assert combined.pages.dtype == torch.int32 and combined.new_row_base == len(staged)
+    assert combined.qo_indptr == (0, *torch.tensor(extend).cumsum(0).tolist())
+    for b in range(batch):
+        own = pages[combined.kv_indptr[b]: combined.kv_indptr[b + 1]]
+        q0, q1 = combined.qo_indptr[b], combined.qo_indptr[b + 1]
+        assert [staged[r] for r in own[: len(prefixes[b])]] == prefixes[b]
+        assert own[len(prefixes[b]):] == [len(staged) + j for j in range(q0, q1)]
+
+
+def test_combined_pages_need_one_piece_and_room_for_the_new_rows():
+    prefixes, extend = [[10, 11, 12, 13], [10, 11, 20]], [3, 2]
+    # 7 prefix rows fit 12 rows as they come, and the 5 new rows after them
+    assert combine_with_new_rows(_plan(prefixes, extend, 12), [4, 3], extend, 12).pages.tolist() == [
+        0, 1, 2, 3, 7, 8, 9, 4, 5, 6, 10, 11]
+    for max_rows in (11, 7, 3):  # one piece without room, one piece of all, pieces
+        assert combine_with_new_rows(_plan(prefixes, extend, max_rows), [4, 3], extend, max_rows) is None
+    # 9 prefix rows over 8 rows: their 5 distinct slots, once each, and the 2 new rows
+    prefixes, extend = [[10, 11, 12, 13], [10, 11, 12, 13, 20]], [1, 1]
+    assert combine_with_new_rows(_plan(prefixes, extend, 8), [4, 5], extend, 8).pages.tolist() == [
+        0, 1, 2, 3, 5, 0, 1, 2, 3, 4, 6]
+    with pytest.raises(ValueError, match="prefix pages"):
+        combine_with_new_rows(_plan(prefixes, extend, 12), [4, 4], extend, 12)
+
+
 def test_bad_piece_arguments():
     with pytest.raises(ValueError, match="positive"):
         _plan([[1]], [1], 0)
@@ -125,7 +169,9 @@ def _ragged(q, k, v, qo_indptr, kv_indptr, scale, causal):
     for b in range(len(qo_indptr) - 1):
         qs = slice(qo_indptr[b], qo_indptr[b + 1])
         ks = slice(kv_indptr[b], kv_indptr[b + 1])
-        o, lse = _attention_lse(q[qs], k[ks], v[ks], scale, causal_offset=0 if causal else None)
+        # causal: the queries are the last keys (a request's new tokens after its prefix)
+        offset = (ks.stop - ks.start) - (qs.stop - qs.start) if causal else None
+        o, lse = _attention_lse(q[qs], k[ks], v[ks], scale, causal_offset=offset)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
@@ -291,12 +337,15 @@ _EXTEND_LAYOUTS = [fmt.Int4Format(64), fmt.Int4Format(64, 64), fmt.Int4Format(64
 
 @pytest.mark.parametrize("centered", [False, True], ids=["plain-keys", "centered"])
 @pytest.mark.parametrize("layout", _EXTEND_LAYOUTS, ids=["int4", "bdr64-k", "bdr16-kv"])
-@pytest.mark.parametrize("staging_rows", [200, 16], ids=["one-piece", "pieces"])
+@pytest.mark.parametrize("staging_rows", [200, 100, 16], ids=["combined", "one-piece", "pieces"])
 def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows, rng, device):
     """The backend's run step with torch standing in for FlashInfer's kernels: a rotating
     layout's prefix is staged as stored (no inverse rotation per row) and the new tokens move
     into that space; a plain layout's staging adds the key center back.  Either way the
-    output is attention in the original space over the pages and the new tokens."""
+    output is attention in the original space over the pages and the new tokens: in one
+    causal call over the staging rows where the new tokens fit after the prefix (200 rows),
+    else merged with the new tokens' own attention (97 prefix rows staged as one piece in
+    100 rows, 77 distinct slots in pieces of 16)."""
     require_sglang()
     from types import SimpleNamespace
 
@@ -325,10 +374,17 @@ def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows,
     backend.int4_pool = SimpleNamespace(get_int4_layer=lambda i: data, key_center=key_center)
     backend._k_stage = torch.empty(staging_rows, hk, d, dtype=dtype, device=device)
     backend._v_stage = torch.empty_like(backend._k_stage)
-    backend._plan = plan_prefix_pieces(kv_indices.to(device), prefix, new, staging_rows)
-    backend._pieces = backend._plan.pieces
+    backend._set_plan(plan_prefix_pieces(kv_indices.to(device), prefix, new, staging_rows), prefix, new)
     backend.prefill_wrapper_ragged = _TorchRagged(qo_indptr)
     staged = []
+
+    def attend_combined(q_all, k_stage, v_stage, scale):
+        c = backend._combined
+        staged.append(backend._plan.stage_slots.clone())
+        staged.append(k_stage[: staged[-1].numel()].clone())
+        pages = c.pages.long()
+        return _ragged(q_all, k_stage[pages], v_stage[pages], c.qo_indptr, c.kv_indptr, scale, causal=True)[0].to(
+            q_all.dtype)
 
     def attend_piece(i, piece, q_rows, k_stage, v_stage, scale):
         pages = backend._plan.pages[piece.pages[0]: piece.pages[1]].long().to(k_stage.device)
@@ -337,12 +393,13 @@ def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows,
         o, lse = _ragged(q_rows, k_stage[pages], v_stage[pages], piece.qo_indptr, piece.kv_indptr, scale, causal=False)
         return o.to(q_rows.dtype), lse / math.log(2)
 
-    backend._attend_piece = attend_piece
+    backend._attend_piece, backend._attend_combined = attend_piece, attend_combined
     n, scale = sum(new), d ** -0.5
     q, k_new, v_new = (torch.randn(n, h, d, generator=rng).to(dtype).to(device) for h in (hq, hk, hk))
     out = backend._int4_extend(q, k_new, v_new, SimpleNamespace(layer_id=0, scaling=scale))
     assert out.shape == q.shape and out.dtype == dtype
-    assert len(staged) == 2 * len(backend._pieces) and (len(backend._pieces) > 1) == (staging_rows < 77)
+    assert (backend._combined is not None) == (staging_rows == 200)
+    assert len(staged) == 2 * max(len(backend._pieces), 1) and (len(backend._pieces) > 1) == (staging_rows < 77)
     for slots_read, rows in zip(staged[0::2], staged[1::2]):  # the staging rows: stored or original space
         rk, _ = dequantize_pages_reference(*data, slots_read, layout, unrotate=layout.block_size is None,
                                            k_center=center if layout.block_size is None else None)
@@ -359,15 +416,17 @@ def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows,
     # staged once (one piece), or in 8 pieces that all 32 requests read (4 on overflow wrappers)
     ([8192] * 32, [256] * 32, 32768, True),
     ([8192] * 32, [256] * 32, 1024, True),
-    # prefixes that fit the staging rows as they are (no distinct-slot count)
+    # prefixes that fit the staging rows as they are (no distinct-slot count), with the new
+    # tokens after them (one causal call) or without room for those (merged with them)
     ([300, 0, 50], [64, 8, 1], 1024, False),
+    ([300, 0, 50], [64, 8, 1], 400, False),
     # ragged lengths: pieces inside one request and across several, a request without prefix
     ([700, 0, 1500, 33, 4000], [17, 5, 1, 64, 200], 1024, False),
-], ids=["shared-8k-x32", "shared-8k-x32-8-pieces", "rows-fit", "ragged"])
+], ids=["shared-8k-x32", "shared-8k-x32-8-pieces", "rows-fit", "rows-fit-no-room", "ragged"])
 def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared, rng):
-    """The backend's own plan and run steps on real FlashInfer wrappers (planned and overflow
-    pieces, three layers, so overflow wrappers are re-planned layer after layer) against the
-    float64 reference over the same INT4 pages."""
+    """The backend's own plan and run steps on real FlashInfer wrappers (one combined causal
+    call, planned and overflow pieces; three layers, so overflow wrappers are re-planned layer
+    after layer) against the float64 reference over the same INT4 pages."""
     require_sglang()
     from types import SimpleNamespace
 
@@ -415,7 +474,10 @@ def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared
     backend.prefill_wrapper_ragged = ragged
     backend._plan_prefix(prefix, new, torch.arange(bs, device=dev), torch.tensor(prefix, device=dev, dtype=torch.int32),
                          torch.tensor(new, device=dev, dtype=torch.int32))
-    assert len(backend._pieces) == (1 if sum(prefix) <= staging_rows else -(-slots // staging_rows))
+    staged = sum(prefix) if sum(prefix) <= staging_rows else slots
+    combined = staged <= staging_rows and staged + sum(new) <= staging_rows
+    assert (backend._combined is not None) == combined
+    assert len(backend._pieces) == (0 if combined else -(-staged // staging_rows))
 
     kv_indptr = torch.tensor([0, *torch.tensor(prefix).cumsum(0).tolist()])
     kv_indices = torch.cat([req_to_token[b, : prefix[b]] for b in range(bs)]).to(dev)

@@ -393,19 +393,26 @@ def test_to_stored_space_moves_q_k_v_as_the_format_stores_them(layout, dtype, ro
         x = x.cpu().double()
         return fmt.rotate(x, layout.block_size) if is_rotated else x
 
-    for c in (None, stored):
-        outs = to_stored_space(q, k, v, layout, None if c is None else c.to(device))
+    # kv_out: k and v written into rows 3.. of staging buffers, the rows around them untouched
+    stage = [torch.full((rows + 5, hk, d), float("nan"), dtype=dtype, device=device) for _ in range(2)]
+    for c, kv_out in ((None, None), (stored, None), (stored, tuple(x[3: 3 + rows] for x in stage))):
+        outs = to_stored_space(q, k, v, layout, None if c is None else c.to(device), kv_out=kv_out)
         refs = (rotated(q, layout.rotate_k), rotated(k, layout.rotate_k) - (0 if c is None else c.double()),
                 rotated(v, layout.rotate_v))
         for name, out, ref, x in zip("qkv", outs, refs, (q, k, v)):
             assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous(), name
             assert rel_err(out, ref) < tol, name
+        if kv_out is not None:
+            assert outs[1].data_ptr() == kv_out[0].data_ptr() and outs[2].data_ptr() == kv_out[1].data_ptr()
+            assert all(x[:3].isnan().all() and x[3 + rows:].isnan().all() for x in stage)
     o = torch.randn(rows, hq, d, generator=rng).to(dtype).to(device)
     assert rel_err(from_stored_space(o, layout), rotated(o, layout.rotate_v)) < tol
     assert all(x.shape[0] == 0 for x in to_stored_space(q[:0], k[:0], v[:0], layout))
     if layout.rotate_k:
         with pytest.raises(ValueError, match="same rows"):
             to_stored_space(q, k[:-1], v, layout)
+    with pytest.raises(ValueError, match="kv_out's v"):
+        to_stored_space(q, k, v, layout, kv_out=(stage[0][:rows], stage[1][:rows].to(torch.bfloat16)))
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[5]], ids=[IDS[0], IDS[2], IDS[5]])
