@@ -44,7 +44,8 @@ from typing import List
 
 import torch
 from sglang.kernels.ops.attention.utils import create_flashinfer_kv_indices_triton
-from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+from sglang.srt.layers.attention.flashinfer_backend import (FlashInferAttnBackend, PrefillMetadata,
+                                                             is_in_tc_piecewise_cuda_graph)
 from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
@@ -53,7 +54,7 @@ from sglang_sawint4.backend import Int4TritonAttnBackend, check_int4_layer
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
-from sglang_sawint4.prefix_pieces import (CombinedPages, PrefixPiece, PrefixPlan, combine_with_new_rows,
+from sglang_sawint4.prefix_pieces import (CombinedPages, PrefixPiece, PrefixPlan, combine_with_new_rows, offsets,
                                           plan_prefix_pieces)
 
 logger = logging.getLogger("sglang_sawint4")
@@ -147,19 +148,63 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         )
 
     def init_forward_metadata(self, forward_batch):
-        super().init_forward_metadata(forward_batch)
         self._pieces, self._plan, self._prefix, self._combined = [], None, None, None
         mode = forward_batch.forward_mode
         if mode.is_decode_or_idle() or mode.is_target_verify():
-            return
+            return super().init_forward_metadata(forward_batch)
+        self._wait_for_plan_copies()
         prefix_cpu = forward_batch.extend_prefix_lens_cpu
         extend_cpu = forward_batch.extend_seq_lens_cpu
-        if prefix_cpu is None or extend_cpu is None:  # gpu-only scheduling: one sync
+        host_lens = prefix_cpu is not None and extend_cpu is not None
+        # Without BF16 layers SGLang's own wrappers are read for the ragged call only, and
+        # their plan copies its device-side offsets to the host (a wait for the GPU to finish
+        # what runs before this batch, every prefill batch): plan from the host lengths here.
+        own = host_lens and not self.int4_pool.bf16_layers and not _capturing()
+        if not own:
+            super().init_forward_metadata(forward_batch)
+        if not host_lens:  # gpu-only scheduling: one sync
             prefix_cpu = forward_batch.extend_prefix_lens.tolist()
             extend_cpu = forward_batch.extend_seq_lens.tolist()
         bs = forward_batch.batch_size
         self._plan_prefix(prefix_cpu, extend_cpu, forward_batch.req_pool_indices[:bs],
                           forward_batch.extend_prefix_lens[:bs], forward_batch.extend_seq_lens[:bs])
+        if own:
+            use_ragged = not is_in_tc_piecewise_cuda_graph()
+            if use_ragged and self._combined is None:
+                self._plan_ragged(extend_cpu)
+            self.forward_metadata = PrefillMetadata(self.prefill_wrappers_paged, use_ragged,
+                                                    not any(int(n) for n in prefix_cpu))
+
+    def _plan_ragged(self, extend_cpu) -> None:
+        """Plan SGLang's ragged wrapper (the new tokens among themselves, causal) from host
+        offsets: no wait for the device."""
+        num_qo_heads, num_kv_heads, head_dim = self._heads
+        qo_indptr = torch.tensor(offsets(extend_cpu), dtype=torch.int32)
+        self.prefill_wrapper_ragged.begin_forward(qo_indptr, qo_indptr, num_qo_heads, num_kv_heads, head_dim,
+                                                  causal=True, q_data_type=self._k_stage.dtype, non_blocking=True)
+        self._planned_pending = True
+
+    def _wait_for_plan_copies(self) -> None:
+        """Before planning a batch: the copies of the previous batch's plans have run.
+
+        FlashInfer's plan fills a pinned host buffer per wrapper that an asynchronous copy
+        moves to the GPU when the stream reaches it; re-planning before that copy ran would
+        hand the previous batch this one's plan.  The event is recorded after the previous
+        batch's first use of its planned wrappers; a batch planned but never run waits for
+        the stream."""
+        if self._planned_copied is None:
+            return
+        if self._planned_pending:
+            torch.cuda.current_stream().synchronize()
+            self._planned_pending = False
+        else:
+            self._planned_copied.synchronize()
+
+    def _mark_planned_run(self) -> None:
+        """Record the planned wrappers' event after their first run in a batch."""
+        if self._planned_pending:
+            self._planned_copied.record()
+            self._planned_pending = False
 
     def _plan_prefix(self, prefix_cpu, extend_cpu, req_pool_indices, prefix_lens, extend_lens) -> None:
         """Cut the batch's cached prefixes into pieces and plan the first PLANNED_PIECES.
@@ -196,13 +241,11 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
             self._piece_wrappers.append(self._new_wrapper())
         if len(self._pieces) > PLANNED_PIECES and not self._overflow:
             self._overflow = [(self._new_wrapper(), torch.cuda.Event()) for _ in range(OVERFLOW_WRAPPERS)]
-        if self._planned_pending:  # the previous batch's plans are still to be copied: rare, brief
-            self._planned_copied.synchronize()
         if self._combined is not None:
             self._plan_combined(self._piece_wrappers[0], self._combined)
         for wrapper, piece in zip(self._piece_wrappers, self._pieces[:PLANNED_PIECES]):
             self._plan_piece(wrapper, piece)
-        self._planned_pending = planned > 0
+        self._planned_pending = self._planned_pending or planned > 0
 
     def _set_plan(self, plan: PrefixPlan, prefix_cpu, extend_cpu) -> None:
         """Run the batch as one combined call where it fits, else piece by piece."""
@@ -222,9 +265,7 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         wrapper ``_plan_combined`` planned."""
         o = self._piece_wrappers[0].forward(q, (k_stage, v_stage), causal=True, sm_scale=sm_scale,
                                             logits_soft_cap=0.0)
-        if self._planned_pending:
-            self._planned_copied.record()
-            self._planned_pending = False
+        self._mark_planned_run()
         return o
 
     def _attend_piece(self, i: int, piece: PrefixPiece, q, k_stage, v_stage, sm_scale: float):
@@ -275,7 +316,9 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         if self._combined is not None:
             return self._int4_extend_combined(q, k, v, layer)
         if not self._pieces:
-            return ragged.forward(q.contiguous(), k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
+            o = ragged.forward(q.contiguous(), k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
+            self._mark_planned_run()
+            return o
         layout, pool = self.int4_format, self.int4_pool
         as_stored = layout.block_size is not None
         if as_stored:
@@ -328,6 +371,10 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         qo_indptr, kv_indptr, kv_indices, n_prefix = self._prefix
         self._checker.check_extend(self.int4_pool, layer, q, k, v, o, qo_indptr, kv_indptr, kv_indices, n_prefix,
                                    path="flashinfer")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def attend_prefix_pieces(q, o, lse, plan: PrefixPlan, stage, attend, merge):

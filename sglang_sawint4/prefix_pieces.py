@@ -78,7 +78,8 @@ class PrefixPlan:
     pages: torch.Tensor
 
 
-def _offsets(lengths: Sequence[int]) -> List[int]:
+def offsets(lengths: Sequence[int]) -> List[int]:
+    """[0, l0, l0 + l1, ...]: the indptr of a list of lengths."""
     out = [0]
     for n in lengths:
         out.append(out[-1] + int(n))
@@ -104,14 +105,14 @@ def pieces_from_counts(counts: Sequence[Sequence[int]], extend_lens: Sequence[in
         num_slots: distinct prefix slots of the batch; piece k stages those ranked
             k * max_rows .. (k + 1) * max_rows - 1 in first-use order.
     """
-    q_off = _offsets(extend_lens)
+    q_off = offsets(extend_lens)
     pieces, page_start = [], 0
     for k, row in enumerate(counts):
         touched = [b for b, n in enumerate(row) if n]
         if not touched:
             continue
         first, last = touched[0], touched[-1] + 1
-        kv_indptr = tuple(_offsets(row[first:last]))
+        kv_indptr = tuple(offsets(row[first:last]))
         q_start, q_end = q_off[first], q_off[last]
         pieces.append(PrefixPiece(
             stage=(k * max_rows, min((k + 1) * max_rows, num_slots)),
@@ -210,7 +211,7 @@ def combine_with_new_rows(plan: PrefixPlan, prefix_lens: Sequence[int], extend_l
     base, n_new = plan.pieces[0].num_rows, sum(int(n) for n in extend_lens)
     if base + n_new > max_rows:
         return None
-    q_off, kv_off = _offsets(extend_lens), _offsets(prefix_lens)
+    q_off, kv_off = offsets(extend_lens), offsets(prefix_lens)
     total = kv_off[-1]
     if plan.pages.numel() != total:
         raise ValueError(f"a plan of {plan.pages.numel()} prefix pages for {total} prefix rows")

@@ -318,6 +318,60 @@ def test_overflow_wrappers_are_replanned_only_after_their_last_run_finished():
     assert not backend._planned_pending
 
 
+@pytest.mark.parametrize("case", ["combined", "no-prefix", "bf16-layers", "no-host-lengths", "capturing"])
+def test_prefill_plan_waits_for_the_device_only_where_sglang_must_plan(case, monkeypatch):
+    """Without BF16 layers the backend plans the batch from SGLang's host lengths alone:
+    SGLang's own plan (which copies device offsets to the host, a wait for the GPU every
+    prefill batch) runs only where its wrappers are read (BF16 layers), where the host
+    lengths are missing, or inside a graph capture.  The ragged wrapper is planned only where
+    the batch is not one combined call; every plan first waits for the previous batch's
+    plan copies (an event behind its first run)."""
+    require_sglang()
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+    from sglang_sawint4 import flashinfer_prefill as fp
+
+    log = _Log()
+    monkeypatch.setattr(FlashInferAttnBackend, "init_forward_metadata",
+                        lambda self, fb: log.append(("sglang-plan",)) or setattr(self, "forward_metadata", "sglang"))
+    monkeypatch.setattr(fp, "_capturing", lambda: case == "capturing")
+    backend = fp.Int4FlashInferPrefillBackend.__new__(fp.Int4FlashInferPrefillBackend)
+    backend._heads, backend._k_stage, backend.prefill_wrappers_paged = (4, 2, 64), torch.empty(1, 2, 64), ["paged"]
+    backend.int4_pool = SimpleNamespace(bf16_layers=frozenset({1}) if case == "bf16-layers" else frozenset())
+    backend.prefill_wrapper_ragged = _FakeWrapper("ragged", log)
+    backend._planned_copied, backend._planned_pending = _FakeEvent("planned", log), False
+    prefix = [0, 0] if case == "no-prefix" else [5, 0]
+
+    def plan_prefix(prefix_cpu, extend_cpu, *device_args):
+        log.append(("our-plan", list(prefix_cpu), list(extend_cpu)))
+        backend._combined = "combined" if any(prefix_cpu) else None
+
+    backend._plan_prefix = plan_prefix
+    host = case != "no-host-lengths"
+    mode = SimpleNamespace(is_decode_or_idle=lambda: False, is_target_verify=lambda: False)
+    batch = SimpleNamespace(forward_mode=mode, batch_size=2, req_pool_indices=torch.arange(2),
+                            extend_prefix_lens_cpu=prefix if host else None, extend_seq_lens_cpu=[3, 4] if host else None,
+                            extend_prefix_lens=torch.tensor(prefix), extend_seq_lens=torch.tensor([3, 4]))
+    backend.init_forward_metadata(batch)
+    assert log[0] == ("sync", "planned") and ("our-plan", prefix, [3, 4]) in log
+    sglang_plans = case in ("bf16-layers", "no-host-lengths", "capturing")
+    assert (("sglang-plan",) in log) == sglang_plans
+    if sglang_plans:
+        assert backend.forward_metadata == "sglang"
+        return
+    md = backend.forward_metadata
+    assert md.use_ragged and md.prefill_wrappers == ["paged"] and md.extend_no_prefix == (case == "no-prefix")
+    ragged_plans = [e for e in log if e[0] == "plan"]
+    if case == "combined":
+        assert not ragged_plans
+    else:
+        assert ragged_plans == [("plan", "ragged", (0, 3, 7))] and backend._planned_pending
+        backend._mark_planned_run()
+        assert log[-1] == ("record", "planned") and not backend._planned_pending
+
+
 class _TorchRagged:
     """The ragged wrapper's two calls in torch (lse base 2, as FlashInfer returns it)."""
 
@@ -469,11 +523,11 @@ def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared
 
     n = sum(new)
     qo_indptr = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
-    ragged = BatchPrefillWithRaggedKVCacheWrapper(backend.workspace_buffer, "NHD")
-    ragged.begin_forward(qo_indptr, qo_indptr, hq, hk, d, causal=True, q_data_type=bf16)
-    backend.prefill_wrapper_ragged = ragged
+    backend.prefill_wrapper_ragged = BatchPrefillWithRaggedKVCacheWrapper(backend.workspace_buffer, "NHD")
     backend._plan_prefix(prefix, new, torch.arange(bs, device=dev), torch.tensor(prefix, device=dev, dtype=torch.int32),
                          torch.tensor(new, device=dev, dtype=torch.int32))
+    if backend._combined is None:  # as init_forward_metadata plans it without BF16 layers
+        backend._plan_ragged(new)
     staged = sum(prefix) if sum(prefix) <= staging_rows else slots
     combined = staged <= staging_rows and staged + sum(new) <= staging_rows
     assert (backend._combined is not None) == combined

@@ -136,7 +136,7 @@ slots = torch.arange(PREFIX, dtype=torch.int32, device=DEV)
 ks, vs = torch.empty(PREFIX, HK, D, dtype=BF16, device=DEV), torch.empty(PREFIX, HK, D, dtype=BF16, device=DEV)
 b_plain._plan_prefix([PREFIX], [NEW], torch.zeros(1, dtype=torch.int64, device=DEV),
                      torch.tensor([PREFIX], dtype=torch.int32, device=DEV), torch.tensor([NEW], dtype=torch.int32, device=DEV))
-piece = b_plain._plan.pieces[0]
+assert b_plain._combined is not None  # one request over an 8k prefix: one causal call
 layer0 = SimpleNamespace(layer_id=0, scaling=SCALE)
 
 
@@ -158,7 +158,8 @@ ops = {
     "dequantize_pages 8k bdr as stored": lambda: dequantize_pages(*d_bdr[0], slots, ks, vs, bdr, unrotate=False),
     "to_stored_space bdr": lambda: to_stored_space(q, k_new, v_new, bdr),
     "from_stored_space bdr": lambda: from_stored_space(o1, bdr),
-    "_attend_piece (fa2, 8k staged)": lambda: b_plain._attend_piece(0, piece, q, ks, vs, SCALE),
+    "_attend_combined (fa2, 8k + 256 staged, causal)": lambda: b_plain._attend_combined(
+        q, b_plain._k_stage, b_plain._v_stage, SCALE),
     "_int4_extend plain": lambda: b_plain._int4_extend(q, k_new, v_new, layer0),
 }
 if paged_fa3 is not None:
