@@ -37,7 +37,14 @@ from sglang_sawint4.serving.server import Server, host_speed, serving_config
 FLAGS = ["--disable-prefill-cuda-graph", "--mem-fraction-static", "0.3", "--cuda-graph-max-bs", "64",
          "--chunked-prefill-size", "8192"]
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-RAGGED = "PrefillWithKVCacheKernel<flashinfer::CollectiveMainloop<RaggedParams"  # one per layer and prefill
+# FlashInfer's prefill attention kernels: per layer of a prefill forward, one or two adjacent
+# ones (BF16 over a cached prefix: ragged then paged; INT4's combined call: paged; no prefix: ragged)
+PREFILL_ATTENTION = ("PrefillWithKVCacheKernel<flashinfer::CollectiveMainloop<RaggedParams",
+                     "BatchPrefillWithRaggedKVCacheKernel", "BatchPrefillWithPagedKVCacheKernel")
+
+
+def is_prefill_attention(name):
+    return any(m in name for m in PREFILL_ATTENTION)
 
 
 def busy_us(intervals):
@@ -57,7 +64,7 @@ def trace_events(path):
 
 def summarize_trace(events, num_layers, top=12):
     """(text, numbers) of one profile's events: kernels and runtime calls by name; per prefill
-    forward (``num_layers`` consecutive ragged prefill kernels) its GPU span and busy fraction."""
+    forward (``num_layers`` layers' prefill attention kernels) its GPU span and busy fraction."""
     gpu = sorted(((e["ts"], e["ts"] + e.get("dur", 0.0), e["name"]) for e in events if e.get("cat") in GPU_CATS))
     kernels, runtime = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
     for s, e, name in gpu:
@@ -67,10 +74,11 @@ def summarize_trace(events, num_layers, top=12):
         if e.get("cat") == "cuda_runtime":
             runtime[e["name"]][0] += 1
             runtime[e["name"]][1] += e.get("dur", 0.0)
-    ragged = [i for i, (_, _, name) in enumerate(gpu) if RAGGED in name]
+    layers = [i for i, (_, _, name) in enumerate(gpu)
+              if is_prefill_attention(name) and not (i and is_prefill_attention(gpu[i - 1][2]))]
     forwards = []
-    for f in range(len(ragged) // num_layers):
-        first, last = ragged[f * num_layers], ragged[(f + 1) * num_layers - 1]
+    for f in range(len(layers) // num_layers):
+        first, last = layers[f * num_layers], layers[(f + 1) * num_layers - 1]
         span = gpu[last][1] - gpu[first][0]
         forwards.append((span, busy_us([(s, e) for s, e, _ in gpu[first:last + 1]]) / span if span else 0.0))
     span_all = gpu[-1][1] - gpu[0][0] if gpu else 0.0
@@ -79,7 +87,7 @@ def summarize_trace(events, num_layers, top=12):
                "prefill_span_ms_p50": statistics.median(f[0] for f in forwards) / 1e3 if forwards else None,
                "prefill_busy_p50": statistics.median(f[1] for f in forwards) if forwards else None}
     lines = [f"GPU: {numbers['gpu_span_ms']:.1f} ms traced, busy {numbers['gpu_busy']:.2f}; "
-             f"{len(forwards)} prefill forwards (first to last layer's ragged kernel): span p50 "
+             f"{len(forwards)} prefill forwards (first to last layer's prefill attention): span p50 "
              f"{numbers['prefill_span_ms_p50'] or 0:.2f} ms, busy p50 {numbers['prefill_busy_p50'] or 0:.2f}",
              f"kernels by GPU time ({sum(v[0] for v in kernels.values())} in all)"]
     for name, (n, d) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
