@@ -173,9 +173,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="symmetric INT4 grid instead of the default asymmetric min/max grid")
     g.add_argument("--kv-quant-prefill-staging-rows", type=_int_arg("--kv-quant-prefill-staging-rows"),
                    default=DEFAULT_STAGING_ROWS, metavar="N",
-                   help="--attention-backend flashinfer: cached-prefix rows dequantized to BF16 at once for "
-                        f"prefill (default {DEFAULT_STAGING_ROWS}); reserved at start-up out of the KV pool's "
-                        "memory, longer prefixes run in pieces")
+                   help="--attention-backend flashinfer: BF16 rows that a prefill's cached prefix is "
+                        f"dequantized into (default {DEFAULT_STAGING_ROWS}); reserved at start-up out of the KV "
+                        "pool's memory; a batch whose prefix and new tokens fit runs one attention call, longer "
+                        "prefixes run in pieces")
     g.add_argument("--kv-quant-debug-poison", action="store_true",
                    help="debug: write NaN scales into KV slots when SGLang frees them, so any later "
                         "read of a stale slot turns the output into NaN (slower frees)")
