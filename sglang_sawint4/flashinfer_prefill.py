@@ -125,27 +125,25 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
 
         return BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=self.prefill_backend)
 
-    def _plan_piece(self, wrapper, piece: PrefixPiece) -> None:
-        """Plan ``wrapper`` for one piece from host-side offsets (no device sync): page size 1,
-        staging rows as pages."""
-        reqs = piece.reqs[1] - piece.reqs[0]
+    def _plan_staged(self, wrapper, qo_indptr, kv_indptr, pages: torch.Tensor, causal: bool) -> None:
+        """Plan ``wrapper`` over staging rows from host-side offsets (no device sync): page
+        size 1, ``pages`` (device int32) the staging rows, ``kv_indptr`` cutting them per request."""
         num_qo_heads, num_kv_heads, head_dim = self._heads
         wrapper.begin_forward(
-            torch.tensor(piece.qo_indptr, dtype=torch.int32), torch.tensor(piece.kv_indptr, dtype=torch.int32),
-            self._plan.pages[piece.pages[0]: piece.pages[1]], torch.ones(reqs, dtype=torch.int32),
-            num_qo_heads, num_kv_heads, head_dim, 1,
+            torch.tensor(qo_indptr, dtype=torch.int32), torch.tensor(kv_indptr, dtype=torch.int32),
+            pages, torch.ones(len(qo_indptr) - 1, dtype=torch.int32),
+            num_qo_heads, num_kv_heads, head_dim, 1, causal=causal,
             q_data_type=self._k_stage.dtype, kv_data_type=self._k_stage.dtype, non_blocking=True,
         )
 
+    def _plan_piece(self, wrapper, piece: PrefixPiece) -> None:
+        """Plan ``wrapper`` for one piece: its queries over its staging rows, non-causal."""
+        self._plan_staged(wrapper, piece.qo_indptr, piece.kv_indptr,
+                          self._plan.pages[piece.pages[0]: piece.pages[1]], causal=False)
+
     def _plan_combined(self, wrapper, combined: CombinedPages) -> None:
         """Plan ``wrapper`` for the whole batch, causal, over its staged prefix and new rows."""
-        num_qo_heads, num_kv_heads, head_dim = self._heads
-        wrapper.begin_forward(
-            torch.tensor(combined.qo_indptr, dtype=torch.int32), torch.tensor(combined.kv_indptr, dtype=torch.int32),
-            combined.pages, torch.ones(len(combined.qo_indptr) - 1, dtype=torch.int32),
-            num_qo_heads, num_kv_heads, head_dim, 1, causal=True,
-            q_data_type=self._k_stage.dtype, kv_data_type=self._k_stage.dtype, non_blocking=True,
-        )
+        self._plan_staged(wrapper, combined.qo_indptr, combined.kv_indptr, combined.pages, causal=True)
 
     def init_forward_metadata(self, forward_batch):
         self._pieces, self._plan, self._prefix, self._combined = [], None, None, None
@@ -245,7 +243,7 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
             self._plan_combined(self._piece_wrappers[0], self._combined)
         for wrapper, piece in zip(self._piece_wrappers, self._pieces[:PLANNED_PIECES]):
             self._plan_piece(wrapper, piece)
-        self._planned_pending = self._planned_pending or planned > 0
+        self._planned_pending = True
 
     def _set_plan(self, plan: PrefixPlan, prefix_cpu, extend_cpu) -> None:
         """Run the batch as one combined call where it fits, else piece by piece."""
@@ -271,19 +269,19 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
     def _attend_piece(self, i: int, piece: PrefixPiece, q, k_stage, v_stage, sm_scale: float):
         """(o, lse) of the piece's queries over its staging rows, on its planned wrapper or,
         past PLANNED_PIECES, on an overflow wrapper re-planned here."""
-        event = None
         if i < PLANNED_PIECES:
             wrapper = self._piece_wrappers[i]
-            if self._planned_pending and i == min(len(self._pieces), PLANNED_PIECES) - 1:
-                event, self._planned_pending = self._planned_copied, False
-        else:
-            wrapper, event = self._overflow[self._overflow_next % OVERFLOW_WRAPPERS]
-            self._overflow_next += 1
-            event.synchronize()  # the copy of this wrapper's previous plan has run (no-op if never recorded)
-            self._plan_piece(wrapper, piece)
+            out = wrapper.forward_return_lse(q, (k_stage, v_stage), causal=False, sm_scale=sm_scale,
+                                             logits_soft_cap=0.0)
+            if i == min(len(self._pieces), PLANNED_PIECES) - 1:
+                self._mark_planned_run()
+            return out
+        wrapper, event = self._overflow[self._overflow_next % OVERFLOW_WRAPPERS]
+        self._overflow_next += 1
+        event.synchronize()  # the copy of this wrapper's previous plan has run (no-op if never recorded)
+        self._plan_piece(wrapper, piece)
         out = wrapper.forward_return_lse(q, (k_stage, v_stage), causal=False, sm_scale=sm_scale, logits_soft_cap=0.0)
-        if event is not None:
-            event.record()
+        event.record()
         return out
 
     # -- run ------------------------------------------------------------------------------
@@ -325,13 +323,10 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
             q, k, v = to_stored_space(q, k, v, layout, pool.key_center(layer.layer_id, stored=True))
         else:
             q = q.contiguous()
-        staging_center = None if as_stored else pool.key_center(layer.layer_id)
         o, lse = ragged.forward_return_lse(q, k, v, causal=True, sm_scale=layer.scaling, logits_soft_cap=0.0)
-        data = pool.get_int4_layer(layer.layer_id)
 
         def stage(slots):
-            dequantize_pages(*data, slots, self._k_stage, self._v_stage, layout, k_center=staging_center,
-                             unrotate=not as_stored)
+            self._stage_prefix(layer.layer_id, slots)
             return self._k_stage, self._v_stage
 
         def attend(i, piece, q_piece, k_stage, v_stage):
@@ -339,6 +334,15 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
 
         o = attend_prefix_pieces(q, o, lse, self._plan, stage, attend, merge_partial_attention)
         return from_stored_space(o, layout) if as_stored else o
+
+    def _stage_prefix(self, layer_id: int, slots: torch.Tensor) -> None:
+        """Dequantize ``slots`` ([n] int32) of an INT4 layer into staging rows 0 .. n - 1: as
+        stored for a rotating layout, in the original space (key center added back) for a
+        plain one."""
+        as_stored = self.int4_format.block_size is not None
+        dequantize_pages(*self.int4_pool.get_int4_layer(layer_id), slots, self._k_stage, self._v_stage,
+                         self.int4_format, k_center=None if as_stored else self.int4_pool.key_center(layer_id),
+                         unrotate=not as_stored)
 
     def _int4_extend_combined(self, q, k, v, layer) -> torch.Tensor:
         """``_int4_extend`` of a batch that ``combine_with_new_rows`` fits in the staging rows:
@@ -355,9 +359,7 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
             q = q.contiguous()
             new_kv[0].copy_(k)
             new_kv[1].copy_(v)
-        dequantize_pages(*pool.get_int4_layer(layer.layer_id), self._plan.stage_slots, self._k_stage, self._v_stage,
-                         layout, k_center=None if as_stored else pool.key_center(layer.layer_id),
-                         unrotate=not as_stored)
+        self._stage_prefix(layer.layer_id, self._plan.stage_slots)
         o = self._attend_combined(q, self._k_stage, self._v_stage, layer.scaling)
         return from_stored_space(o, layout) if as_stored else o
 
