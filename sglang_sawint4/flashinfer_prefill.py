@@ -129,11 +129,15 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         """Plan ``wrapper`` over staging rows from host-side offsets (no device sync): page
         size 1, ``pages`` (device int32) the staging rows, ``kv_indptr`` cutting them per request."""
         num_qo_heads, num_kv_heads, head_dim = self._heads
+        bs = len(qo_indptr) - 1
+        # seq_lens: what FlashInfer derives from kv_indptr at page size 1 (a request without
+        # pages counts 1), handed over pinned so that its copy does not wait either
+        seq_lens = [max(b - a, 1) for a, b in zip(kv_indptr[:-1], kv_indptr[1:])]
         wrapper.begin_forward(
-            torch.tensor(qo_indptr, dtype=torch.int32), torch.tensor(kv_indptr, dtype=torch.int32),
-            pages, torch.ones(len(qo_indptr) - 1, dtype=torch.int32),
+            _host_int32(qo_indptr), _host_int32(kv_indptr), pages, _host_int32([1] * bs),
             num_qo_heads, num_kv_heads, head_dim, 1, causal=causal,
             q_data_type=self._k_stage.dtype, kv_data_type=self._k_stage.dtype, non_blocking=True,
+            seq_lens=_host_int32(seq_lens),
         )
 
     def _plan_piece(self, wrapper, piece: PrefixPiece) -> None:
@@ -177,7 +181,7 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         """Plan SGLang's ragged wrapper (the new tokens among themselves, causal) from host
         offsets: no wait for the device."""
         num_qo_heads, num_kv_heads, head_dim = self._heads
-        qo_indptr = torch.tensor(offsets(extend_cpu), dtype=torch.int32)
+        qo_indptr = _host_int32(offsets(extend_cpu))
         self.prefill_wrapper_ragged.begin_forward(qo_indptr, qo_indptr, num_qo_heads, num_kv_heads, head_dim,
                                                   causal=True, q_data_type=self._k_stage.dtype, non_blocking=True)
         self._planned_pending = True
@@ -373,6 +377,13 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         qo_indptr, kv_indptr, kv_indices, n_prefix = self._prefix
         self._checker.check_extend(self.int4_pool, layer, q, k, v, o, qo_indptr, kv_indptr, kv_indices, n_prefix,
                                    path="flashinfer")
+
+
+def _host_int32(values) -> torch.Tensor:
+    """A host int32 tensor for FlashInfer's plan, which copies it to the GPU asynchronously:
+    pinned on a CUDA machine, because an asynchronous copy from pageable memory may first wait
+    for the stream (the GPU finishing the previous batch)."""
+    return torch.tensor(values, dtype=torch.int32, pin_memory=torch.cuda.is_available())
 
 
 def _capturing() -> bool:

@@ -125,6 +125,17 @@ def pieces_from_counts(counts: Sequence[Sequence[int]], extend_lens: Sequence[in
     return pieces
 
 
+def host_to_device(values, device, dtype=torch.int64) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device`` without waiting for it: a blocking copy from
+    host memory (``torch.tensor(values, device=cuda)``) first waits for every kernel queued
+    on the stream, which a plan made while the GPU runs the previous batch must not do.  On
+    CUDA the values go through pinned memory and an asynchronous copy (PyTorch keeps that
+    memory until the copy has run)."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def plan_prefix_pieces(kv_indices: torch.Tensor, prefix_lens: Sequence[int], extend_lens: Sequence[int],
                        max_rows: int) -> PrefixPlan:
     """Pieces covering every cached prefix row of a batch, each staging at most ``max_rows``
@@ -168,7 +179,7 @@ def plan_prefix_pieces(kv_indices: torch.Tensor, prefix_lens: Sequence[int], ext
     num_pieces = -(-num_slots // max_rows)
     bs = len(prefix_lens)
     request = torch.repeat_interleave(torch.arange(bs, device=device),
-                                      torch.tensor([int(n) for n in prefix_lens], device=device), output_size=total)
+                                      host_to_device([int(n) for n in prefix_lens], device), output_size=total)
     counts = torch.zeros(num_pieces * bs, dtype=torch.int64, device=device)
     counts.index_add_(0, piece * bs + request, torch.ones_like(piece))
     # group rows by piece, keeping request and position order
@@ -223,7 +234,7 @@ def combine_with_new_rows(plan: PrefixPlan, prefix_lens: Sequence[int], extend_l
         lengths += [int(prefix_lens[b]), int(extend_lens[b])]
     device = plan.pages.device
     n = total + n_new
-    source = torch.arange(n, device=device) + torch.repeat_interleave(
-        torch.tensor(shift, device=device), torch.tensor(lengths, device=device), output_size=n)
+    shift_dev, lengths_dev = host_to_device([shift, lengths], device)
+    source = torch.arange(n, device=device) + torch.repeat_interleave(shift_dev, lengths_dev, output_size=n)
     rows = torch.cat([plan.pages, torch.arange(base, base + n_new, dtype=torch.int32, device=device)])
     return CombinedPages(base, tuple(q_off), tuple(a + b for a, b in zip(kv_off, q_off)), rows[source])

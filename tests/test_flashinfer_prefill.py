@@ -464,35 +464,21 @@ def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows,
     assert rel_err(out, ref) < 1e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer's prefill kernels need a GPU")
-@pytest.mark.parametrize("prefix,new,staging_rows,shared", [
-    # the serving benchmark's shared-prefix batch: 32 requests over one cached 8k prefix,
-    # staged once (one piece), or in 8 pieces that all 32 requests read (4 on overflow wrappers)
-    ([8192] * 32, [256] * 32, 32768, True),
-    ([8192] * 32, [256] * 32, 1024, True),
-    # prefixes that fit the staging rows as they are (no distinct-slot count), with the new
-    # tokens after them (one causal call) or without room for those (merged with them)
-    ([300, 0, 50], [64, 8, 1], 1024, False),
-    ([300, 0, 50], [64, 8, 1], 400, False),
-    # ragged lengths: pieces inside one request and across several, a request without prefix
-    ([700, 0, 1500, 33, 4000], [17, 5, 1, 64, 200], 1024, False),
-], ids=["shared-8k-x32", "shared-8k-x32-8-pieces", "rows-fit", "rows-fit-no-room", "ragged"])
-def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared, rng):
-    """The backend's own plan and run steps on real FlashInfer wrappers (one combined causal
-    call, planned and overflow pieces; three layers, so overflow wrappers are re-planned layer
-    after layer) against the float64 reference over the same INT4 pages."""
+def _real_backend(prefix, new, staging_rows, shared, rng, layers):
+    """An Int4FlashInferPrefillBackend on real FlashInfer wrappers (fa2) over INT4 pages of
+    ``layers`` layers holding the batch's prefixes (one run of slots for all requests, a
+    radix-cache hit, when ``shared``).  Returns (backend, pages per layer, key centers per
+    layer, the prefixes' slot ids per request)."""
     require_sglang()
     from types import SimpleNamespace
 
     from flashinfer import BatchPrefillWithRaggedKVCacheWrapper
 
-    from helpers import rel_err
     from sglang_sawint4 import flashinfer_prefill as fp
 
-    hq, hk, d, layers, dev, bf16 = 32, 8, 128, 3, "cuda", torch.bfloat16
+    hq, hk, d, dev, bf16 = 32, 8, 128, "cuda", torch.bfloat16
     layout = fmt.Int4Format(d, 128)
     bs = len(prefix)
-    # slot ids of each request's prefix: one run of slots for all (a radix-cache hit) or its own
     slots = max(prefix) if shared else sum(prefix)
     perm = torch.randperm(slots, generator=rng).to(torch.int32)
     starts = [0] * bs if shared else [0, *torch.tensor(prefix).cumsum(0).tolist()[:-1]]
@@ -520,21 +506,53 @@ def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared
     stored_centers = [fmt.stored_center(c.cpu(), layout).to(dev) for c in centers]
     backend.int4_pool = SimpleNamespace(get_int4_layer=lambda i: data[i],
                                         key_center=lambda i, stored=False: (stored_centers if stored else centers)[i])
+    backend.prefill_wrapper_ragged = BatchPrefillWithRaggedKVCacheWrapper(backend.workspace_buffer, "NHD")
+    return backend, data, centers, [req_to_token[b, : prefix[b]] for b in range(bs)]
 
+
+def _plan_batch(backend, prefix, new, device_lens):
+    """The backend's plan of a batch, as init_forward_metadata makes it without BF16 layers."""
+    backend._plan_prefix(prefix, new, *device_lens)
+    if backend._combined is None:
+        backend._plan_ragged(new)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer's prefill kernels need a GPU")
+@pytest.mark.parametrize("prefix,new,staging_rows,shared", [
+    # the serving benchmark's shared-prefix batch: 32 requests over one cached 8k prefix,
+    # staged once (one piece), or in 8 pieces that all 32 requests read (4 on overflow wrappers)
+    ([8192] * 32, [256] * 32, 32768, True),
+    ([8192] * 32, [256] * 32, 1024, True),
+    # prefixes that fit the staging rows as they are (no distinct-slot count), with the new
+    # tokens after them (one causal call) or without room for those (merged with them)
+    ([300, 0, 50], [64, 8, 1], 1024, False),
+    ([300, 0, 50], [64, 8, 1], 400, False),
+    # ragged lengths: pieces inside one request and across several, a request without prefix
+    ([700, 0, 1500, 33, 4000], [17, 5, 1, 64, 200], 1024, False),
+], ids=["shared-8k-x32", "shared-8k-x32-8-pieces", "rows-fit", "rows-fit-no-room", "ragged"])
+def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared, rng):
+    """The backend's own plan and run steps on real FlashInfer wrappers (one combined causal
+    call, planned and overflow pieces; three layers, so overflow wrappers are re-planned layer
+    after layer) against the float64 reference over the same INT4 pages."""
+    from types import SimpleNamespace
+
+    from helpers import rel_err
+
+    layers, dev, bf16 = 3, "cuda", torch.bfloat16
+    backend, data, centers, prefix_slots = _real_backend(prefix, new, staging_rows, shared, rng, layers)
+    (hq, hk, d), layout, bs = backend._heads, backend.int4_format, len(prefix)
     n = sum(new)
     qo_indptr = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
-    backend.prefill_wrapper_ragged = BatchPrefillWithRaggedKVCacheWrapper(backend.workspace_buffer, "NHD")
-    backend._plan_prefix(prefix, new, torch.arange(bs, device=dev), torch.tensor(prefix, device=dev, dtype=torch.int32),
-                         torch.tensor(new, device=dev, dtype=torch.int32))
-    if backend._combined is None:  # as init_forward_metadata plans it without BF16 layers
-        backend._plan_ragged(new)
+    _plan_batch(backend, prefix, new, (torch.arange(bs, device=dev), torch.tensor(prefix, device=dev, dtype=torch.int32),
+                                       torch.tensor(new, device=dev, dtype=torch.int32)))
+    slots = max(prefix) if shared else sum(prefix)
     staged = sum(prefix) if sum(prefix) <= staging_rows else slots
     combined = staged <= staging_rows and staged + sum(new) <= staging_rows
     assert (backend._combined is not None) == combined
     assert len(backend._pieces) == (0 if combined else -(-staged // staging_rows))
 
     kv_indptr = torch.tensor([0, *torch.tensor(prefix).cumsum(0).tolist()])
-    kv_indices = torch.cat([req_to_token[b, : prefix[b]] for b in range(bs)]).to(dev)
+    kv_indices = torch.cat(prefix_slots).to(dev)
     scale = d ** -0.5
     for layer in range(layers):
         q, k_new, v_new = (torch.randn(n, h, d, generator=rng).to(dev, bf16) for h in (hq, hk, hk))
@@ -543,3 +561,34 @@ def test_flashinfer_pieces_equal_the_reference(prefix, new, staging_rows, shared
                                        k_new=k_new, v_new=v_new, round_prefix_to=bf16, k_center=centers[layer])
         errs = [rel_err(out[a:b].double(), ref[a:b]) for a, b in zip(qo_indptr[:-1].tolist(), qo_indptr[1:].tolist())]
         assert max(errs) < 2e-2, f"layer {layer}: rel err per request {[round(e, 4) for e in errs]}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer's prefill kernels need a GPU")
+@pytest.mark.parametrize("prefix,new,staging_rows,waits", [
+    # the serving benchmark's shared-prefix batches: a request or two over one cached 8k
+    # prefix, rows staged as they come, one combined call
+    ([8192] * 2, [256] * 2, 32768, False),
+    ([300, 0, 50], [64, 8, 1], 400, False),  # ragged call and one piece
+    # 32 x 8k prefix rows exceed the staging rows: the distinct-slot count waits
+    ([8192] * 32, [256] * 32, 32768, True),
+], ids=["combined", "ragged-and-piece", "distinct-slot-count"])
+def test_plan_does_not_wait_for_the_device(prefix, new, staging_rows, waits, rng):
+    """Planning a batch whose prefix rows fit the staging rows leaves the GPU running what was
+    queued before it (the previous batch, under SGLang's overlap scheduler): no blocking copy,
+    no copy from pageable memory.  The GPU is kept busy for about a second; the stream is
+    still busy when the plan returns unless the plan waited for it (the documented wait of a
+    batch past the staging rows, checked so that the probe is known to see a wait)."""
+    dev = "cuda"
+    backend, *_ = _real_backend(prefix, new, staging_rows, True, rng, layers=1)
+    device_lens = (torch.arange(len(prefix), device=dev), torch.tensor(prefix, device=dev, dtype=torch.int32),
+                   torch.tensor(new, device=dev, dtype=torch.int32))
+    _plan_batch(backend, prefix, new, device_lens)  # first plans allocate FlashInfer's and PyTorch's buffers
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles
+    _plan_batch(backend, prefix, new, device_lens)
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    if waits:
+        assert not still_busy, "the plan did not wait for the distinct-slot count: the probe sees no wait"
+    else:
+        assert still_busy, "the plan waited for the device"
