@@ -93,3 +93,49 @@ def test_benchmark_flags_and_server_flags_are_split():
     assert args.configs == "a,b"
     assert args.extra == ["--mem-fraction-static", "0.3", "--disable-prefill-cuda-graph"]
     assert parse_args_and_server_flags(p, ["--configs", "c"]).extra == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cpu_seconds_of_a_process_group_count_its_processes_only():
+    """A session of a busy parent and a busy child (as SGLang's scheduler is a child of the
+    launcher) is counted by process name; an idle process outside it is not."""
+    from sglang_sawint4.serving.server import cpu_seconds_between, process_group_cpu_seconds
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
+    script = ("import subprocess, sys\n"
+              f"c = subprocess.Popen([sys.executable, '-c', {burn!r}])\n" + burn + "c.wait()\n"
+              "sys.stdout.write('done\\n'); sys.stdout.flush(); sys.stdin.read()\n")
+    group = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert group.stdout.readline() == "done\n"  # both burned; the parent now waits on stdin
+        used = process_group_cpu_seconds(group.pid)
+        # the child has exited: only the parent is live, with its own 0.4 s at least
+        assert list(used) and 0.35 < sum(used.values()) < 5, used
+        again = process_group_cpu_seconds(group.pid)  # idle since, but for a scheduler tick or so
+        assert set(again) == set(used) and 0 <= sum(again.values()) - sum(used.values()) < 0.1
+        assert cpu_seconds_between({}, used) == {k: round(v, 3) for k, v in used.items()}
+    finally:
+        group.kill()
+        group.wait()
+
+
+def test_cpu_seconds_read_names_with_spaces_and_parentheses(tmp_path):
+    """/proc/<pid>/stat's name field is taken between the first '(' and the last ')'."""
+    from sglang_sawint4.serving.server import process_group_cpu_seconds
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(pid, name, pgrp, utime, stime):
+        (tmp_path / str(pid)).mkdir()
+        rest = ["S", "1", str(pgrp)] + ["0"] * 8 + [str(utime), str(stime)] + ["0"] * 5
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({name}) " + " ".join(rest) + "\n")
+
+    stat(10, "sglang::schedul", 7, 3 * tick, tick)
+    stat(11, "a (b) c", 7, tick, 0)
+    stat(12, "a (b) c", 7, tick, tick)
+    stat(13, "other", 8, 50 * tick, 0)
+    (tmp_path / "self").mkdir()
+    assert process_group_cpu_seconds(7, str(tmp_path)) == {"sglang::schedul": 4.0, "a (b) c": 3.0}
+    assert process_group_cpu_seconds(9, str(tmp_path)) == {}

@@ -36,7 +36,10 @@ Prefill-chunk throughput comes from the server log's ``Prefill batch`` lines of 
 points (``prefill_chunks`` per unit: full chunks with and without a cached prefix), and each
 row's ``server_decode_tok_s_p50`` from the ``Decode batch`` lines written during its point:
 the rate the scheduler generated tokens at, before SGLang's streaming path and the client
-(which can cap what ``output_tok_s`` sees).
+(which can cap what ``output_tok_s`` sees).  ``server_cpu_s`` is the CPU time each server
+process (scheduler, detokenizer, tokenizer/HTTP) used during the point: next to the point's
+``seconds`` it says whether a config's scheduler was busy on the host (near 1 CPU second per
+second: host-bound) or waiting, and how much host time a config spends for the same work.
 
 Resumable: each finished unit is appended to --state; a later call with the same command
 skips the units already there.  With --call-budget-s the script stops before a unit that
@@ -65,8 +68,8 @@ from typing import Dict, List, Optional, Tuple
 
 
 from sglang_sawint4.serving.client import load_row, random_token_ids, served_model_id
-from sglang_sawint4.serving.server import (Server, command_line, gpu_name, host_speed, nvidia_smi,
-                                           parse_args_and_server_flags, serving_config, versions)
+from sglang_sawint4.serving.server import (Server, command_line, cpu_seconds_between, gpu_name, host_speed,
+                                           nvidia_smi, parse_args_and_server_flags, serving_config, versions)
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: units are left, run the same command again
 BASELINE = "bf16-flashinfer"
@@ -473,7 +476,9 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim, host=None):
                 send_all(base, model_id, warm, 1, len(warm))
             peak = {}
             point_start = os.path.getsize(log)
+            cpu_before = srv.cpu_seconds()
             res, secs = send_all(base, model_id, prompts, lens, p.concurrency, bar, peak)
+            cpu = cpu_seconds_between(cpu_before, srv.cpu_seconds())
             decode = server_decode_rate(_read_from(log, point_start))
             rows.append({"config": unit.config, **info_fields, "workload": p.workload, "input_len": p.input_len,
                          "prefix_len": p.prefix_len, "output_len": p.output_len, "concurrency": p.concurrency,
@@ -481,7 +486,7 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim, host=None):
                          "output_tokens_sent": sum(lens),
                          "kv_demand_tokens": p.kv_demand(), **summarize(res, secs, lens), **peak,
                          "max_total_num_tokens": info.get("max_total_num_tokens"),
-                         "max_running_requests": max_running, **decode})
+                         "max_running_requests": max_running, **decode, "server_cpu_s": cpu})
         bar.close()
         chunks = prefill_chunk_stats(_read_from(log, log_start), chunk)
     finally:

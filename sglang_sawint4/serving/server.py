@@ -135,6 +135,13 @@ class Server:
         status, info = request(self.port, "GET", "/server_info")
         return info if status == 200 else {}
 
+    def cpu_seconds(self) -> dict:
+        """CPU seconds (user + system) each live process of the server has used so far, summed
+        by process name (SGLang's ``sglang::scheduler`` and ``sglang::detokenizer``, the
+        tokenizer / HTTP process): the difference over a benchmark point says how much host
+        time each process spent on it, against that point's wall time."""
+        return process_group_cpu_seconds(self.proc.pid) if self.proc is not None else {}
+
     def stop(self, timeout=60):
         """SIGINT like a Ctrl-C, then SIGKILL the group if it does not exit."""
         _live_servers.discard(self)
@@ -150,6 +157,37 @@ class Server:
             clean = False
         self.log.close()
         return clean
+
+
+def process_group_cpu_seconds(pgid: int, proc_root: str = "/proc") -> dict:
+    """{process name: CPU seconds (user + system)} over the live processes of process group
+    ``pgid``, read from ``/proc/<pid>/stat`` (Linux; {} elsewhere).  A name is the process's
+    ``comm`` (at most 15 characters, so ``sglang::scheduler`` reads ``sglang::schedul``)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {}
+    try:
+        pids = [d for d in os.listdir(proc_root) if d.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            with open(os.path.join(proc_root, pid, "stat")) as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        # "pid (comm) state ppid pgrp ... utime stime ...": comm may hold spaces and parentheses
+        name = stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) != pgid:
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_seconds_between(before: dict, after: dict) -> dict:
+    """Per process name, the CPU seconds used between two ``process_group_cpu_seconds``
+    readings (a process that exited in between is left out)."""
+    return {name: round(after[name] - before.get(name, 0.0), 3) for name in sorted(after)}
 
 
 def tail(path, n=40):
