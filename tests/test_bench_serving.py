@@ -409,3 +409,13 @@ def test_prefix_burst_verdict():
     assert not verdict(dict(row, peak_mib=3000), 1024)  # grew with the burst
     assert not verdict(dict(row, complete=63), 1024)
     assert not verdict(dict(row, healthy_after=False), 1024)
+
+
+def test_point_lines_show_the_schedulers_cpu_time():
+    rows = [dict(workload="shared-prefix", input_len=8448, concurrency=32, output_tok_s=2229.4, ttft_ms_p50=57.42,
+                 seconds=24.0, server_cpu_s={"sglang::schedul": 21.5, "python3": 3.0, "sglang::detoken": 1.0}),
+            dict(workload="random", input_len=1024, concurrency=64, output_tok_s=0.0, ttft_ms_p50=None, seconds=3.0,
+                 server_cpu_s={})]
+    assert bench_serving.point_lines(rows) == [
+        "shared-prefix 8448@32: 2229 tok/s, TTFT p50 57.4 ms, scheduler 21.5 CPU s in 24.0 s",
+        "random 1024@64: 0 tok/s, TTFT p50 none completed"]

@@ -498,6 +498,20 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim, host=None):
             "chunked_prefill_size": chunk, "prefill_chunks": chunks, "rows": rows}
 
 
+def point_lines(rows: List[dict]) -> List[str]:
+    """One line per point of a unit: throughput, TTFT p50 and the scheduler's CPU seconds
+    against the point's wall seconds (near 1 per second: the scheduler was host-bound)."""
+    lines = []
+    for r in rows:
+        cpu = r.get("server_cpu_s") or {}
+        sched = sum(v for k, v in cpu.items() if k.startswith("sglang::schedul"))
+        where = f"{r['workload']} {r['input_len']}@{r['concurrency']}"
+        busy = f", scheduler {sched:.1f} CPU s in {r['seconds']:.1f} s" if cpu and r.get("seconds") else ""
+        ttft = "none completed" if r["ttft_ms_p50"] is None else f"{r['ttft_ms_p50']:.1f} ms"
+        lines.append(f"{where}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {ttft}{busy}")
+    return lines
+
+
 # --------------------------------------------------------------------------- #
 # aggregation
 # --------------------------------------------------------------------------- #
@@ -822,6 +836,8 @@ def main():
         bad = sum(r["requests"] - r["complete"] for r in rec["rows"])
         print(f"unit {unit.key}: {rec['seconds']:.0f} s (server start {rec['startup_s']:.0f} s), "
               f"{len(rec['rows'])} points, incomplete or failed requests {bad}", flush=True)
+        for line in point_lines(rec["rows"]):
+            print("  " + line, flush=True)
     result = finalize([done[u.key] for u in units], args, args.out)
     print(json.dumps({k: result[k] for k in ("gpu", "model", "repeat_spread_pct", "one_gpu", "incomplete_requests")},
                      indent=1))
