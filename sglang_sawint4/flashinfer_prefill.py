@@ -353,19 +353,15 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         the prefix is dequantized into rows 0.., the new tokens' K/V (exact, moved into the
         stored space with q) are written after it, and one causal paged call attends both:
         no ragged call, no merge."""
-        layout, pool, combined = self.int4_format, self.int4_pool, self._combined
-        as_stored = layout.block_size is not None
+        layout, combined = self.int4_format, self._combined
         rows = slice(combined.new_row_base, combined.new_row_base + q.shape[0])
-        new_kv = (self._k_stage[rows], self._v_stage[rows])
-        if as_stored:
-            q = to_stored_space(q, k, v, layout, pool.key_center(layer.layer_id, stored=True), kv_out=new_kv)[0]
-        else:
-            q = q.contiguous()
-            new_kv[0].copy_(k)
-            new_kv[1].copy_(v)
+        # a plain layout's new keys stay uncentered (its staging adds the center back):
+        # to_stored_space then only copies k and v into the staging rows
+        center = self.int4_pool.key_center(layer.layer_id, stored=True) if layout.rotate_k else None
+        q = to_stored_space(q, k, v, layout, center, kv_out=(self._k_stage[rows], self._v_stage[rows]))[0]
         self._stage_prefix(layer.layer_id, self._plan.stage_slots)
         o = self._attend_combined(q, self._k_stage, self._v_stage, layer.scaling)
-        return from_stored_space(o, layout) if as_stored else o
+        return from_stored_space(o, layout)
 
     def forward_decode(self, *args, **kwargs):
         raise Int4KVAccessError("INT4 KV decode runs on the INT4 Triton kernel, not on FlashInfer")
