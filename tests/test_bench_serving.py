@@ -233,10 +233,10 @@ BF16, OURS, PLAIN = "bf16-flashinfer", "int4-bdr-flashinfer", "int4-flashinfer"
 def _records():
     # BF16's pool: 100,000 tokens; concurrency 128 at 1024 + 256 tokens needs 163,840
     return [
-        {"unit": "0:" + PLAIN, "config": PLAIN, "pass": 0,
+        {"unit": "0:" + PLAIN, "config": PLAIN, "pass": 0, "host": {"torch_op_us": 6.0},
          "rows": [_row(PLAIN, 1, 100.0, 370000), _row(PLAIN, 64, 1000.0, 370000),
                   _row(PLAIN, 128, 900.0, 370000)]},
-        {"unit": "0:" + OURS, "config": OURS, "pass": 0,
+        {"unit": "0:" + OURS, "config": OURS, "pass": 0, "host": {"torch_op_us": 6.0},
          "rows": [_row(OURS, 1, 99.0, 360000, ttft=10.4), _row(OURS, 64, 1030.0, 360000),
                   _row(OURS, 128, 890.0, 360000)]},
         {"unit": "0:" + BF16, "config": BF16, "pass": 0,
@@ -268,6 +268,9 @@ def test_aggregate_means_spreads_and_headlines():
     assert points[128]["vs_baseline"][OURS]["output_tok_s"] == pytest.approx(2.225)
     assert points[128]["vs_baseline"][OURS]["baseline_peak_running"] == 78
     assert points[64]["bdr_vs_int4"]["flashinfer"] == pytest.approx(1.02)
+    # per pass: only pass 0 ran both (1030 / 1000), its units' hosts equally fast
+    assert points[64]["bdr_vs_int4_by_pass"]["flashinfer"] == [
+        {"pass": 0, "output_tok_s": pytest.approx(1.03), "host_op_time": pytest.approx(1.0)}]
     # at concurrency 1 ours (100) is slower than BF16 (101): the bar is not met, and says where
     verdict = summary["done_when"]
     assert not verdict["met"] and len(verdict["failures"]) == 1 and "@1: output tok/s" in verdict["failures"][0]
@@ -354,7 +357,7 @@ def test_main_resumes_across_calls_and_ignores_other_sweeps(tmp_path, monkeypatc
         return {"torch_op_us": 5.0 + hosts[-1]}
 
     def fake_unit(unit, args, points, vocab, head_dim, host):
-        assert head_dim == 128 and host == {"torch_op_us": 5.0 + hosts[-1]}  # this call's host
+        assert head_dim == 128 and host == {"torch_op_us": 5.0 + hosts[-1]}  # measured just before
         ran.append(unit.key)
         cap = 1000 if unit.config == BF16 else 3700
         rows = [_row(unit.config, p.concurrency, 100.0 * p.concurrency, cap, il=p.input_len) for p in points]
@@ -386,8 +389,9 @@ def test_main_resumes_across_calls_and_ignores_other_sweeps(tmp_path, monkeypatc
     assert stop.value.code == 0 and ran == ["0:" + PLAIN, "0:" + BF16, "1:" + PLAIN]
     result = json.load(open(out))
     assert result["one_gpu"] and len(result["rows"]) == 4 and result["summary"]["capacity_vs_baseline"][PLAIN] == 3.7
-    # the host measured once per call, before its first unit, and kept with each unit
-    assert len(hosts) == 2 and [u["host"]["torch_op_us"] for u in result["units"]] == [5.0, 6.0, 6.0]
+    # the host measured before every unit and kept with it; the result says how far apart they were
+    assert len(hosts) == 3 and [u["host"]["torch_op_us"] for u in result["units"]] == [5.0, 6.0, 7.0]
+    assert result["host_spread_pct"] == pytest.approx(40.0)
     monkeypatch.setattr(sys, "argv", [a if a != "1024x256" else "512x64" for a in argv])
     with pytest.raises(SystemExit):
         bench_serving.main()
@@ -419,3 +423,27 @@ def test_point_lines_show_the_schedulers_cpu_time():
     assert bench_serving.point_lines(rows) == [
         "shared-prefix 8448@32: 2229 tok/s, TTFT p50 57.4 ms, scheduler 21.5 CPU s in 24.0 s",
         "random 1024@64: 0 tok/s, TTFT p50 none completed"]
+
+
+def test_pairs_by_pass_compare_units_of_one_pass_and_their_hosts():
+    key = ("shared-prefix", 8448, 8192, 128, 32, 0.5)
+
+    def entry(tok, op_us):
+        return {"output_tok_s": tok}, {"torch_op_us": op_us}
+
+    by_pass = {(0, OURS, *key): entry(95.0, 6.0), (0, PLAIN, *key): entry(100.0, 6.0),
+               (1, OURS, *key): entry(90.0, 9.0), (1, PLAIN, *key): entry(100.0, 7.5),
+               (2, OURS, *key): entry(1.0, 6.0),  # pass 2 has no plain unit: no pair
+               (1, PLAIN, "random", 1024, 0, 256, 64, 0.5): entry(1.0, 6.0)}
+    pairs = bench_serving.pairs_by_pass(by_pass, OURS, PLAIN, key)
+    assert pairs == [{"pass": 0, "output_tok_s": pytest.approx(0.95), "host_op_time": pytest.approx(1.0)},
+                     {"pass": 1, "output_tok_s": pytest.approx(0.9), "host_op_time": pytest.approx(1.2)}]
+    # a unit without a host measurement: the ratio is there, the host comparison is not
+    by_pass[(0, OURS, *key)] = ({"output_tok_s": 95.0}, None)
+    assert bench_serving.pairs_by_pass(by_pass, OURS, PLAIN, key)[0]["host_op_time"] is None
+
+
+def test_host_spread_over_the_units_that_measured_it():
+    units = [{"host": {"torch_op_us": 6.0}}, {"host": None}, {"host": {"torch_op_us": 9.0}}, {}]
+    assert bench_serving.host_spread_pct(units) == pytest.approx(50.0)
+    assert bench_serving.host_spread_pct([{"host": None}]) is None

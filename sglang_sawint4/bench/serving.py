@@ -38,15 +38,17 @@ row's ``server_decode_tok_s_p50`` from the ``Decode batch`` lines written during
 the rate the scheduler generated tokens at, before SGLang's streaming path and the client
 (which can cap what ``output_tok_s`` sees).  ``server_cpu_s`` is the CPU time each server
 process (scheduler, detokenizer, tokenizer/HTTP) used during the point: next to the point's
-``seconds`` it says whether a config's scheduler was busy on the host (near 1 CPU second per
-second: host-bound) or waiting, and how much host time a config spends for the same work.
+``seconds`` it says how much host time a config spends for the same work.  SGLang's scheduler
+polls while it waits, so its own CPU seconds track the wall seconds in every config; the
+tokenizer and detokenizer processes' seconds do not.
 
 Resumable: each finished unit is appended to --state; a later call with the same command
 skips the units already there.  With --call-budget-s the script stops before a unit that
 would not finish within the budget (exit code 75: call it again), so a run longer than one
 GPU command spans several calls on the same machine (each unit records the GPU's UUID, and
-the host's speed measured at the start of its call, ``host_speed``: host-bound configs follow
-it, and hosts of one GPU model differ).
+the host's speed measured just before it, ``host_speed``: host-bound configs follow it, hosts
+of one GPU model differ, and one machine's host has slowed by 1.6x between two calls minutes
+apart; ``host_spread_pct`` in the result says how far the run's units were apart).
 When every unit is done it writes --out (JSON) and the plot beside it (PNG); the state file
 keeps every unit's raw rows, from which ``--rebuild`` recomputes --out after a change to the
 aggregation (the run's GPU, versions and command are kept).
@@ -437,8 +439,9 @@ def point_prompts(point: Point, n: int, vocab: int, seed: int):
 
 
 def run_unit(unit, args, points: List[Point], vocab, head_dim, host=None):
-    """One config's server, warmed up, then every point; the unit's record (``host``: this
-    call's ``host_speed``, kept with the unit: calls of one run may land on other machines)."""
+    """One config's server, warmed up, then every point; the unit's record (``host``: the
+    ``host_speed`` measured just before it, kept with the unit: a run's units may land on other
+    machines, and one machine's host speed moves between calls)."""
     from tqdm import tqdm
 
     t_unit = time.time()
@@ -500,7 +503,8 @@ def run_unit(unit, args, points: List[Point], vocab, head_dim, host=None):
 
 def point_lines(rows: List[dict]) -> List[str]:
     """One line per point of a unit: throughput, TTFT p50 and the scheduler's CPU seconds
-    against the point's wall seconds (near 1 per second: the scheduler was host-bound)."""
+    against the point's wall seconds (the scheduler polls: a share far under 1 means it was
+    descheduled or blocked)."""
     lines = []
     for r in rows:
         cpu = r.get("server_cpu_s") or {}
@@ -530,9 +534,11 @@ def _ratio(a, b):
 def aggregate(records: List[dict], baseline=BASELINE):
     """Rows (mean over the runs of each point), the spreads and the headline comparisons."""
     per_point: Dict[tuple, List[dict]] = {}
+    by_pass: Dict[tuple, Tuple[dict, Optional[dict]]] = {}  # (pass, config, *point): (row, unit's host)
     for rec in sorted(records, key=lambda r: r["pass"]):
         for row in rec["rows"]:
             per_point.setdefault((row["config"], *point_key(row)), []).append(dict(row, total_tok_s=total_tok_s(row)))
+            by_pass[(rec["pass"], row["config"], *point_key(row))] = (row, rec.get("host"))
     rows, spreads = [], {}
     for key, runs in per_point.items():
         row = dict(runs[0])
@@ -570,7 +576,7 @@ def aggregate(records: List[dict], baseline=BASELINE):
             continue
         entry = {"workload": key[0], "input_len": key[1], "prefix_len": key[2], "output_len": key[3],
                  "concurrency": key[4], "output_spread": key[5], "capacity_point": base["capacity_point"],
-                 "vs_baseline": {}, "bdr_vs_int4": {}}
+                 "vs_baseline": {}, "bdr_vs_int4": {}, "bdr_vs_int4_by_pass": {}}
         for c in configs:
             r = by.get((c, *key))
             if r is None or c == baseline:
@@ -585,11 +591,34 @@ def aggregate(records: List[dict], baseline=BASELINE):
             bdr, plain = by.get((f"int4-bdr-{backend}", *key)), by.get((f"int4-{backend}", *key))
             if bdr and plain:
                 entry["bdr_vs_int4"][backend] = _ratio(bdr["output_tok_s"], plain["output_tok_s"])
+                entry["bdr_vs_int4_by_pass"][backend] = pairs_by_pass(by_pass, f"int4-bdr-{backend}",
+                                                                      f"int4-{backend}", key)
         versus.append(entry)
     summary["points"] = versus
     summary["done_when"] = done_when(versus)
     spread = max(spreads.values()) if spreads else None
     return rows, spread, summary
+
+
+def pairs_by_pass(by_pass, config, other, key) -> List[dict]:
+    """``config`` / ``other`` output throughput at point ``key`` within each pass that ran both
+    (the two units ran minutes apart, where the means of several passes mix units run at other
+    times), with the ratio of their units' host op times (1.0: the host was as fast for both)."""
+    out = []
+    for p in sorted({k[0] for k in by_pass}):
+        a, b = by_pass.get((p, config, *key)), by_pass.get((p, other, *key))
+        if a is None or b is None:
+            continue
+        host_a, host_b = (h.get("torch_op_us") if h else None for h in (a[1], b[1]))
+        out.append({"pass": p, "output_tok_s": _ratio(a[0]["output_tok_s"], b[0]["output_tok_s"]),
+                    "host_op_time": _ratio(host_a, host_b)})
+    return out
+
+
+def host_spread_pct(records) -> Optional[float]:
+    """How far apart the units' hosts were: (slowest - fastest) / fastest small-op host time, %."""
+    times = [r["host"]["torch_op_us"] for r in records if (r.get("host") or {}).get("torch_op_us")]
+    return (max(times) - min(times)) / min(times) * 100 if times else None
 
 
 def _fmt(x) -> str:
@@ -627,7 +656,8 @@ def measured(records) -> dict:
             chunks.setdefault(rec["config"], {"chunked_prefill_size": rec.get("chunked_prefill_size"), "runs": []})
             chunks[rec["config"]]["runs"].append(rec["prefill_chunks"])
     summary["prefill_chunks"] = chunks
-    return {"repeat_spread_pct": spread, "incomplete_requests": sum(r["requests"] - r["complete"] for r in rows),
+    return {"repeat_spread_pct": spread, "host_spread_pct": host_spread_pct(records),
+            "incomplete_requests": sum(r["requests"] - r["complete"] for r in rows),
             "summary": summary, "rows": rows}
 
 
@@ -732,10 +762,11 @@ def plot(result, path):
         axes[i][0].set_ylim(top=axes[i][0].get_ylim()[1] * 1.08)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=len(configs), fontsize=8, bbox_to_anchor=(0.5, 0.968))
-    spread = result["repeat_spread_pct"]
+    spread, host = result["repeat_spread_pct"], result.get("host_spread_pct")
     fig.suptitle(f"{result['gpu']}, {result['model']}, prefill CUDA graphs "
                  f"{'on' if result.get('prefill_cuda_graph') else 'off'}, run-to-run spread "
-                 f"{'n/a' if spread is None else f'{spread:.1f}%'} (hatched: Triton prefill)", fontsize=9, y=0.995)
+                 f"{'n/a' if spread is None else f'{spread:.1f}%'}, host speed spread "
+                 f"{'n/a' if host is None else f'{host:.0f}%'} (hatched: Triton prefill)", fontsize=9, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=100)
 
@@ -817,7 +848,6 @@ def main():
         result = finalize([done[u.key] for u in units], args, args.out, run_versions)
         print(json.dumps(result["summary"]["done_when"], indent=1))
         return
-    host = ...  # measured before this call's first unit
     while True:
         action, unit = next_action(units, done, time.time() - t_call, args.call_budget_s, args.unit_estimate_s)
         if action == "done":
@@ -827,9 +857,8 @@ def main():
             print(f"stopping before unit {unit.key}: {left} units left would not fit in "
                   f"--call-budget-s {args.call_budget_s:.0f}; run the same command again to resume", flush=True)
             sys.exit(EXIT_RESUME)
-        if host is ...:
-            host = host_speed()
-            print(f"host: {host}", flush=True)
+        host = host_speed()
+        print(f"host before {unit.key}: {host}", flush=True)
         rec = dict(run_unit(unit, args, points, vocab, head_dim, host), plan=plan)
         append_state(args.state, rec)
         done[unit.key] = rec
@@ -839,7 +868,8 @@ def main():
         for line in point_lines(rec["rows"]):
             print("  " + line, flush=True)
     result = finalize([done[u.key] for u in units], args, args.out)
-    print(json.dumps({k: result[k] for k in ("gpu", "model", "repeat_spread_pct", "one_gpu", "incomplete_requests")},
+    print(json.dumps({k: result[k] for k in ("gpu", "model", "repeat_spread_pct", "host_spread_pct", "one_gpu",
+                                             "incomplete_requests")},
                      indent=1))
     print(json.dumps(result["summary"]["done_when"], indent=1))
     # every request must come back whole: ignore_eos makes each one exactly its max_tokens
