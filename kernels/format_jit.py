@@ -134,6 +134,27 @@ def load_rotated_halves(x_ptr, offs_t, mask_t, stride_t, head_off, ROTATE: tl.co
 
 
 @triton.jit
+def subtract_center(x_lo, x_hi, center_ptr, head, HALF: tl.constexpr):
+    """x - c for halves [T, HALF] of one head, c the head's row of a [heads, 2 HALF] float32
+    center.  On rotated rows c arrives rotated: H (x - c) = H x - H c, so the rotation stays
+    exact on the input dtype and the subtraction is one fp32 operation."""
+    half = tl.arange(0, HALF)
+    c = center_ptr + head * (2 * HALF)
+    return x_lo - tl.load(c + half)[None, :], x_hi - tl.load(c + HALF + half)[None, :]
+
+
+@triton.jit
+def store_halves(o_ptr, offs_t, mask_t, stride_t, head_off, x_lo, x_hi, HALF: tl.constexpr):
+    """Store float32 halves [T, HALF] as [T, D] rows in ``o_ptr``'s dtype (the inverse of
+    ``load_rotated_halves`` without a rotation)."""
+    half = tl.arange(0, HALF)
+    out = o_ptr + offs_t[:, None].to(tl.int64) * stride_t + head_off
+    out_ty = o_ptr.dtype.element_ty
+    tl.store(out + half[None, :], x_lo.to(out_ty), mask=mask_t[:, None])
+    tl.store(out + HALF + half[None, :], x_hi.to(out_ty), mask=mask_t[:, None])
+
+
+@triton.jit
 def code_bias(DTYPE: tl.constexpr):
     """The constant :func:`biased_codes` adds to every code in DTYPE (0.0 for float32).
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.format_jit import load_rotated_halves
+from sglang_sawint4.kernels.format_jit import load_rotated_halves, store_halves, subtract_center
 from sglang_sawint4.kernels.launch import DirectLaunch, check_center
 
 BLOCK_T = 16  # rows per program: the tensor cores' 16-row M
@@ -30,15 +30,9 @@ def _rotate_tile(x_ptr, x_st, x_sh, o_ptr, o_st, o_sh, center_ptr, head, offs_t,
     """Rows ``offs_t`` of one head: out = H x (x itself unless ROTATE; minus the stored
     center when CENTER)."""
     x_lo, x_hi = load_rotated_halves(x_ptr, offs_t, mask_t, x_st, head * x_sh, ROTATE, BLOCK_ROT, HALF)
-    half = tl.arange(0, HALF)
-    if CENTER:  # H (x - c) = H x - H c: the center arrives rotated
-        c = center_ptr + head * (2 * HALF)
-        x_lo = x_lo - tl.load(c + half)[None, :]
-        x_hi = x_hi - tl.load(c + HALF + half)[None, :]
-    out = o_ptr + offs_t[:, None].to(tl.int64) * o_st + head * o_sh
-    out_ty = o_ptr.dtype.element_ty
-    tl.store(out + half[None, :], x_lo.to(out_ty), mask=mask_t[:, None])
-    tl.store(out + HALF + half[None, :], x_hi.to(out_ty), mask=mask_t[:, None])
+    if CENTER:  # the center arrives rotated
+        x_lo, x_hi = subtract_center(x_lo, x_hi, center_ptr, head, HALF)
+    store_halves(o_ptr, offs_t, mask_t, o_st, head * o_sh, x_lo, x_hi, HALF)
 
 
 @triton.jit(do_not_specialize=["num_rows"])

@@ -27,7 +27,8 @@ subtracts it).  A batch whose prefix rows exceed it stages each distinct slot on
 
 A rotating layout's prefix is staged as stored (rotated, keys centered) and a batch with a
 cached prefix attends in that space, as the Triton path does: its new tokens' q, k (and v
-when V is rotated) move there (``to_stored_space``, O(new tokens)) instead of every staged
+when V is rotated) move there (``to_stored_space``, O(new tokens); in a combined batch the
+KV store's own launch, ``rotate_quantize_store_and_stage``) instead of every staged
 row being un-rotated (O(prefix rows), the tensor cores once per row and layer); the output
 comes back with ``from_stored_space``.  A plain layout is stored in the original space:
 its staging adds a centered layer's key center back.  A batch without a cached prefix
@@ -303,9 +304,13 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
             if not self.forward_metadata.use_ragged:
                 raise Int4KVAccessError("INT4 KV prefill on FlashInfer needs its ragged prefill path, which "
                                         "this batch turned off (tc_piecewise prefill CUDA graph?)")
-            if save_kv_cache:
-                pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
-            o = self._int4_extend(q3, k3, v3, layer)
+            if self._combined is not None and save_kv_cache:
+                # the store writes the new K/V into the staging rows and moves q as well
+                o = self._int4_extend_combined(q3, k3, v3, layer, store_loc=forward_batch.out_cache_loc)
+            else:
+                if save_kv_cache:
+                    pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+                o = self._int4_extend(q3, k3, v3, layer)
         if self._checker is not None:
             self._check(layer, q3, k3, v3, o)
         return o.view(-1, hq * layer.v_head_dim)
@@ -348,17 +353,22 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
                          self.int4_format, k_center=None if as_stored else self.int4_pool.key_center(layer_id),
                          unrotate=not as_stored)
 
-    def _int4_extend_combined(self, q, k, v, layer) -> torch.Tensor:
+    def _int4_extend_combined(self, q, k, v, layer, store_loc=None) -> torch.Tensor:
         """``_int4_extend`` of a batch that ``combine_with_new_rows`` fits in the staging rows:
         the prefix is dequantized into rows 0.., the new tokens' K/V (exact, moved into the
         stored space with q) are written after it, and one causal paged call attends both:
-        no ragged call, no merge."""
-        layout, combined = self.int4_format, self._combined
+        no ragged call, no merge.  With ``store_loc`` ([new_tokens] slots) the new K/V are
+        stored to the pages by the same launch that writes the staging rows and moves q."""
+        layout, combined, pool = self.int4_format, self._combined, self.int4_pool
         rows = slice(combined.new_row_base, combined.new_row_base + q.shape[0])
-        # a plain layout's new keys stay uncentered (its staging adds the center back):
-        # to_stored_space then only copies k and v into the staging rows
-        center = self.int4_pool.key_center(layer.layer_id, stored=True) if layout.rotate_k else None
-        q = to_stored_space(q, k, v, layout, center, kv_out=(self._k_stage[rows], self._v_stage[rows]))[0]
+        k_rows, v_rows = self._k_stage[rows], self._v_stage[rows]
+        if store_loc is not None:
+            q = pool.store_and_stage(layer.layer_id, store_loc, q, k, v, k_rows, v_rows)
+        else:
+            # a plain layout's new keys stay uncentered (its staging adds the center back):
+            # to_stored_space then only copies k and v into the staging rows
+            center = pool.key_center(layer.layer_id, stored=True) if layout.rotate_k else None
+            q = to_stored_space(q, k, v, layout, center, kv_out=(k_rows, v_rows))[0]
         self._stage_prefix(layer.layer_id, self._plan.stage_slots)
         o = self._attend_combined(q, self._k_stage, self._v_stage, layer.scaling)
         return from_stored_space(o, layout)

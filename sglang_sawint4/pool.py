@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.store import rotate_quantize_store
+from sglang_sawint4.kernels.store import rotate_quantize_store, rotate_quantize_store_and_stage
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,13 @@ class Int4TokenToKVPool(MHATokenToKVPool):
             return
         rotate_quantize_store(cache_k, cache_v, loc, *self.get_int4_layer(layer_id), self.int4_format,
                               k_center=self.key_center(layer_id, stored=True))
+
+    def store_and_stage(self, layer_id: int, loc: torch.Tensor, q, k, v, k_rows, v_rows) -> torch.Tensor:
+        """``set_kv_buffer`` of an INT4 layer that also writes the new tokens' K/V into staging
+        rows and returns q, in the space that layer's prefix is staged in
+        (``rotate_quantize_store_and_stage``; shapes there)."""
+        return rotate_quantize_store_and_stage(q, k, v, loc, *self.get_int4_layer(layer_id), self.int4_format,
+                                               self.key_center(layer_id, stored=True), k_rows, v_rows)
 
     def poison_slots(self, loc: torch.Tensor) -> None:
         """Debug: NaN (scale, offset) in every INT4 layer and NaN rows in every BF16 layer

@@ -462,6 +462,22 @@ def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows,
                                    (kd, km, vd, vm), layout, scale, k_new=k_new.cpu(), v_new=v_new.cpu(),
                                    k_center=center)
     assert rel_err(out, ref) < 1e-2
+    if backend._combined is None:
+        return
+    # the served combined batch: the KV store writes the new tokens' pages, their staging rows
+    # and q in one launch; the output is the same, and so are the pages set_kv_buffer writes
+    from sglang_sawint4.kernels.store import rotate_quantize_store, rotate_quantize_store_and_stage
+
+    new_pages, ref_pages = (tuple(t.to(device) for t in (*fmt.allocate_layer(n, hk, d), *fmt.allocate_layer(n, hk, d)))
+                            for _ in range(2))
+    loc = torch.randperm(n, generator=rng).to(device)
+    backend.int4_pool.store_and_stage = lambda layer_id, slots, *args: rotate_quantize_store_and_stage(
+        *args[:3], slots, *new_pages, layout, key_center(layer_id, stored=True), *args[3:])
+    stored_out = backend._int4_extend_combined(q, k_new, v_new, SimpleNamespace(layer_id=0, scaling=scale),
+                                               store_loc=loc)
+    rotate_quantize_store(k_new, v_new, loc, *ref_pages, layout, k_center=key_center(0, stored=True))
+    assert torch.equal(stored_out, out)
+    assert all(torch.equal(a, b) for a, b in zip(new_pages, ref_pages))
 
 
 def _real_backend(prefix, new, staging_rows, shared, rng, layers):

@@ -13,7 +13,8 @@ from sglang_sawint4.kernels.decode import (
 )
 from sglang_sawint4.kernels.dequant import dequantize_pages, dequantize_pages_reference
 from sglang_sawint4.kernels.rotate import from_stored_space, rotate_rows, to_stored_space
-from sglang_sawint4.kernels.store import rotate_quantize_store, rotate_quantize_store_reference
+from sglang_sawint4.kernels.store import (rotate_quantize_store, rotate_quantize_store_and_stage,
+                                          rotate_quantize_store_reference)
 
 LAYOUTS = [
     fmt.Int4Format(64),                                # plain INT4
@@ -413,6 +414,57 @@ def test_to_stored_space_moves_q_k_v_as_the_format_stores_them(layout, dtype, ro
             to_stored_space(q, k[:-1], v, layout)
     with pytest.raises(ValueError, match="kv_out's v"):
         to_stored_space(q, k, v, layout, kv_out=(stage[0][:rows], stage[1][:rows].to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["plain-keys", "centered"])
+@pytest.mark.parametrize("rows", [37, 1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_store_and_stage_is_store_then_to_stored_space(layout, dtype, rows, centered, rng, device):
+    """One launch writes what the store and ``to_stored_space`` write, bit for bit: the pages
+    (quantized from the same rotation), the staging rows between untouched neighbours, and q."""
+    hq, hk, d, num_slots = 4, 2, layout.head_dim, 64
+    fused = torch.randn(rows, (hq + 2 * hk) * d, generator=rng)
+    fused[:, hq * d: (hq + hk) * d] += 3.0 * torch.randn(hk * d, generator=rng)  # keys riding on a constant
+    fused = fused.to(dtype).to(device)
+    q, k, v = (fused[:, a * d: b * d].view(rows, -1, d) for a, b in ((0, hq), (hq, hq + hk), (hq + hk, hq + 2 * hk)))
+    center = fmt.stored_center(_bias_center(hk, d, rng), layout).to(device) if centered else None
+    loc = torch.randperm(num_slots, generator=rng)[:rows].to(device)
+    pages, pages_ref = _pool(num_slots, hk, d, device), _pool(num_slots, hk, d, device)
+    stage, stage_ref = ([torch.full((rows + 5, hk, d), float("nan"), dtype=dtype, device=device) for _ in range(2)]
+                        for _ in range(2))
+    for bufs in (pages, pages_ref):
+        _poison(bufs)
+
+    q_out = rotate_quantize_store_and_stage(q, k, v, loc, *pages, layout, center, stage[0][3: 3 + rows],
+                                            stage[1][3: 3 + rows])
+    rotate_quantize_store(k, v, loc, *pages_ref, layout, k_center=center)
+    q_ref = to_stored_space(q, k, v, layout, center if layout.rotate_k else None,
+                            kv_out=(stage_ref[0][3: 3 + rows], stage_ref[1][3: 3 + rows]))[0]
+    assert q_out.shape == q.shape and q_out.is_contiguous() and q_out.dtype == dtype
+    assert torch.equal(q_out, q_ref)
+    for got, exp in zip((*pages, *stage), (*pages_ref, *stage_ref)):  # poison (NaN) where neither wrote
+        assert torch.equal(got.isnan(), exp.isnan()) and torch.equal(got.nan_to_num(), exp.nan_to_num())
+    # a plain layout stages its keys as given (the staged prefix gets the center back instead)
+    if not layout.rotate_k:
+        assert torch.equal(stage[0][3: 3 + rows], k) and torch.equal(stage[1][3: 3 + rows], v)
+
+
+def test_store_and_stage_refuses_bad_staging_rows_and_q(rng, device):
+    layout = fmt.Int4Format(64, 64)
+    pages = _pool(8, 2, 64, device)
+    k = torch.randn(3, 2, 64, device=device)
+    rows = torch.empty(3, 2, 64, device=device)
+    q = torch.randn(3, 4, 64, device=device)
+    with pytest.raises(ValueError, match="v_rows must be"):
+        rotate_quantize_store_and_stage(q, k, k, torch.arange(3, device=device), *pages, layout, None, rows,
+                                        rows[:2])
+    with pytest.raises(ValueError, match="q must be"):
+        rotate_quantize_store_and_stage(q.half(), k, k, torch.arange(3, device=device), *pages, layout, None, rows,
+                                        rows)
+    empty = torch.empty(0, 2, 64, device=device)
+    assert rotate_quantize_store_and_stage(q[:0], empty, empty, torch.arange(0, device=device), *pages, layout, None,
+                                           empty, empty).shape == (0, 4, 64)
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[5]], ids=[IDS[0], IDS[2], IDS[5]])

@@ -31,11 +31,12 @@ def test_version_check():
         check_sglang_version("0.5.23")
 
 
-def _pool(layout, size=64, heads=2, layers=3, device="cpu"):
+def _pool(layout, size=64, heads=2, layers=3, device="cpu", key_centers=None):
     from sglang_sawint4.pool import Int4TokenToKVPool
 
     return Int4TokenToKVPool(size, page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=layout.head_dim,
-                             layer_num=layers, device=device, enable_memory_saver=False, int4_format=layout)
+                             layer_num=layers, device=device, enable_memory_saver=False, int4_format=layout,
+                             key_centers=key_centers)
 
 
 def test_pool_layout_and_true_bytes(sgl):
@@ -70,6 +71,32 @@ def test_pool_store_goes_through_the_kernel(sgl, device):
     pool.move_kv_cache(torch.tensor([20, 21], device=device), torch.tensor([7, 3], device=device))
     kd, km, vd, vm = pool.get_int4_layer(1)
     assert torch.equal(kd[20], kd[7]) and torch.equal(km[21], km[3]) and torch.equal(vm[20], vm[7])
+
+
+@pytest.mark.parametrize("layout", [fmt.Int4Format(64), fmt.Int4Format(64, 64)], ids=["int4", "bdr64"])
+def test_pool_store_and_stage_writes_what_set_kv_buffer_writes(sgl, layout, device):
+    """The combined prefill's store: the same pages as ``set_kv_buffer`` (a centered layer
+    keeps its center), plus the staging rows and q in the space that layer is staged in."""
+    from types import SimpleNamespace
+
+    from sglang_sawint4.kernels.rotate import to_stored_space
+
+    center = torch.zeros(2, 64)
+    center[:, 5] = 30.0
+    pools = [_pool(layout, device=device, key_centers={1: center}) for _ in range(2)]  # layer 1 centered
+    q = torch.randn(5, 4, 64, dtype=torch.bfloat16, device=device)
+    k = (torch.randn(5, 2, 64) + center).to(torch.bfloat16).to(device)
+    v = torch.randn(5, 2, 64, dtype=torch.bfloat16, device=device)
+    loc = torch.tensor([7, 3, 50, 9, 1], device=device)
+    rows, rows_ref = (torch.empty(2, 5, 2, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
+    q_stage = pools[0].store_and_stage(1, loc, q, k, v, rows[0], rows[1])
+    pools[1].set_kv_buffer(SimpleNamespace(layer_id=1), sgl.KVWriteLoc(loc), k, v)
+    q_ref = to_stored_space(q, k, v, layout, pools[1].key_center(1, stored=True) if layout.rotate_k else None,
+                            kv_out=(rows_ref[0], rows_ref[1]))[0]
+    for got, exp in zip(pools[0].get_int4_layer(1), pools[1].get_int4_layer(1)):
+        assert torch.equal(got, exp)
+    assert torch.equal(q_stage, q_ref) and torch.equal(rows, rows_ref)
+    assert torch.count_nonzero(pools[0].get_int4_layer(0)[0]) == 0  # other layers untouched
 
 
 def test_pool_refuses_bf16_reads(sgl):
