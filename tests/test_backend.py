@@ -195,6 +195,38 @@ def _compiled_variants(kernel) -> int:
     return sum(len(cache[0]) for cache in kernel.device_caches.values())
 
 
+@pytest.mark.parametrize("layout", [LAYOUT, fmt.Int4Format(D)], ids=["bdr", "int4"])
+def test_combined_stores_reuse_the_variants_compiled_when_the_backend_is_built(layout, rng, device):
+    """Building the FlashInfer prefill backend compiles the combined batch's store for a
+    centered and an uncentered INT4 layer, writing only the padding slot and staging row 0;
+    stores of any row count from q, k, v viewed in a fused qkv tensor into staging rows at any
+    offset then run on those variants (counted on a GPU, where kernels compile)."""
+    from sglang_sawint4.flashinfer_prefill import compile_store_and_stage_kernels
+    from sglang_sawint4.kernels.store import _store_and_stage_kernel, rotate_quantize_store_and_stage
+    from sglang_sawint4.pool import Int4TokenToKVPool
+
+    pool = Int4TokenToKVPool(256, page_size=1, dtype=DTYPE, head_num=HK, head_dim=D, layer_num=LAYERS, device=device,
+                             enable_memory_saver=False, int4_format=layout, bf16_layers=(BF16_LAYER,),
+                             key_centers={CENTERED_LAYER: torch.randn(HK, D, generator=rng)})
+    k_stage, v_stage = (torch.full((128, HK, D), float("nan"), dtype=DTYPE, device=device) for _ in range(2))
+    assert compile_store_and_stage_kernels(pool, k_stage, v_stage, HQ) == 2
+    assert not k_stage[0].isnan().any() and k_stage[1:].isnan().all() and v_stage[1:].isnan().all()
+    for layer in (CENTERED_LAYER, 2):
+        assert torch.count_nonzero(pool.get_int4_layer(layer)[1][1:]) == 0  # meta of every slot but 0 untouched
+    compiled = _compiled_variants(_store_and_stage_kernel) if device == "cuda" else None
+    for layer in (CENTERED_LAYER, 2):
+        for n, row0 in ((37, 3), (1, 0), (64, 16), (17, 101)):
+            qkv = torch.randn(n, (HQ + 2 * HK) * D, generator=rng).to(DTYPE).to(device)
+            q, k, v = (qkv[:, a * D: b * D].view(n, -1, D) for a, b in ((0, HQ), (HQ, HQ + HK), (HQ + HK, HQ + 2 * HK)))
+            loc = (torch.randperm(255, generator=rng)[:n] + 1).to(device)
+            rotate_quantize_store_and_stage(q, k, v, loc, *pool.get_int4_layer(layer), layout,
+                                            pool.key_center(layer, stored=True), k_stage[row0: row0 + n],
+                                            v_stage[row0: row0 + n])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert _compiled_variants(_store_and_stage_kernel) == compiled
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernel variants exist on a GPU only")
 @pytest.mark.parametrize("layout,variants", [(LAYOUT, 3), (fmt.Int4Format(D, 16, rotate_v=True), 4),
                                              (fmt.Int4Format(D), 2)], ids=["bdr", "bdr-kv", "int4"])
