@@ -207,6 +207,7 @@ def rotate_quantize_store_and_stage(
     k_center: Optional[torch.Tensor],
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
+    center_rows: bool,
 ) -> torch.Tensor:
     """``rotate_quantize_store``, and the new tokens handed to a prefill over staged pages.
 
@@ -216,13 +217,14 @@ def rotate_quantize_store_and_stage(
         k, v, loc, k_data, k_meta, v_data, v_meta, layout, k_center: as
             ``rotate_quantize_store`` (k_center in the stored space).
         k_rows, v_rows: [num_tokens, num_kv_heads, head_dim] in k's dtype, channel stride 1
-            (rows of the staging buffers), written with the tokens' exact K and V in the
-            space the staged prefix is in: as stored for a rotating layout (k rotated minus
-            the center, v rotated where values are), as given for a plain one (whose staged
-            prefix gets the center added back).
-    Returns q in that space, [num_tokens, num_q_heads, head_dim] contiguous in q's dtype.
-    The same values as ``rotate_quantize_store`` followed by ``to_stored_space(q, k, v,
-    layout, k_center if layout.rotate_k else None, kv_out=(k_rows, v_rows))``, in one launch.
+            (rows of a staging buffer), written with the tokens' exact K and V in the space
+            the prefix they join is in: rotated where the layout rotates them, and k minus
+            ``k_center`` when ``center_rows`` (the stored space), else not (a plain layout
+            staged in the original space, its prefix with the center added back).
+    Returns q in that space (rotated where keys are), [num_tokens, num_q_heads, head_dim]
+    contiguous in q's dtype.  The same values as ``rotate_quantize_store`` followed by
+    ``to_stored_space(q, k, v, layout, k_center if center_rows else None, kv_out=(k_rows,
+    v_rows))``, in one launch.
     """
     k, v, num_kv_heads = _check_store_args(k, v, loc, k_data, k_meta, v_data, v_meta, layout, k_center)
     num_tokens, d = k.shape[0], layout.head_dim
@@ -242,7 +244,7 @@ def rotate_quantize_store_and_stage(
         k_center if k_center is not None else loc, num_tokens, num_kv_heads,
         ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v,
         BLOCK_ROT=layout.block_size or 1, CENTER_K=k_center is not None, SYMMETRIC=layout.symmetric,
-        BLOCK=BLOCK_T, HALF=d // 2, STAGE_K=(STAGE_AS_STORED if layout.rotate_k else STAGE_UNCENTERED).value,
+        BLOCK=BLOCK_T, HALF=d // 2, STAGE_K=(STAGE_AS_STORED if center_rows else STAGE_UNCENTERED).value,
         num_warps=4,
     )
     return q_out

@@ -11,10 +11,11 @@ replaced:
 * decode: store the new token (fused rotate-quantize-store), then
   ``int4_decode_attention`` over all of the request's pages, split by our kernel's own
   split-count rule (``get_num_kv_splits``);
-* extend/prefill: store the new tokens, dequantize only the cached prefix
-  (radix-cache hits, earlier chunks) into a BF16 scratch *as stored* (rotated, keys
-  centered), move the new tokens' q / k / v into that space (rotate, subtract the stored
-  key center) and run SGLang's stock extend kernel there; a layout that rotates V rotates
+* extend/prefill: store the new tokens, moving their q / k / v into the space the pages are
+  stored in (rotate, subtract the stored key center) in the same launch
+  (``rotate_quantize_store_and_stage``), dequantize only the cached prefix (radix-cache
+  hits, earlier chunks) into a BF16 scratch *as stored* (rotated, keys centered) and run
+  SGLang's stock extend kernel there; a layout that rotates V rotates
   the output back.  Attention is the same in both spaces (H is orthogonal; a key center
   shifts every score of a query alike, once new keys carry it too), and moving the new
   tokens costs O(new tokens) where un-rotating the scratch costs O(batch x prefix): every
@@ -36,6 +37,7 @@ from sglang_sawint4.attention_check import AttentionChecker
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
+from sglang_sawint4.kernels.store import rotate_quantize_store_and_stage
 from sglang_sawint4.kernels.splits import int4_num_kv_splits
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
 
@@ -54,9 +56,10 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
     """Compile the kernels the prefill paths run over INT4 layers of ``pool``, on one-row
     buffers of the model's dtype: the prefix dequantize kernel for every way they read a
     layer (as stored; for a plain layout's centered layers also with the center added back:
-    the FlashInfer path's staging) and, for a rotating layout, the rotation that moves new
-    tokens into the stored space (with and without a center) and, where V is rotated, the
-    one that brings the output back.
+    the FlashInfer path's staging), the Triton path's store that moves the new tokens into
+    the stored space (with and without a center; one row to SGLang's padding slot 0), for a
+    rotating layout the rotation that moves new tokens without storing them (with and
+    without a center) and, where V is rotated, the one that brings the output back.
 
     Both prefill paths first run them in the middle of serving (the Triton path's rotation at
     its first extend, the rest at a batch's first cached prefix): compiled there, a Triton
@@ -66,12 +69,20 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
     """
     layout = pool.int4_format
     slot = torch.zeros(1, dtype=torch.int32, device=pool.device)
-    out = [torch.empty((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device) for _ in range(2)]
+    store_slot = torch.zeros(1, dtype=torch.int64, device=pool.device)  # out_cache_loc's dtype
+    out, new = ([torch.zeros((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device)
+                 for _ in range(2)] for _ in range(2))
     rotated = layout.block_size is not None
-    variants = set()  # each kernel's constexprs: ("dequant", center), ("rotate", center), ("output", False)
+    # each kernel's constexprs: ("dequant", center), ("store", center), ("rotate", center), ("output", False)
+    variants = set()
     for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
         if pool.is_bf16_layer(layer_id):
             continue
+        variant = ("store", pool.key_center(layer_id) is not None)
+        if variant not in variants:
+            variants.add(variant)
+            rotate_quantize_store_and_stage(new[0], new[0], new[1], store_slot, *pool.get_int4_layer(layer_id), layout,
+                                            pool.key_center(layer_id, stored=True), *out, center_rows=True)
         for k_center in ((None,) if rotated else (None, pool.key_center(layer_id))):
             variant = ("dequant", k_center is not None)
             if variant not in variants:
@@ -127,6 +138,11 @@ class Int4TritonAttnBackend(TritonAttnBackend):
                          full_loc=self.forward_metadata.out_cache_loc_full_physical)
         self.int4_pool.set_kv_buffer(layer, loc, k, v)
 
+    def _store_loc(self, forward_batch) -> torch.Tensor:
+        """The slots ``_store`` writes (the pool's set_kv_buffer prefers the full location)."""
+        full = self.forward_metadata.out_cache_loc_full_physical
+        return forward_batch.out_cache_loc if full is None else full
+
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
                        score_mod=None, aux_tensors=None):
         check_int4_layer(layer, sinks, score_mod)
@@ -176,8 +192,6 @@ class Int4TritonAttnBackend(TritonAttnBackend):
             if self._checker is not None:
                 self._check_extend(layer, forward_batch, q3, k3, v3, o, self._prefix_rows(forward_batch))
             return o
-        if save_kv_cache:
-            self._store(forward_batch, layer, k, v)
         md = self.forward_metadata
         n_prefix = self._prefix_rows(forward_batch)
         # Dense copy of the cached prefix only, as stored (one row even without a prefix:
@@ -187,8 +201,13 @@ class Int4TritonAttnBackend(TritonAttnBackend):
         v_prefix = q.new_empty((scratch_rows, hk, d))
         dequantize_pages(*self.int4_pool.get_int4_layer(layer.layer_id), md.kv_indices[:n_prefix],
                          k_prefix, v_prefix, self.int4_format, unrotate=False)
-        q_s, k_s, v_s = to_stored_space(q3, k3, v3, self.int4_format,
-                                        self.int4_pool.key_center(layer.layer_id, stored=True))
+        stored_center = self.int4_pool.key_center(layer.layer_id, stored=True)
+        if save_kv_cache:  # the store's launch also moves the new tokens into the stored space
+            k_s, v_s = q.new_empty(k3.shape), q.new_empty(v3.shape)
+            q_s = self.int4_pool.store_and_stage(layer.layer_id, self._store_loc(forward_batch), q3, k3, v3, k_s, v_s,
+                                                 center_rows=True)
+        else:
+            q_s, k_s, v_s = to_stored_space(q3, k3, v3, self.int4_format, stored_center)
         o = q.new_empty((q.shape[0], hq * layer.v_head_dim))
         self.extend_attention_fwd(
             q_s, k_s, v_s,

@@ -365,7 +365,7 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         rows = slice(combined.new_row_base, combined.new_row_base + q.shape[0])
         k_rows, v_rows = self._k_stage[rows], self._v_stage[rows]
         if store_loc is not None:
-            q = pool.store_and_stage(layer.layer_id, store_loc, q, k, v, k_rows, v_rows)
+            q = pool.store_and_stage(layer.layer_id, store_loc, q, k, v, k_rows, v_rows, center_rows=layout.rotate_k)
         else:
             # a plain layout's new keys stay uncentered (its staging adds the center back):
             # to_stored_space then only copies k and v into the staging rows
@@ -404,7 +404,8 @@ def compile_store_and_stage_kernels(pool: Int4TokenToKVPool, k_stage, v_stage, n
             continue
         centered.add(pool.key_center(layer_id) is not None)
         rotate_quantize_store_and_stage(q, kv, kv, slot, *pool.get_int4_layer(layer_id), pool.int4_format,
-                                        pool.key_center(layer_id, stored=True), k_stage[:1], v_stage[:1])
+                                        pool.key_center(layer_id, stored=True), k_stage[:1], v_stage[:1],
+                                        center_rows=pool.int4_format.rotate_k)
     return len(centered)
 
 

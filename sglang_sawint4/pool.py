@@ -165,12 +165,13 @@ class Int4TokenToKVPool(MHATokenToKVPool):
         rotate_quantize_store(cache_k, cache_v, loc, *self.get_int4_layer(layer_id), self.int4_format,
                               k_center=self.key_center(layer_id, stored=True))
 
-    def store_and_stage(self, layer_id: int, loc: torch.Tensor, q, k, v, k_rows, v_rows) -> torch.Tensor:
+    def store_and_stage(self, layer_id: int, loc: torch.Tensor, q, k, v, k_rows, v_rows,
+                        center_rows: bool) -> torch.Tensor:
         """``set_kv_buffer`` of an INT4 layer that also writes the new tokens' K/V into staging
         rows and returns q, in the space that layer's prefix is staged in
-        (``rotate_quantize_store_and_stage``; shapes there)."""
+        (``rotate_quantize_store_and_stage``; shapes and ``center_rows`` there)."""
         return rotate_quantize_store_and_stage(q, k, v, loc, *self.get_int4_layer(layer_id), self.int4_format,
-                                               self.key_center(layer_id, stored=True), k_rows, v_rows)
+                                               self.key_center(layer_id, stored=True), k_rows, v_rows, center_rows)
 
     def poison_slots(self, loc: torch.Tensor) -> None:
         """Debug: NaN (scale, offset) in every INT4 layer and NaN rows in every BF16 layer

@@ -221,18 +221,19 @@ def test_combined_stores_reuse_the_variants_compiled_when_the_backend_is_built(l
             loc = (torch.randperm(255, generator=rng)[:n] + 1).to(device)
             rotate_quantize_store_and_stage(q, k, v, loc, *pool.get_int4_layer(layer), layout,
                                             pool.key_center(layer, stored=True), k_stage[row0: row0 + n],
-                                            v_stage[row0: row0 + n])
+                                            v_stage[row0: row0 + n], center_rows=layout.rotate_k)
     if device == "cuda":
         torch.cuda.synchronize()
         assert _compiled_variants(_store_and_stage_kernel) == compiled
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernel variants exist on a GPU only")
-@pytest.mark.parametrize("layout,variants", [(LAYOUT, 3), (fmt.Int4Format(D, 16, rotate_v=True), 4),
-                                             (fmt.Int4Format(D), 2)], ids=["bdr", "bdr-kv", "int4"])
+@pytest.mark.parametrize("layout,variants", [(LAYOUT, 5), (fmt.Int4Format(D, 16, rotate_v=True), 6),
+                                             (fmt.Int4Format(D), 4)], ids=["bdr", "bdr-kv", "int4"])
 def test_extends_reuse_the_kernel_variants_compiled_when_the_backend_is_built(layout, variants, rng):
     """Building the backend compiles the prefix dequantize kernel as both prefill paths read
-    (as stored; a plain layout's centered layers also with the center added back) and, for a
+    (as stored; a plain layout's centered layers also with the center added back), the
+    Triton path's store into the stored space (with and without a center) and, for a
     rotating layout, the new tokens' rotation (with and without a center) and, where V is
     rotated, the output's; prefixes of any length, cut from any offset of a piece's slot
     list, and new tokens of any count, q, k and v viewed in a fused qkv tensor, then run on
@@ -240,6 +241,7 @@ def test_extends_reuse_the_kernel_variants_compiled_when_the_backend_is_built(la
     from sglang_sawint4.backend import compile_extend_kernels
     from sglang_sawint4.kernels.dequant import _dequantize_pages_kernel, dequantize_pages
     from sglang_sawint4.kernels.rotate import _rotate_qkv_kernel, _rotate_rows_kernel, from_stored_space, to_stored_space
+    from sglang_sawint4.kernels.store import _store_and_stage_kernel, rotate_quantize_store_and_stage
     from sglang_sawint4.pool import Int4TokenToKVPool
 
     center = torch.randn(HK, D, generator=rng)
@@ -247,7 +249,7 @@ def test_extends_reuse_the_kernel_variants_compiled_when_the_backend_is_built(la
                              enable_memory_saver=False, int4_format=layout, bf16_layers=(BF16_LAYER,),
                              key_centers={CENTERED_LAYER: center})
     assert compile_extend_kernels(pool) == variants
-    kernels = (_dequantize_pages_kernel, _rotate_qkv_kernel, _rotate_rows_kernel)
+    kernels = (_dequantize_pages_kernel, _rotate_qkv_kernel, _rotate_rows_kernel, _store_and_stage_kernel)
     before = [_compiled_variants(k) for k in kernels]
     slots = (torch.randperm(255, generator=rng)[:120] + 1).to(torch.int32).cuda()
     k_out, v_out = (torch.empty(128, HK, D, dtype=DTYPE, device="cuda") for _ in range(2))
@@ -261,6 +263,10 @@ def test_extends_reuse_the_kernel_variants_compiled_when_the_backend_is_built(la
             qkv = torch.randn(n, (HQ + 2 * HK) * D, dtype=DTYPE, device="cuda")
             q, k, v = (qkv[:, a * D: b * D].view(n, -1, D) for a, b in ((0, HQ), (HQ, HQ + HK), (HQ + HK, HQ + 2 * HK)))
             to_stored_space(q, k, v, layout, pool.key_center(layer, stored=True))
+            loc = (torch.randperm(255, generator=rng)[:n] + 1).cuda()  # int64, as out_cache_loc
+            rotate_quantize_store_and_stage(q, k, v, loc, *pool.get_int4_layer(layer), layout,
+                                            pool.key_center(layer, stored=True), torch.empty_like(k),
+                                            torch.empty_like(v), center_rows=True)
             from_stored_space(torch.randn(n, HQ, D, dtype=DTYPE, device="cuda"), layout)
     torch.cuda.synchronize()
     assert [_compiled_variants(k) for k in kernels] == before

@@ -471,8 +471,8 @@ def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows,
     new_pages, ref_pages = (tuple(t.to(device) for t in (*fmt.allocate_layer(n, hk, d), *fmt.allocate_layer(n, hk, d)))
                             for _ in range(2))
     loc = torch.randperm(n, generator=rng).to(device)
-    backend.int4_pool.store_and_stage = lambda layer_id, slots, *args: rotate_quantize_store_and_stage(
-        *args[:3], slots, *new_pages, layout, key_center(layer_id, stored=True), *args[3:])
+    backend.int4_pool.store_and_stage = lambda layer_id, slots, *args, center_rows: rotate_quantize_store_and_stage(
+        *args[:3], slots, *new_pages, layout, key_center(layer_id, stored=True), *args[3:], center_rows)
     stored_out = backend._int4_extend_combined(q, k_new, v_new, SimpleNamespace(layer_id=0, scaling=scale),
                                                store_loc=loc)
     rotate_quantize_store(k_new, v_new, loc, *ref_pages, layout, k_center=key_center(0, stored=True))

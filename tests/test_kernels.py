@@ -416,13 +416,15 @@ def test_to_stored_space_moves_q_k_v_as_the_format_stores_them(layout, dtype, ro
         to_stored_space(q, k, v, layout, kv_out=(stage[0][:rows], stage[1][:rows].to(torch.bfloat16)))
 
 
-@pytest.mark.parametrize("centered", [False, True], ids=["plain-keys", "centered"])
+@pytest.mark.parametrize("centered,center_rows", [(False, True), (True, True), (True, False)],
+                         ids=["plain-keys", "centered-rows", "uncentered-rows"])
 @pytest.mark.parametrize("rows", [37, 1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
-def test_store_and_stage_is_store_then_to_stored_space(layout, dtype, rows, centered, rng, device):
+def test_store_and_stage_is_store_then_to_stored_space(layout, dtype, rows, centered, center_rows, rng, device):
     """One launch writes what the store and ``to_stored_space`` write, bit for bit: the pages
-    (quantized from the same rotation), the staging rows between untouched neighbours, and q."""
+    (quantized from the same rotation), the staging rows between untouched neighbours, and q;
+    the rows keep the key center unless ``center_rows`` (the pages never do)."""
     hq, hk, d, num_slots = 4, 2, layout.head_dim, 64
     fused = torch.randn(rows, (hq + 2 * hk) * d, generator=rng)
     fused[:, hq * d: (hq + hk) * d] += 3.0 * torch.randn(hk * d, generator=rng)  # keys riding on a constant
@@ -437,16 +439,16 @@ def test_store_and_stage_is_store_then_to_stored_space(layout, dtype, rows, cent
         _poison(bufs)
 
     q_out = rotate_quantize_store_and_stage(q, k, v, loc, *pages, layout, center, stage[0][3: 3 + rows],
-                                            stage[1][3: 3 + rows])
+                                            stage[1][3: 3 + rows], center_rows)
     rotate_quantize_store(k, v, loc, *pages_ref, layout, k_center=center)
-    q_ref = to_stored_space(q, k, v, layout, center if layout.rotate_k else None,
+    q_ref = to_stored_space(q, k, v, layout, center if center_rows else None,
                             kv_out=(stage_ref[0][3: 3 + rows], stage_ref[1][3: 3 + rows]))[0]
     assert q_out.shape == q.shape and q_out.is_contiguous() and q_out.dtype == dtype
     assert torch.equal(q_out, q_ref)
     for got, exp in zip((*pages, *stage), (*pages_ref, *stage_ref)):  # poison (NaN) where neither wrote
         assert torch.equal(got.isnan(), exp.isnan()) and torch.equal(got.nan_to_num(), exp.nan_to_num())
-    # a plain layout stages its keys as given (the staged prefix gets the center back instead)
-    if not layout.rotate_k:
+    # a plain layout's rows without the center are k and v as given
+    if not layout.rotate_k and not (centered and center_rows):
         assert torch.equal(stage[0][3: 3 + rows], k) and torch.equal(stage[1][3: 3 + rows], v)
 
 
@@ -458,13 +460,13 @@ def test_store_and_stage_refuses_bad_staging_rows_and_q(rng, device):
     q = torch.randn(3, 4, 64, device=device)
     with pytest.raises(ValueError, match="v_rows must be"):
         rotate_quantize_store_and_stage(q, k, k, torch.arange(3, device=device), *pages, layout, None, rows,
-                                        rows[:2])
+                                        rows[:2], True)
     with pytest.raises(ValueError, match="q must be"):
         rotate_quantize_store_and_stage(q.half(), k, k, torch.arange(3, device=device), *pages, layout, None, rows,
-                                        rows)
+                                        rows, True)
     empty = torch.empty(0, 2, 64, device=device)
     assert rotate_quantize_store_and_stage(q[:0], empty, empty, torch.arange(0, device=device), *pages, layout, None,
-                                           empty, empty).shape == (0, 4, 64)
+                                           empty, empty, True).shape == (0, 4, 64)
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[5]], ids=[IDS[0], IDS[2], IDS[5]])

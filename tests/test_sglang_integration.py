@@ -89,7 +89,7 @@ def test_pool_store_and_stage_writes_what_set_kv_buffer_writes(sgl, layout, devi
     v = torch.randn(5, 2, 64, dtype=torch.bfloat16, device=device)
     loc = torch.tensor([7, 3, 50, 9, 1], device=device)
     rows, rows_ref = (torch.empty(2, 5, 2, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
-    q_stage = pools[0].store_and_stage(1, loc, q, k, v, rows[0], rows[1])
+    q_stage = pools[0].store_and_stage(1, loc, q, k, v, rows[0], rows[1], center_rows=layout.rotate_k)
     pools[1].set_kv_buffer(SimpleNamespace(layer_id=1), sgl.KVWriteLoc(loc), k, v)
     q_ref = to_stored_space(q, k, v, layout, pools[1].key_center(1, stored=True) if layout.rotate_k else None,
                             kv_out=(rows_ref[0], rows_ref[1]))[0]
