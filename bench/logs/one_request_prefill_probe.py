@@ -8,8 +8,11 @@ one request, 256 new tokens over an 8k cached prefix, and there INT4's TTFT p50 
 Each layer stores the new K/V and attends:
   bf16       SGLang's FlashInfer extend: index-copy store, ragged causal prefill with LSE
              ("auto" backend), paged prefill over the BF16 prefix ("fa2"), merge_state
-  int4, int4-bdr   rotate_quantize_store + Int4FlashInferPrefillBackend._int4_extend, as served
-             (BDR-128: prefix staged as stored, new tokens rotated)
+  int4, int4-bdr   Int4FlashInferPrefillBackend._int4_extend_combined with the store inside
+             (rotate_quantize_store_and_stage), as served (BDR-128: prefix staged as
+             stored, new tokens rotated by the store's launch)
+  ..., store then move   rotate_quantize_store + _int4_extend (to_stored_space's own launch),
+             as served before the store took the move over
 Plans are made once, outside the timed regions.  Every timed region is enqueued behind a
 ~0.25 s sleep kernel: host us is the enqueue cost per call, device us the GPU time per call,
 and "host waited" flags a region where the host caught up with the GPU (a synchronizing
@@ -37,7 +40,7 @@ from sglang_sawint4.kernels import rotate as rotate_kernels
 from sglang_sawint4.kernels import store as store_kernels
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
-from sglang_sawint4.kernels.store import rotate_quantize_store
+from sglang_sawint4.kernels.store import rotate_quantize_store, rotate_quantize_store_and_stage
 
 HQ, HK, D, LAYERS, PREFIX, NEW, STAGING, REPS = 32, 8, 128, 32, 8192, 256, 32768, 30
 DEV, BF16 = "cuda", torch.bfloat16
@@ -78,7 +81,10 @@ def int4_backend(layout):
         bufs = [*fmt.allocate_layer(PREFIX + NEW, HK, D, DEV), *fmt.allocate_layer(PREFIX + NEW, HK, D, DEV)]
         rotate_quantize_store(k_cache, v_cache, torch.arange(PREFIX + NEW, device=DEV), *bufs, layout)
         data.append(tuple(bufs))
-    backend.int4_pool = SimpleNamespace(get_int4_layer=lambda i: data[i], key_center=lambda i, stored=False: None)
+    backend.int4_pool = SimpleNamespace(
+        get_int4_layer=lambda i: data[i], key_center=lambda i, stored=False: None,
+        store_and_stage=lambda i, loc, q_, k_, v_, k_rows, v_rows, center_rows: rotate_quantize_store_and_stage(
+            q_, k_, v_, loc, *data[i], layout, None, k_rows, v_rows, center_rows))
     backend.prefill_wrapper_ragged = ragged
     return backend, data
 
@@ -168,8 +174,14 @@ if paged_fa3 is not None:
 b_bdr._plan_prefix([PREFIX], [NEW], torch.zeros(1, dtype=torch.int64, device=DEV),
                    torch.tensor([PREFIX], dtype=torch.int32, device=DEV), torch.tensor([NEW], dtype=torch.int32, device=DEV))
 ops["_int4_extend bdr"] = lambda: b_bdr._int4_extend(q, k_new, v_new, layer0)
-LAUNCHERS = (store_kernels._rotate_quantize_store_launch, dequant_kernels._dequantize_pages_launch,
-             rotate_kernels._rotate_rows_launch, rotate_kernels._rotate_qkv_launch)
+for name, b in (("plain", b_plain), ("bdr", b_bdr)):
+    ops[f"_int4_extend_combined {name}, store inside"] = (
+        lambda b=b: b._int4_extend_combined(q, k_new, v_new, layer0, store_loc=new_loc))
+    ops[f"rotate_quantize_store_and_stage {name}"] = lambda b=b: b.int4_pool.store_and_stage(
+        0, new_loc, q, k_new, v_new, b._k_stage[:NEW], b._v_stage[:NEW], center_rows=b.int4_format.rotate_k)
+LAUNCHERS = (store_kernels._rotate_quantize_store_launch, store_kernels._store_and_stage_launch,
+             dequant_kernels._dequantize_pages_launch, rotate_kernels._rotate_rows_launch,
+             rotate_kernels._rotate_qkv_launch)
 for launcher in LAUNCHERS:  # on here whether or not this Triton release is marked checked
     launcher.direct = True
 
@@ -208,14 +220,21 @@ def bf16_layers():
         merge_state(a, sa, b, sb)
 
 
-def int4_layers(backend, data, layout):
+def int4_layers(backend):
+    for i in range(LAYERS):
+        backend._int4_extend_combined(q, k_new, v_new, SimpleNamespace(layer_id=i, scaling=SCALE), store_loc=new_loc)
+
+
+def int4_layers_store_then_move(backend, data, layout):
     for i in range(LAYERS):
         rotate_quantize_store(k_new, v_new, new_loc, *data[i], layout)
         backend._int4_extend(q, k_new, v_new, SimpleNamespace(layer_id=i, scaling=SCALE))
 
 
-forwards = {"bf16 (fa2, as SGLang)": bf16_layers, "int4": lambda: int4_layers(b_plain, d_plain, plain),
-            "int4-bdr": lambda: int4_layers(b_bdr, d_bdr, bdr)}
+forwards = {"bf16 (fa2, as SGLang)": bf16_layers, "int4": lambda: int4_layers(b_plain),
+            "int4-bdr": lambda: int4_layers(b_bdr),
+            "int4, store then move": lambda: int4_layers_store_then_move(b_plain, d_plain, plain),
+            "int4-bdr, store then move": lambda: int4_layers_store_then_move(b_bdr, d_bdr, bdr)}
 forwards["int4, Triton's dispatch"] = through_tritons_dispatch(forwards["int4"])
 forwards["int4-bdr, Triton's dispatch"] = through_tritons_dispatch(forwards["int4-bdr"])
 for fn in forwards.values():
