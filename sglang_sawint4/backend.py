@@ -201,13 +201,13 @@ class Int4TritonAttnBackend(TritonAttnBackend):
         v_prefix = q.new_empty((scratch_rows, hk, d))
         dequantize_pages(*self.int4_pool.get_int4_layer(layer.layer_id), md.kv_indices[:n_prefix],
                          k_prefix, v_prefix, self.int4_format, unrotate=False)
-        stored_center = self.int4_pool.key_center(layer.layer_id, stored=True)
         if save_kv_cache:  # the store's launch also moves the new tokens into the stored space
-            k_s, v_s = q.new_empty(k3.shape), q.new_empty(v3.shape)
+            k_s, v_s = k3.new_empty(k3.shape), v3.new_empty(v3.shape)
             q_s = self.int4_pool.store_and_stage(layer.layer_id, self._store_loc(forward_batch), q3, k3, v3, k_s, v_s,
                                                  center_rows=True)
         else:
-            q_s, k_s, v_s = to_stored_space(q3, k3, v3, self.int4_format, stored_center)
+            q_s, k_s, v_s = to_stored_space(q3, k3, v3, self.int4_format,
+                                            self.int4_pool.key_center(layer.layer_id, stored=True))
         o = q.new_empty((q.shape[0], hq * layer.v_head_dim))
         self.extend_attention_fwd(
             q_s, k_s, v_s,
