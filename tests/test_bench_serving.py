@@ -197,13 +197,18 @@ def test_plan_passes_and_budget():
         bench_serving.plan_units(["int4", "int4"], [])
     done = {"0:int4": {"seconds": 200.0}}
     assert bench_serving.next_action(units, done, 0.0, 0.0, 240.0) == ("run", units[1])
-    # the median finished unit plus 15% is the estimate: 300 s elapsed + 230 s > 450 s
+    # the median finished unit plus 15%, and the host measurement: 300 s elapsed + 230 + 10 s > 450 s
     assert bench_serving.next_action(units, done, 300.0, 450.0, 240.0) == ("resume", units[1])
     assert bench_serving.next_action(units, done, 200.0, 450.0, 240.0) == ("run", units[1])
     # a fresh machine's first unit (JIT caches filled) does not make every later call stop early
-    done = {"0:int4": {"seconds": 350.0}, "0:int4-bdr-64": {"seconds": 120.0}, "0:bf16": {"seconds": 125.0}}
+    done = {"0:int4": {"seconds": 350.0, "config": "int4"}, "0:int4-bdr-64": {"seconds": 120.0, "config": "int4-bdr-64"},
+            "0:bf16": {"seconds": 125.0, "config": "bf16"}}
     assert bench_serving.next_action(units, done, 0.0, 150.0, 240.0) == ("run", units[3])
+    # a repeat is estimated from its config's own unit: 1.1 x 120 + 10 s
+    assert bench_serving.next_action(units, done, 8.0, 150.0, 240.0) == ("run", units[3])
     assert bench_serving.next_action(units, done, 20.0, 150.0, 240.0) == ("resume", units[3])
+    done["1:int4-bdr-64"] = {"seconds": 118.0, "config": "int4-bdr-64"}  # next: 1:int4, whose first unit took 350 s
+    assert bench_serving.next_action(units, done, 0.0, 390.0, 240.0) == ("resume", units[4])
     assert bench_serving.next_action(units[:1], done, 1e9, 1.0, 240.0) == ("done", None)
     assert bench_serving.next_action(units, {}, 300.0, 450.0, 240.0) == ("resume", units[0])
 

@@ -371,16 +371,25 @@ def append_state(path: Optional[str], record: dict):
             f.write(json.dumps(record) + "\n")
 
 
+HOST_SPEED_S = 10.0  # the host measurement before each unit (a child process with its own CUDA context)
+
+
 def next_action(units, done, elapsed_s, budget_s, default_unit_s):
     """('run', unit), ('resume', unit) when the budget would be exceeded, or ('done', None).
-    The estimate is the median finished unit plus 15% (else default_unit_s): not the longest,
-    which is the first on a fresh machine, where the JIT caches are filled."""
+    The estimate is an earlier unit of the same config plus 10% (a repeat), else the median
+    finished unit plus 15% (else default_unit_s): not the longest, which is the first on a
+    fresh machine, where the JIT caches are filled; plus the host measurement before it."""
     todo = [u for u in units if u.key not in done]
     if not todo:
         return "done", None
     unit = todo[0]
+    same = [rec["seconds"] for rec in done.values() if rec.get("config") == unit.config]
     times = [rec["seconds"] for rec in done.values()]
-    estimate = 1.15 * statistics.median(times) if times else default_unit_s
+    if same:
+        estimate = 1.1 * max(same)
+    else:
+        estimate = 1.15 * statistics.median(times) if times else default_unit_s
+    estimate += HOST_SPEED_S
     if budget_s and elapsed_s + estimate > budget_s:
         return "resume", unit
     return "run", unit
