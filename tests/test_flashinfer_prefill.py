@@ -471,12 +471,23 @@ def test_int4_extend_stages_the_prefix_as_stored(layout, centered, staging_rows,
     new_pages, ref_pages = (tuple(t.to(device) for t in (*fmt.allocate_layer(n, hk, d), *fmt.allocate_layer(n, hk, d)))
                             for _ in range(2))
     loc = torch.randperm(n, generator=rng).to(device)
-    backend.int4_pool.store_and_stage = lambda layer_id, slots, *args, center_rows: rotate_quantize_store_and_stage(
-        *args[:3], slots, *new_pages, layout, key_center(layer_id, stored=True), *args[3:], center_rows)
-    stored_out = backend._int4_extend_combined(q, k_new, v_new, SimpleNamespace(layer_id=0, scaling=scale),
-                                               store_loc=loc)
+
+    def store_and_stage(layer_id, slots, *args, center_rows):
+        return rotate_quantize_store_and_stage(*args[:3], slots, *new_pages, layout, key_center(layer_id, stored=True),
+                                               *args[3:], center_rows)
+
+    def set_kv_buffer(*args):
+        raise AssertionError("a combined batch stores through store_and_stage")
+
+    backend.int4_pool.store_and_stage, backend.int4_pool.set_kv_buffer = store_and_stage, set_kv_buffer
+    backend.int4_pool.is_bf16_layer = lambda layer_id: False
+    backend.forward_metadata, backend._checker = SimpleNamespace(use_ragged=True), None
+    layer = SimpleNamespace(layer_id=0, scaling=scale, tp_q_head_num=hq, tp_k_head_num=hk, qk_head_dim=d, v_head_dim=d,
+                            logit_cap=0.0, is_cross_attention=False, sliding_window_size=-1)
+    stored_out = backend.forward_extend(q.view(n, -1), k_new.view(n, -1), v_new.view(n, -1), layer,
+                                        SimpleNamespace(out_cache_loc=loc))
     rotate_quantize_store(k_new, v_new, loc, *ref_pages, layout, k_center=key_center(0, stored=True))
-    assert torch.equal(stored_out, out)
+    assert torch.equal(stored_out.view(n, hq, d), out)
     assert all(torch.equal(a, b) for a, b in zip(new_pages, ref_pages))
 
 
