@@ -8,19 +8,26 @@ paths: the portable one and the inline-PTX one a GPU takes.  This finds what the
 interpreter cannot: code the compiler rejects (types, layouts, inline PTX).  It does not run
 anything, and it checks this machine's Triton, which may differ from the GPU host's.
 
-    python tests/compile_for_gpu.py [--arch 90]    # prints a JSON summary last
+    python tests/compile_for_gpu.py [--arch 90] [--resources]    # prints a JSON summary last
+
+``--resources`` adds each kernel's most registers and local (spill) bytes over its variants,
+from ``cuobjdump --dump-resource-usage`` of the compiled binaries.
 """
 
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET"):
     sys.exit("run without TRITON_INTERPRET: interpreted kernels cannot be compiled")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.backends.nvidia  # noqa: E402,F401 - its bundled cuobjdump
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import KernelInterface  # noqa: E402
@@ -101,9 +108,21 @@ def calls(layout, dtype, center):
     int4_num_kv_splits(num_splits, torch.tensor([10, 15, 15], dtype=torch.int64), hk, splits, d, 132)
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """{"registers", "local_bytes"} of a compiled kernel, from Triton's bundled cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", out)
+    return {"registers": int(m[1]), "local_bytes": int(m[2])}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    p.add_argument("--resources", action="store_true", help="report registers and local bytes per kernel")
     args = p.parse_args()
     layouts = [fmt.Int4Format(128, 128), fmt.Int4Format(128), fmt.Int4Format(64, 16, rotate_v=True),
                fmt.Int4Format(256, 128, symmetric=True)]
@@ -112,16 +131,24 @@ def main():
             calls(layout, torch.bfloat16, center)
     calls(fmt.Int4Format(128, 64), torch.float16, False)
     target = GPUTarget("cuda", args.arch, 32)
-    compiled, failed = {}, []
+    compiled, failed, resources = {}, [], {}
     for (name, *_), (kernel, signature, constexprs, options) in captured.items():
         try:
-            triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
+            binary = triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
             compiled[name] = compiled.get(name, 0) + 1
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit code says it
             failed.append(f"{name} {constexprs} {options}: {type(e).__name__}: {str(e)[-1500:]}")
+            continue
+        if args.resources:
+            use = resource_usage(binary.asm["cubin"])
+            most = resources.setdefault(name, {"registers": 0, "local_bytes": 0})
+            resources[name] = {k: max(most[k], use[k]) for k in most}
     for f in failed:
         print("FAILED", f, file=sys.stderr)
-    print(json.dumps({"arch": args.arch, "triton": triton.__version__, "compiled": compiled, "failed": len(failed)}))
+    summary = {"arch": args.arch, "triton": triton.__version__, "compiled": compiled, "failed": len(failed)}
+    if args.resources:
+        summary["most_per_kernel"] = resources
+    print(json.dumps(summary))
     sys.exit(1 if failed else 0)
 
 
