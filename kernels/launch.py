@@ -34,6 +34,14 @@ def check_center(center, num_heads: int, head_dim: int) -> None:
                          f"got {tuple(center.shape)} {center.dtype}")
 
 
+def check_written_like(name: str, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Raise unless ``dst``, which a kernel writes ``src``'s rows into (e.g. rows of a staging
+    buffer), has ``src``'s shape and dtype and unit channel stride."""
+    if dst.shape != src.shape or dst.dtype != src.dtype or dst.stride(-1) != 1:
+        raise ValueError(f"{name} must be {tuple(src.shape)} {src.dtype} with unit channel stride, "
+                         f"got {tuple(dst.shape)} {dst.dtype}")
+
+
 def row_head_args(*tensors: torch.Tensor) -> tuple:
     """(tensor, row stride, head stride) for each [rows, heads, ...] tensor, flattened."""
     return tuple(x for t in tensors for x in (t, t.stride(0), t.stride(1)))

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from sglang_sawint4 import format as fmt
 from sglang_sawint4.kernels.format_jit import load_rotated_halves, store_halves, subtract_center
-from sglang_sawint4.kernels.launch import DirectLaunch, check_center
+from sglang_sawint4.kernels.launch import DirectLaunch, check_center, check_written_like
 
 BLOCK_T = 16  # rows per program: the tensor cores' 16-row M
 
@@ -105,12 +105,9 @@ def _check_rotatable(name: str, x: torch.Tensor, layout: fmt.Int4Format) -> None
 
 def _check_kv_out(kv_out, k, v):
     """kv_out: None, or (k_dst, v_dst) of k's and v's shapes and dtypes, unit channel stride."""
-    if kv_out is None:
-        return
-    for name, dst, src in (("k", kv_out[0], k), ("v", kv_out[1], v)):
-        if dst.shape != src.shape or dst.dtype != src.dtype or dst.stride(-1) != 1:
-            raise ValueError(f"kv_out's {name} must be {tuple(src.shape)} {src.dtype} with unit channel stride, "
-                             f"got {tuple(dst.shape)} {dst.dtype}")
+    if kv_out is not None:
+        check_written_like("kv_out's k", kv_out[0], k)
+        check_written_like("kv_out's v", kv_out[1], v)
 
 
 def _rotate_qkv(q, k, v, layout: fmt.Int4Format, stored_center, kv_out=None):

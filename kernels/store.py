@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from sglang_sawint4 import format as fmt
-from sglang_sawint4.kernels.launch import DirectLaunch, check_center, check_layer_buffers, row_head_args
+from sglang_sawint4.kernels.launch import (DirectLaunch, check_center, check_layer_buffers, check_written_like,
+                                           row_head_args)
 from sglang_sawint4.kernels.format_jit import (
     META_OFFSET,
     META_SCALE,
@@ -231,10 +232,8 @@ def rotate_quantize_store_and_stage(
     if q.dim() != 3 or q.shape[0] != num_tokens or q.shape[2] != d or q.stride(-1) != 1 or q.dtype != k.dtype:
         raise ValueError(f"q must be [{num_tokens}, num_q_heads, {d}] {k.dtype} with unit channel stride, "
                          f"got {tuple(q.shape)} {q.dtype}")
-    for name, rows in (("k_rows", k_rows), ("v_rows", v_rows)):
-        if rows.shape != k.shape or rows.dtype != k.dtype or rows.stride(-1) != 1:
-            raise ValueError(f"{name} must be {tuple(k.shape)} {k.dtype} with unit channel stride, "
-                             f"got {tuple(rows.shape)} {rows.dtype}")
+    check_written_like("k_rows", k_rows, k)
+    check_written_like("v_rows", v_rows, v)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return q_out

@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_sawint4.attention_check import AttentionChecker
 from sglang_sawint4.kernels.decode import int4_decode_attention
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
-from sglang_sawint4.kernels.store import rotate_quantize_store_and_stage
 from sglang_sawint4.kernels.splits import int4_num_kv_splits
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
 
@@ -57,9 +55,9 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
     buffers of the model's dtype: the prefix dequantize kernel for every way they read a
     layer (as stored; for a plain layout's centered layers also with the center added back:
     the FlashInfer path's staging), the Triton path's store that moves the new tokens into
-    the stored space (with and without a center; one row to SGLang's padding slot 0), for a
-    rotating layout the rotation that moves new tokens without storing them (with and
-    without a center) and, where V is rotated, the one that brings the output back.
+    the stored space (``compile_store_and_stage``), for a rotating layout the rotation that
+    moves new tokens without storing them (with and without a center) and, where V is
+    rotated, the one that brings the output back.
 
     Both prefill paths first run them in the middle of serving (the Triton path's rotation at
     its first extend, the rest at a batch's first cached prefix): compiled there, a Triton
@@ -69,20 +67,12 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
     """
     layout = pool.int4_format
     slot = torch.zeros(1, dtype=torch.int32, device=pool.device)
-    store_slot = torch.zeros(1, dtype=torch.int64, device=pool.device)  # out_cache_loc's dtype
-    out, new = ([torch.zeros((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device)
-                 for _ in range(2)] for _ in range(2))
+    out = [torch.empty((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device) for _ in range(2)]
     rotated = layout.block_size is not None
-    # each kernel's constexprs: ("dequant", center), ("store", center), ("rotate", center), ("output", False)
-    variants = set()
+    variants = set()  # each kernel's constexprs: ("dequant", center), ("rotate", center), ("output", False)
     for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
         if pool.is_bf16_layer(layer_id):
             continue
-        variant = ("store", pool.key_center(layer_id) is not None)
-        if variant not in variants:
-            variants.add(variant)
-            rotate_quantize_store_and_stage(new[0], new[0], new[1], store_slot, *pool.get_int4_layer(layer_id), layout,
-                                            pool.key_center(layer_id, stored=True), *out, center_rows=True)
         for k_center in ((None,) if rotated else (None, pool.key_center(layer_id))):
             variant = ("dequant", k_center is not None)
             if variant not in variants:
@@ -98,7 +88,26 @@ def compile_extend_kernels(pool: Int4TokenToKVPool) -> int:
         if rotated and layout.rotate_v and ("output", False) not in variants:
             variants.add(("output", False))
             from_stored_space(out[0], layout)
-    return len(variants)
+    return len(variants) + compile_store_and_stage(pool, center_rows=True)
+
+
+def compile_store_and_stage(pool: Int4TokenToKVPool, center_rows: bool) -> int:
+    """Compile the store that also moves a prefill's new tokens (``rotate_quantize_store_and_stage``,
+    rows with or without the key center as ``center_rows`` says) for the pool's INT4 layers,
+    with and without a key center, on one-row buffers of the model's dtype: one row of zeros
+    to SGLang's padding slot 0.  The row and head counts are not specialized and the buffers
+    have the real ones' strides, so these are the variants serving uses.  Returns the
+    variants run."""
+    slot = torch.zeros(1, dtype=torch.int64, device=pool.device)  # out_cache_loc's dtype
+    new, rows = ([torch.zeros((1, pool.head_num, pool.head_dim), dtype=pool.dtype, device=pool.device)
+                  for _ in range(2)] for _ in range(2))
+    centered = set()
+    for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
+        if pool.is_bf16_layer(layer_id) or (pool.key_center(layer_id) is not None) in centered:
+            continue
+        centered.add(pool.key_center(layer_id) is not None)
+        pool.store_and_stage(layer_id, slot, new[0], new[0], new[1], *rows, center_rows=center_rows)
+    return len(centered)
 
 
 class Int4TritonAttnBackend(TritonAttnBackend):
@@ -134,12 +143,10 @@ class Int4TritonAttnBackend(TritonAttnBackend):
                            self.int4_format.head_dim, self.device_core_count)
 
     def _store(self, forward_batch, layer, k, v):
-        loc = KVWriteLoc(forward_batch.out_cache_loc, None,
-                         full_loc=self.forward_metadata.out_cache_loc_full_physical)
-        self.int4_pool.set_kv_buffer(layer, loc, k, v)
+        self.int4_pool.set_kv_buffer(layer, self._store_loc(forward_batch), k, v)
 
     def _store_loc(self, forward_batch) -> torch.Tensor:
-        """The slots ``_store`` writes (the pool's set_kv_buffer prefers the full location)."""
+        """The new tokens' slots: the full pool's location where SGLang gives one."""
         full = self.forward_metadata.out_cache_loc_full_physical
         return forward_batch.out_cache_loc if full is None else full
 

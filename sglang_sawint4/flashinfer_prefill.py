@@ -51,10 +51,9 @@ from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_sawint4.attention_check import AttentionChecker
-from sglang_sawint4.backend import Int4TritonAttnBackend, check_int4_layer
+from sglang_sawint4.backend import Int4TritonAttnBackend, check_int4_layer, compile_store_and_stage
 from sglang_sawint4.kernels.dequant import dequantize_pages
 from sglang_sawint4.kernels.rotate import from_stored_space, to_stored_space
-from sglang_sawint4.kernels.store import rotate_quantize_store_and_stage
 from sglang_sawint4.pool import Int4KVAccessError, Int4TokenToKVPool
 from sglang_sawint4.prefix_pieces import (CombinedPages, PrefixPiece, PrefixPlan, combine_with_new_rows, offsets,
                                           plan_prefix_pieces)
@@ -108,7 +107,8 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         self._v_stage = torch.empty(shape, dtype=dtype, device=device)
         logger.info("sglang-sawint4: FlashInfer prefill on INT4 pages, staging %d prefix rows (%.0f MiB)",
                     staging_rows, staging_bytes(staging_rows, updater.num_kv_heads, updater.head_dim, dtype) / 2**20)
-        compile_store_and_stage_kernels(pool, self._k_stage, self._v_stage, updater.num_qo_heads)
+        # a combined batch's store: its variants compiled now, not in the middle of serving
+        compile_store_and_stage(pool, center_rows=self.int4_format.rotate_k)
         self._piece_wrappers: List = []
         self._overflow: List = []  # (wrapper, event after its last run), used in turn
         self._overflow_next = 0
@@ -385,28 +385,6 @@ class Int4FlashInferPrefillBackend(FlashInferAttnBackend):
         qo_indptr, kv_indptr, kv_indices, n_prefix = self._prefix
         self._checker.check_extend(self.int4_pool, layer, q, k, v, o, qo_indptr, kv_indptr, kv_indices, n_prefix,
                                    path="flashinfer")
-
-
-def compile_store_and_stage_kernels(pool: Int4TokenToKVPool, k_stage, v_stage, num_q_heads: int) -> int:
-    """Compile the combined batch's store (``rotate_quantize_store_and_stage``) as the pool's
-    INT4 layers take it (with and without a key center) when the backend is built, not at a
-    batch's first cached prefix, where a Triton compile would stall every request in it.  One
-    row of zeros goes to SGLang's padding slot 0 and to staging row 0; the row count and the
-    head counts are not specialized, so these are the variants serving uses.  Returns the
-    variants run."""
-    d = pool.head_dim
-    slot = torch.zeros(1, dtype=torch.int64, device=pool.device)  # out_cache_loc's dtype
-    q = torch.zeros((1, num_q_heads, d), dtype=pool.dtype, device=pool.device)
-    kv = torch.zeros((1, pool.head_num, d), dtype=pool.dtype, device=pool.device)
-    centered = set()
-    for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
-        if pool.is_bf16_layer(layer_id) or (pool.key_center(layer_id) is not None) in centered:
-            continue
-        centered.add(pool.key_center(layer_id) is not None)
-        rotate_quantize_store_and_stage(q, kv, kv, slot, *pool.get_int4_layer(layer_id), pool.int4_format,
-                                        pool.key_center(layer_id, stored=True), k_stage[:1], v_stage[:1],
-                                        center_rows=pool.int4_format.rotate_k)
-    return len(centered)
 
 
 def _host_int32(values) -> torch.Tensor:

@@ -198,10 +198,10 @@ def _compiled_variants(kernel) -> int:
 @pytest.mark.parametrize("layout", [LAYOUT, fmt.Int4Format(D)], ids=["bdr", "int4"])
 def test_combined_stores_reuse_the_variants_compiled_when_the_backend_is_built(layout, rng, device):
     """Building the FlashInfer prefill backend compiles the combined batch's store for a
-    centered and an uncentered INT4 layer, writing only the padding slot and staging row 0;
-    stores of any row count from q, k, v viewed in a fused qkv tensor into staging rows at any
-    offset then run on those variants (counted on a GPU, where kernels compile)."""
-    from sglang_sawint4.flashinfer_prefill import compile_store_and_stage_kernels
+    centered and an uncentered INT4 layer, writing only the padding slot; stores of any row
+    count from q, k, v viewed in a fused qkv tensor into staging rows at any offset then run
+    on those variants (counted on a GPU, where kernels compile)."""
+    from sglang_sawint4.backend import compile_store_and_stage
     from sglang_sawint4.kernels.store import _store_and_stage_kernel, rotate_quantize_store_and_stage
     from sglang_sawint4.pool import Int4TokenToKVPool
 
@@ -209,8 +209,7 @@ def test_combined_stores_reuse_the_variants_compiled_when_the_backend_is_built(l
                              enable_memory_saver=False, int4_format=layout, bf16_layers=(BF16_LAYER,),
                              key_centers={CENTERED_LAYER: torch.randn(HK, D, generator=rng)})
     k_stage, v_stage = (torch.full((128, HK, D), float("nan"), dtype=DTYPE, device=device) for _ in range(2))
-    assert compile_store_and_stage_kernels(pool, k_stage, v_stage, HQ) == 2
-    assert not k_stage[0].isnan().any() and k_stage[1:].isnan().all() and v_stage[1:].isnan().all()
+    assert compile_store_and_stage(pool, center_rows=layout.rotate_k) == 2
     for layer in (CENTERED_LAYER, 2):
         assert torch.count_nonzero(pool.get_int4_layer(layer)[1][1:]) == 0  # meta of every slot but 0 untouched
     compiled = _compiled_variants(_store_and_stage_kernel) if device == "cuda" else None
