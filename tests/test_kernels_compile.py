@@ -21,7 +21,6 @@ KERNELS = {"_rotate_quantize_store_kernel", "_store_and_stage_kernel", "_dequant
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile for the device itself")
 def test_every_launched_kernel_compiles_for_sm90():
-    pytest.importorskip("triton.backends.nvidia", reason="this Triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "compile_for_gpu.py")
     out = subprocess.run([sys.executable, script, "--arch", "90"], env=env, capture_output=True, text=True,
