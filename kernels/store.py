@@ -168,12 +168,15 @@ def rotate_quantize_store(
     grid = (triton.cdiv(num_tokens, BLOCK_T), num_heads, 2)
     _rotate_quantize_store_launch[grid](
         *row_head_args(k, v, k_data, k_meta, v_data, v_meta), loc,
-        k_center if k_center is not None else loc, num_tokens,
-        ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v,
-        BLOCK_ROT=layout.block_size or 1, CENTER_K=k_center is not None, SYMMETRIC=layout.symmetric,
-        BLOCK=BLOCK_T, HALF=layout.head_dim // 2,
-        num_warps=4,
+        k_center if k_center is not None else loc, num_tokens, **_store_constexprs(layout, k_center),
     )
+
+
+def _store_constexprs(layout: fmt.Int4Format, k_center: Optional[torch.Tensor]) -> dict:
+    """The compile-time arguments both store kernels take for ``layout`` (and launch options)."""
+    return dict(ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v, BLOCK_ROT=layout.block_size or 1,
+                CENTER_K=k_center is not None, SYMMETRIC=layout.symmetric, BLOCK=BLOCK_T,
+                HALF=layout.head_dim // 2, num_warps=4)
 
 
 def _check_store_args(k, v, loc, k_data, k_meta, v_data, v_meta, layout, k_center):
@@ -240,11 +243,8 @@ def rotate_quantize_store_and_stage(
     grid = (triton.cdiv(num_tokens, BLOCK_T), num_kv_heads + q.shape[1], 2)
     _store_and_stage_launch[grid](
         *row_head_args(q, k, v, k_data, k_meta, v_data, v_meta, q_out, k_rows, v_rows), loc,
-        k_center if k_center is not None else loc, num_tokens, num_kv_heads,
-        ROTATE_K=layout.rotate_k, ROTATE_V=layout.rotate_v,
-        BLOCK_ROT=layout.block_size or 1, CENTER_K=k_center is not None, SYMMETRIC=layout.symmetric,
-        BLOCK=BLOCK_T, HALF=d // 2, STAGE_K=(STAGE_AS_STORED if center_rows else STAGE_UNCENTERED).value,
-        num_warps=4,
+        k_center if k_center is not None else loc, num_tokens, num_kv_heads, **_store_constexprs(layout, k_center),
+        STAGE_K=(STAGE_AS_STORED if center_rows else STAGE_UNCENTERED).value,
     )
     return q_out
 
