@@ -387,7 +387,11 @@ def test_main_resumes_across_calls_and_ignores_other_sweeps(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", [a if a != out else partial for a in argv]
                         + ["--finalize", "--versions-from", str(versions_file)])
     bench_serving.main()
-    assert ran == ["0:" + PLAIN] and json.load(open(partial))["versions"] == {"sglang": "0.5.17"}
+    cut_short = json.load(open(partial))
+    assert ran == ["0:" + PLAIN] and cut_short["versions"] == {"sglang": "0.5.17"}
+    # ... and says it was cut short: the planned units that did not run
+    assert cut_short["finalized"]["units_not_run"] == ["0:" + BF16, "1:" + PLAIN]
+    assert "--finalize" in cut_short["finalized"]["by"] and [u["unit"] for u in cut_short["units"]] == ["0:" + PLAIN]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stop:
         bench_serving.main()

@@ -678,10 +678,11 @@ def write_result(result, out):
     return result
 
 
-def finalize(records, args, out, run_versions=None):
+def finalize(records, args, out, run_versions=None, finalized=None):
     """The result of finished units.  Versions and command are the units' own when they
     recorded them (else ``run_versions``, else this process's: finalize runs on the GPU host
-    right after the last unit)."""
+    right after the last unit).  ``finalized`` ({"by": command line, "units_not_run": [unit
+    keys]}) marks a result written by ``--finalize`` from a run cut short."""
     uuids = sorted({r.get("gpu_uuid") for r in records if r.get("gpu_uuid")})
     unit_versions = [r["versions"] for r in records if r.get("versions")]
     if unit_versions and any(v != unit_versions[0] for v in unit_versions):
@@ -694,6 +695,8 @@ def finalize(records, args, out, run_versions=None):
               "units": [{k: r.get(k) for k in ("unit", "gpu_uuid", "host", "startup_s", "seconds", "finished_at",
                                                "server_command")} for r in records],
               **measured(records)}
+    if finalized is not None:
+        result["finalized"] = finalized
     return write_result(result, out)
 
 
@@ -850,11 +853,13 @@ def main():
     if done:
         print(f"resuming: {len(done)}/{len(units)} units already in {args.state}", flush=True)
     if args.finalize:
-        units = [u for u in units if u.key in done]
-        if not units:
+        if not done:
             raise SystemExit(f"--finalize: no finished unit of this command in {args.state}")
         run_versions = json.load(open(args.versions_from))["versions"] if args.versions_from else None
-        result = finalize([done[u.key] for u in units], args, args.out, run_versions)
+        not_run = [u.key for u in units if u.key not in done]
+        units = [u for u in units if u.key in done]
+        result = finalize([done[u.key] for u in units], args, args.out, run_versions,
+                          finalized={"by": command_line(), "units_not_run": not_run})
         print(json.dumps(result["summary"]["done_when"], indent=1))
         return
     while True:
