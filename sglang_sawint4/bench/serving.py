@@ -857,8 +857,7 @@ def main():
             raise SystemExit(f"--finalize: no finished unit of this command in {args.state}")
         run_versions = json.load(open(args.versions_from))["versions"] if args.versions_from else None
         not_run = [u.key for u in units if u.key not in done]
-        units = [u for u in units if u.key in done]
-        result = finalize([done[u.key] for u in units], args, args.out, run_versions,
+        result = finalize([done[u.key] for u in units if u.key in done], args, args.out, run_versions,
                           finalized={"by": command_line(), "units_not_run": not_run})
         print(json.dumps(result["summary"]["done_when"], indent=1))
         return
